@@ -1,0 +1,109 @@
+"""Command line: `tritonpress compress`, `tritonpress eval`, `tritonpress schemes`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _add_common(p):
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name (smollm2-135m) or a local Hugging Face model directory")
+    p.add_argument("--eval-dataset", default="canterbury+code",
+                   help="held-out text for perplexity/KL (built-in: canterbury, code; or files)")
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--cache-dir", default=None, help="where converted models and data are cached")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tritonpress", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="compress a model into a compressed-tensors checkpoint")
+    _add_common(c)
+    c.add_argument("--scheme", default="W8A8_FP8",
+                   help="W4A16, W4A16_ASYM, W8A8_INT8 (W8A8), W8A8_FP8 (FP8_DYNAMIC), W8A8_FP8_24")
+    c.add_argument("--method", default=None,
+                   help="rtn, gptq, awq, awq+gptq, sparsegpt, magnitude (default: by scheme)")
+    c.add_argument("--out", required=True, help="output checkpoint directory")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--dataset", default="canterbury",
+                   help="calibration text: canterbury, code, a+b mixes, .txt/.jsonl files, "
+                        "or a `datasets` name")
+    c.add_argument("--num-samples", type=int, default=128)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--group-size", type=int, default=None)
+    c.add_argument("--asym", action="store_true", help="asymmetric int weights")
+    c.add_argument("--ignore", nargs="*", default=None,
+                   help="module names (or re:regex) to leave unquantized (default: lm_head)")
+    c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening fraction")
+    c.add_argument("--block-size", type=int, default=128)
+    c.add_argument("--actorder", action="store_true", help="GPTQ activation ordering")
+    c.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant before W8A8_INT8 with strength ALPHA (e.g. 0.5)")
+    c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])
+    c.add_argument("--no-eval", action="store_true", help="skip perplexity/KL")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", default=None, help="write the report here (default: OUT.report.json)")
+
+    e = sub.add_parser("eval", help="perplexity and KL of a checkpoint against its base model")
+    _add_common(e)
+    e.add_argument("--checkpoint", required=True, help="compressed-tensors checkpoint directory")
+    e.add_argument("--json", default=None)
+
+    sub.add_parser("schemes", help="list the schemes")
+    args = ap.parse_args(argv)
+
+    try:
+        if args.cmd == "schemes":
+            from .schemes import ALIASES, PRESETS
+            for name, s in PRESETS.items():
+                aliases = [a for a, t in ALIASES.items() if t == name]
+                print(f"{name:12s} weights {s.weights.type}{s.weights.num_bits} "
+                      f"{s.weights.strategy}{'' if s.weights.group_size is None else s.weights.group_size}"
+                      f"{' sym' if s.weights.symmetric else ' asym'}"
+                      f"{'' if s.input_activations is None else ', activations ' + s.input_activations.type + '8 per token'}"
+                      f"{', 2:4 sparse' if s.sparsity_24 else ''}"
+                      f"{'  aliases: ' + ', '.join(aliases) if aliases else ''}")
+            return 0
+        if args.cmd == "compress":
+            from .compress.api import compress
+            compress(args.model, args.scheme, args.out, method=args.method, dataset=args.dataset,
+                     num_samples=args.num_samples, seq_len=args.seq_len,
+                     group_size=args.group_size, symmetric=False if args.asym else None,
+                     ignore=args.ignore, damp=args.damp, block_size=args.block_size,
+                     actorder=args.actorder, smoothquant=args.smoothquant,
+                     sparse_format=args.sparse_format, eval_dataset=args.eval_dataset,
+                     eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
+                     evaluate_quality=not args.no_eval, device=args.device,
+                     overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
+                     progress=not args.no_progress, json_path=args.json, print_report=True)
+            return 0
+        if args.cmd == "eval":
+            from .compress.api import evaluate_checkpoint
+            r = evaluate_checkpoint(args.checkpoint, args.model, eval_dataset=args.eval_dataset,
+                                    eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
+                                    device=args.device, cache_dir=args.cache_dir,
+                                    progress=not args.no_progress)
+            print(json.dumps(r, indent=2))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(r, f, indent=2)
+            return 0
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("TRITONPRESS_DEBUG"):
+            raise
+        print(f"tritonpress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tritonpress: interrupted; no checkpoint was written", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

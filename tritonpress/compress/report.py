@@ -1,0 +1,78 @@
+"""The compress report: what compression cost in quality and what it produced."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def peak_cpu_bytes() -> int:
+    # ru_maxrss is in KiB on Linux; it is the process peak, not this step's.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def timed(report: dict, key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.setdefault("seconds", {})[key] = round(time.perf_counter() - t0, 3)
+
+
+def _fmt(x, nd=4):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def format_report(r: dict) -> str:
+    """A terminal table of the report's headline numbers."""
+    lines = [f"tritonpress: {r['model']} -> {r['scheme']} ({r['method']})"]
+    q = r.get("quality") or {}
+    if q:
+        rows = [("", "uncompressed", "compressed", "change")]
+        for name in q.get("baseline", {}):
+            b, c = q["baseline"][name], q["compressed"].get(name)
+            ch = f"{100 * (c / b - 1):+.2f}%" if (b and c is not None and "ppl" in name) else ""
+            rows.append((name, _fmt(b, 3), _fmt(c, 3), ch))
+        if "kl" in q.get("compressed", {}):
+            rows.append(("mean KL (nats/token)", "0", _fmt(q["compressed"]["kl"], 5), ""))
+        w = [max(len(str(row[i])) for row in rows) for i in range(4)]
+        for row in rows:
+            lines.append("  " + "  ".join(str(c).ljust(w[i]) for i, c in enumerate(row)))
+    s = r.get("seconds", {})
+    lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))
+    mem = r.get("memory", {})
+    if mem:
+        lines.append("  peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()))
+    if r.get("size_bytes"):
+        lines.append(f"  size on disk: {r['size_bytes'] / 2**20:.1f} MiB "
+                     f"(uncompressed bf16 {r['original_bytes'] / 2**20:.1f} MiB)")
+    if r.get("out"):
+        lines.append(f"  checkpoint: {r['out']}")
+    for note in r.get("notes", []):
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def save_json(r: dict, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(r, indent=2, default=str))
+
+
+def peak_memory(device: torch.device) -> dict:
+    mem = {"cpu_rss": peak_cpu_bytes()}
+    if device.type == "cuda":
+        mem["gpu"] = torch.cuda.max_memory_allocated(device)
+    return mem
