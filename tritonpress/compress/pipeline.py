@@ -1,0 +1,540 @@
+"""Sequential layer-by-layer calibration for decoder-only transformers models.
+
+How it runs (any model whose decoder layers are in ``model.model.layers``; nothing about the
+architecture is hard-coded):
+  1. ``capture_layer_inputs`` runs the calibration batches through the embeddings only: every
+     decoder layer is swapped for a catcher that records what it is called with (hidden states
+     for layer 0, the keyword arguments - attention mask, position embeddings, ... - for every
+     layer, since sliding-window models give layers different masks); the last catcher raises
+     to stop the forward. No decoder layer runs.
+  2. For each layer in order, on the compute device (one decoder layer there at a time):
+     ``names = method_fn(layer_idx, layer, prefix, inputs, ctx)`` collects what it needs with
+     hooks (``collect_hessians``, ``LinearInputHooks``, ``capture_module_io``), compresses the
+     Linears in ``ctx.linears`` and writes their dequantized weights back into the layer;
+     then the batches go through the compressed layer to give the next layer's inputs.
+
+Public interface (stable; other methods plug in here):
+
+  compress_sequential(model, batches, scheme, method_fn, device=None, targets=None,
+                      ignore=None, offload=True, partial_last_group=False, options=None,
+                      progress=True) -> SequentialResult(qweights, infos, reports, final)
+  method_fn(layer_idx: int, layer: nn.Module, prefix: str, inputs: LayerInputs,
+            ctx: LayerContext) -> (dict[full_name, QuantizedWeight], dict[full_name, dict])
+      prefix is the layer's full module name ("model.layers.3"); full names are
+      prefix + "." + the Linear's name inside the layer. Methods with options are bound with
+      functools.partial; ``chain(fn1, fn2)`` runs several on one layer (SmoothQuant, then GPTQ).
+  LayerInputs: .hidden (list of [b, s, d] per batch), .kwargs, .token_masks ([b, s] bool, True
+      for real tokens, None where no padding), .device, .run(layer) -> list of outputs,
+      .num_tokens, len().  While run() is going, .current_mask is the batch's mask on device.
+  LayerContext: model, scheme, device, layer_idx, prefix, linears (dict full_name -> nn.Linear
+      to compress in this layer), scale_dtype, partial_last_group, options (dict), reports
+      (dict full_name -> info, for the whole run).
+  accumulate_hessian(H, x, n_seen) -> n_seen + tokens: running mean H = 2/n sum x x^T (fp32);
+      the fused Triton kernel in kernels/hessian.py replaces it on CUDA tensors.
+  collect_hessians(linears, inputs) -> dict[full_name, HessianStats]: one shared HessianStats
+      object (.H, .n) per distinct input tensor (q/k/v; gate/up), padding left out.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..kernels.dispatch import use_triton
+from ..schemes import Scheme
+from .qweight import QuantizedWeight
+
+MethodFn = Callable[..., tuple[dict[str, QuantizedWeight], dict[str, dict]]]
+
+
+# ----------------------------------------------------------------------------- layer inputs
+
+@dataclass
+class LayerInputs:
+    """The calibration batches as one decoder layer sees them."""
+    hidden: list[torch.Tensor]                 # per batch [b, s, d], on the storage device
+    kwargs: list[dict[str, Any]]               # per batch keyword arguments of the layer call
+    token_masks: list[torch.Tensor | None]     # per batch [b, s] bool (True = real token)
+    device: torch.device                       # where the layer computes
+    storage: torch.device                      # where hidden states are kept between layers
+    current_mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
+                   for h, m in zip(self.hidden, self.token_masks))
+
+    def batch(self, i: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor | None]:
+        """Batch i on the compute device: (hidden, kwargs, mask)."""
+        m = self.token_masks[i]
+        return (self.hidden[i].to(self.device), _to(self.kwargs[i], self.device),
+                None if m is None else m.to(self.device))
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, keep: bool = True) -> list[torch.Tensor]:
+        """Replay every batch through `layer`; outputs (hidden states) kept on the storage
+        device, or dropped when keep=False (statistics-only passes)."""
+        outs = []
+        try:
+            for i in range(len(self)):
+                h, kw, self.current_mask = self.batch(i)
+                y = layer(h, **kw)
+                if isinstance(y, (tuple, list)):   # older transformers return (hidden, ...)
+                    y = y[0]
+                if keep:
+                    outs.append(y.to(self.storage))
+        finally:
+            self.current_mask = None
+        return outs
+
+    def with_hidden(self, hidden: list[torch.Tensor], kwargs: list[dict] | None = None):
+        return LayerInputs(hidden, self.kwargs if kwargs is None else kwargs,
+                           self.token_masks, self.device, self.storage)
+
+
+def _to(obj, device):
+    """Move tensors inside nested tuples/lists/dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------- capture
+
+def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder layers and their full module name prefix."""
+    for path in ("model.layers", "model.language_model.layers", "model.decoder.layers"):
+        mod = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList):
+            return mod, path
+    raise ValueError(f"{type(model).__name__}: no decoder layers at model.model.layers; "
+                     "this pipeline handles decoder-only transformers models laid out like Llama")
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer i during capture: records its call, passes hidden through."""
+
+    def __init__(self, idx: int, last: bool, record: Callable):
+        super().__init__()
+        self.idx, self.last, self.record = idx, last, record
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise ValueError("decoder layer called with extra positional arguments; "
+                             "only (hidden_states, **kwargs) calls are supported")
+        self.record(self.idx, hidden_states, kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    else:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+        mask = None if mask is None else mask.unsqueeze(0)
+    return ids, mask
+
+
+@contextmanager
+def _non_layer_modules_on(model: nn.Module, layers: nn.ModuleList, device: torch.device):
+    """Embeddings, rotary tables, norms on `device` for the capture; back where they were after."""
+    inside = {id(t) for t in list(layers.parameters()) + list(layers.buffers())}
+    moved = []
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if id(p) not in inside and p.device != device:
+                moved.append((p, p.data))
+                p.data = p.data.to(device)
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and id(b) not in inside and b.device != device:
+                moved.append((mod, name, b))
+                mod._buffers[name] = b.to(device)
+    try:
+        yield
+    finally:
+        for m in moved:
+            if len(m) == 2:
+                m[0].data = m[1]
+            else:
+                m[0]._buffers[m[1]] = m[2]
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, batches: Iterable, device, storage
+                         ) -> tuple[list[torch.Tensor], list[list[dict]], list]:
+    """Hidden states entering layer 0 and every layer's call kwargs, per batch.
+
+    Returns (hidden [per batch], kwargs [per layer][per batch], token masks [per batch])."""
+    layers, _ = find_decoder_layers(model)
+    n = len(layers)
+    hidden, masks = [], []
+    kwargs: list[list[dict]] = [[] for _ in range(n)]
+    memo: dict[int, Any] = {}
+
+    def keep(obj):
+        # the same mask / rotary tensors are shared by many layers: store them once
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in memo:
+                memo[id(obj)] = (obj, obj.to(storage))
+            return memo[id(obj)][1]
+        if isinstance(obj, dict):
+            return {k: keep(v) for k, v in obj.items()}
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(keep(v) for v in obj)
+        return obj
+
+    def record(idx, h, kw):
+        if idx == 0:
+            hidden.append(h.to(storage))
+        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs[idx].append(keep(kw))
+
+    originals = list(layers)
+    for i in range(n):
+        layers[i] = _Catcher(i, i == n - 1, record)
+    try:
+        with _non_layer_modules_on(model, layers, device):
+            for batch in batches:
+                ids, mask = _batch_tensors(batch)
+                memo.clear()
+                try:
+                    model(input_ids=ids.to(device),
+                          attention_mask=None if mask is None else mask.to(device),
+                          use_cache=False)
+                except _StopForward:
+                    pass
+                else:
+                    raise RuntimeError("the forward did not reach the last decoder layer")
+                masks.append(None if mask is None or bool(mask.all()) else mask.bool().to(storage))
+    finally:
+        for i in range(n):
+            layers[i] = originals[i]
+    return hidden, kwargs, masks
+
+
+# ----------------------------------------------------------------------------- targets
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """compressed-tensors style: "re:<regex>" (re.match on the full name), a class-free exact
+    name, or a dotted suffix ("lm_head", "mlp.down_proj")."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def target_linears(layer: nn.Module, prefix: str, targets: Iterable[str] | None,
+                   ignore: Iterable[str]) -> dict[str, nn.Linear]:
+    """Linears of one layer to compress: all of them (targets None / "Linear") or those
+    matching `targets`, minus those matching `ignore`; keyed by full name."""
+    targets = None if targets is None else list(targets)
+    out = {}
+    for name, mod in layer.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        full = f"{prefix}.{name}"
+        if targets is not None and "Linear" not in targets and not matches(full, targets):
+            continue
+        if matches(full, ignore):
+            continue
+        out[full] = mod
+    return out
+
+
+def check_group_sizes(model: nn.Module, scheme: Scheme, targets, ignore,
+                      partial_last_group: bool = False) -> None:
+    """Group quantization needs in-features divisible by the group size: say which layers don't."""
+    w = scheme.weights
+    if w.strategy != "group" or partial_last_group:
+        return
+    layers, prefix = find_decoder_layers(model)
+    bad = {}
+    for i, layer in enumerate(layers):
+        for name, lin in target_linears(layer, f"{prefix}.{i}", targets, ignore).items():
+            if lin.in_features % w.group_size:
+                bad[name] = lin.in_features
+    if bad:
+        shown = ", ".join(f"{k} ({v})" for k, v in list(bad.items())[:6])
+        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        suffixes = sorted({k.split(".")[-1] for k in bad})
+        raise ValueError(
+            f"group size {w.group_size} does not divide the in-features of {len(bad)} Linears: "
+            f"{shown}{more}. Choose a group size dividing them, or leave them unquantized "
+            f"(ignore={suffixes}), or pass partial_last_group=True (the last group is shorter; "
+            "not every inference kernel accepts that)")
+
+
+# ----------------------------------------------------------------------------- hooks
+
+class LinearInputHooks:
+    """Forward pre-hooks on Linears that hand each DISTINCT input tensor to `fn` once.
+
+    fn(leader: str, x: [tokens, in]) is called with padding tokens removed. Linears called on
+    the same tensor object in one forward (q/k/v; gate/up) form a group led by the first one
+    called; `groups` maps leader -> members after the first batch. Use as a context manager
+    around `inputs.run(layer, keep=False)`.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], inputs: LayerInputs,
+                 fn: Callable[[str, torch.Tensor], None]):
+        self.linears, self.inputs, self.fn = linears, inputs, fn
+        self.leader_of: dict[str, str] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = []
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        g: dict[str, list[str]] = {}
+        for name, lead in self.leader_of.items():
+            g.setdefault(lead, []).append(name)
+        return g
+
+    def _hook(self, name):
+        def hook(mod, args):
+            x = args[0]
+            key = id(x)
+            if key in self._seen and self._seen[key][0] is x:
+                lead = self._seen[key][1]
+            else:
+                lead = name
+                self._seen[key] = (x, name)
+                self.fn(name, tokens_of(x, self.inputs.current_mask))
+            prev = self.leader_of.setdefault(name, lead)
+            if prev != lead:
+                raise RuntimeError(f"{name} shared its input with {prev} on one batch and "
+                                   f"with {lead} on another")
+        return hook
+
+    def __enter__(self):
+        for name, mod in self.linears.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def new_batch(self):
+        self._seen.clear()
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+
+def tokens_of(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[b, s, d] activations -> [real tokens, d], padding (mask False) left out."""
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+def run_with_linear_inputs(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs,
+                           fn: Callable[[str, torch.Tensor], None]) -> dict[str, list[str]]:
+    """Replay the batches through `layer`, calling fn(leader, tokens) once per distinct Linear
+    input per batch; returns the groups (leader -> members)."""
+    hooks = LinearInputHooks(linears, inputs, fn)
+    layer_hook = layer.register_forward_pre_hook(lambda *_: hooks.new_batch())
+    try:
+        with hooks:
+            inputs.run(layer, keep=False)
+    finally:
+        layer_hook.remove()
+    return hooks.groups
+
+
+@torch.no_grad()
+def capture_module_io(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs,
+                      outputs: bool = False, storage=None) -> dict[str, list]:
+    """Per batch, the positional input 0 (and output, if asked) of chosen modules:
+    {name: [(x, y or None), ...]} kept on `storage` (default inputs.storage)."""
+    storage = inputs.storage if storage is None else storage
+    got: dict[str, list] = {n: [] for n in modules}
+    handles = []
+    for name, mod in modules.items():
+        def hook(mod, args, out, name=name):
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            got[name].append((args[0].to(storage), y.to(storage) if outputs else None))
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        inputs.run(layer, keep=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+# ----------------------------------------------------------------------------- Hessians
+
+def accumulate_hessian_ref(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
+    """H [in, in] fp32 holds 2/n_seen * sum x x^T over n_seen tokens; fold in x [tokens, in]
+    (any float dtype) in place so it holds the same over n_seen + tokens. Returns the new count."""
+    t = x.shape[0]
+    if t == 0:
+        return n_seen
+    n = n_seen + t
+    H.mul_(n_seen / n)
+    xs = x.float() * (2.0 / n) ** 0.5
+    H.addmm_(xs.t(), xs)
+    return n
+
+
+def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
+    """accumulate_hessian_ref's contract; the fused Triton kernel on CUDA tensors."""
+    if use_triton(H, x):
+        try:
+            from ..kernels.hessian import accumulate_hessian as fused
+        except ImportError:
+            fused = None
+        if fused is not None:
+            return fused(H, x, n_seen)
+    return accumulate_hessian_ref(H, x, n_seen)
+
+
+@dataclass
+class HessianStats:
+    H: torch.Tensor       # [in, in] fp32, 2/n sum x x^T
+    n: int = 0            # tokens seen
+    members: list[str] = field(default_factory=list)   # Linears reading this input
+
+
+def collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs
+                     ) -> dict[str, HessianStats]:
+    """One Hessian per distinct Linear input (shared object for q/k/v and gate/up)."""
+    stats: dict[str, HessianStats] = {}
+
+    def add(lead, x):
+        if lead not in stats:
+            stats[lead] = HessianStats(torch.zeros(x.shape[-1], x.shape[-1],
+                                                   dtype=torch.float32, device=x.device))
+        s = stats[lead]
+        s.n = accumulate_hessian(s.H, x, s.n)
+
+    groups = run_with_linear_inputs(layer, linears, inputs, add)
+    out = {}
+    for lead, members in groups.items():
+        stats[lead].members = members
+        for m in members:
+            out[m] = stats[lead]
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class LayerContext:
+    model: nn.Module
+    scheme: Scheme
+    device: torch.device
+    layer_idx: int
+    prefix: str
+    linears: dict[str, nn.Linear]
+    scale_dtype: torch.dtype
+    partial_last_group: bool = False
+    options: dict = field(default_factory=dict)
+    reports: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class SequentialResult:
+    qweights: dict[str, QuantizedWeight]
+    infos: dict[str, dict]
+    final: LayerInputs          # hidden states after the last (compressed) layer
+    seconds_per_layer: list[float]
+
+
+def chain(*fns: MethodFn) -> MethodFn:
+    """Run several method functions on each layer in order; results merged (later wins)."""
+    def run(layer_idx, layer, prefix, inputs, ctx):
+        qw, info = {}, {}
+        for fn in fns:
+            q, i = fn(layer_idx, layer, prefix, inputs, ctx)
+            qw.update(q)
+            for k, v in i.items():
+                info.setdefault(k, {}).update(v)
+        return qw, info
+    run.__name__ = "+".join(getattr(f, "__name__", getattr(getattr(f, "func", None), "__name__",
+                                                              "fn")) for f in fns)
+    return run
+
+
+@torch.no_grad()
+def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, method_fn: MethodFn,
+                        device=None, targets: Iterable[str] | None = None,
+                        ignore: Iterable[str] | None = None, offload: bool = True,
+                        partial_last_group: bool = False, options: dict | None = None,
+                        progress: bool = True) -> SequentialResult:
+    """Calibrate `model` layer by layer with `method_fn` (see the module docstring).
+
+    device: where each decoder layer computes (default: the first parameter's device).
+    offload: keep cached hidden states on CPU between layers (else on `device`).
+    Layers go back to where they were after their turn; the model is changed in place."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    layers, prefix = find_decoder_layers(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    storage = torch.device("cpu") if offload else device
+    ignore = tuple(scheme.ignore) + tuple(ignore or ())
+    check_group_sizes(model, scheme, targets, ignore, partial_last_group)
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no calibration batches")
+    hidden, kwargs, masks = capture_layer_inputs(model, batches, device, storage)
+    inputs = LayerInputs(hidden, kwargs[0], masks, device, storage)
+
+    qweights, infos, times = {}, {}, []
+    name = getattr(method_fn, "__name__", getattr(getattr(method_fn, "func", None), "__name__",
+                                                  "compress"))
+    bar = tqdm(range(len(layers)), desc=name, disable=not progress, unit="layer")
+    for i in bar:
+        t0 = time.perf_counter()
+        layer = layers[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        lp = f"{prefix}.{i}"
+        ctx = LayerContext(model, scheme, device, i, lp, target_linears(layer, lp, targets, ignore),
+                           next(layer.parameters()).dtype, partial_last_group,
+                           dict(options or {}), infos)
+        qw, info = method_fn(i, layer, lp, inputs, ctx)
+        qweights.update(qw)
+        for k, v in info.items():
+            infos.setdefault(k, {}).update(v)
+        out = inputs.run(layer)
+        inputs = inputs.with_hidden(out, kwargs[i + 1] if i + 1 < len(layers) else kwargs[i])
+        layer.to(home)
+        times.append(time.perf_counter() - t0)
+        bar.set_postfix(layer=i, s=f"{times[-1]:.1f}")
+    return SequentialResult(qweights, infos, inputs, times)
+
+
+def identity_method(layer_idx, layer, prefix, inputs, ctx):
+    """Compresses nothing: the pipeline then reproduces the model's forward (a test oracle)."""
+    return {}, {}
+
