@@ -96,3 +96,16 @@ def test_bad_inputs_name_the_problem():
         xtx_accumulate(torch.zeros(9, 9), x)
     with pytest.raises(ValueError, match="attention_mask"):
         xtx_accumulate(torch.zeros(8, 8), x, torch.ones(5))
+
+
+def test_pipeline_contract_running_mean(monkeypatch):
+    # accumulate_hessian(H, x, n_seen) -> n: H = 2/n sum x x^T, as compress/pipeline.py expects.
+    monkeypatch.setenv("TRITONPRESS_BACKEND", "triton")
+    xs = [torch.randn(2, 13, 40, dtype=torch.bfloat16), torch.randn(9, 40, dtype=torch.bfloat16)]
+    masks = [torch.tensor([[1] * 10 + [0] * 3, [1] * 13]), None]
+    H, n = torch.zeros(40, 40), 0
+    for x, m in zip(xs, masks):
+        n = hessian.accumulate_hessian(H, x, n, m)
+    assert n == 23 + 9
+    allx = torch.cat([xs[0][masks[0].bool()], xs[1]]).float()
+    torch.testing.assert_close(H, 2 / n * allx.t() @ allx, rtol=1e-5, atol=1e-5)

@@ -152,6 +152,20 @@ def xtx_accumulate(H: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None =
     return xtx_accumulate_ref(H, x, mask, alpha, beta)
 
 
+def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int,
+                       mask: torch.Tensor | None = None) -> int:
+    """The pipeline's contract (compress/pipeline.py accumulate_hessian_ref): H holds
+    2/n_seen * sum x x^T; fold in the tokens of x ([tokens, in] or [b, s, in]; with `mask`,
+    only those whose mask is nonzero, without copying x) and return the new count. The
+    running rescale is fused into the kernel's tile write."""
+    t = x.reshape(-1, x.shape[-1]).shape[0] if mask is None else int(mask.reshape(-1).bool().sum())
+    if t == 0:
+        return n_seen
+    n = n_seen + t
+    xtx_accumulate(H, x, mask, alpha=2.0 / n, beta=n_seen / n)
+    return n
+
+
 def _rows(x: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     if H.dtype != torch.float32 or H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be a square fp32 matrix, got {tuple(H.shape)} {H.dtype}")
