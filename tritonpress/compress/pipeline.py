@@ -29,8 +29,11 @@ Public interface (stable; other methods plug in here):
   LayerContext: model, scheme, device, layer_idx, prefix, linears (dict full_name -> nn.Linear
       to compress in this layer), scale_dtype, partial_last_group, options (dict), reports
       (dict full_name -> info, for the whole run).
-  accumulate_hessian(H, x, n_seen) -> n_seen + tokens: running mean H = 2/n sum x x^T (fp32);
-      the fused Triton kernel in kernels/hessian.py replaces it on CUDA tensors.
+  accumulate_hessian(H, x, n_seen, mask=None) -> n_seen + real tokens: running mean
+      H = 2/n sum x x^T (fp32) over tokens whose mask is nonzero; the fused Triton kernel in
+      kernels/hessian.py replaces it on CUDA tensors.
+  LinearInputHooks / run_with_linear_inputs(layer, linears, inputs, fn): fn(leader, x, mask)
+      once per distinct Linear input per batch; tokens_of(x, mask) -> [real tokens, in].
   collect_hessians(linears, inputs) -> dict[full_name, HessianStats]: one shared HessianStats
       object (.H, .n) per distinct input tensor (q/k/v; gate/up), padding left out.
 """
@@ -295,14 +298,16 @@ def check_group_sizes(model: nn.Module, scheme: Scheme, targets, ignore,
 class LinearInputHooks:
     """Forward pre-hooks on Linears that hand each DISTINCT input tensor to `fn` once.
 
-    fn(leader: str, x: [tokens, in]) is called with padding tokens removed. Linears called on
+    fn(leader: str, x, mask) gets the raw input (usually [b, s, in]) and the batch's token mask
+    ([b, s] bool, True = real token; None = no padding); `tokens_of(x, mask)` gives the
+    [real tokens, in] rows. Linears called on
     the same tensor object in one forward (q/k/v; gate/up) form a group led by the first one
     called; `groups` maps leader -> members after the first batch. Use as a context manager
     around `inputs.run(layer, keep=False)`.
     """
 
     def __init__(self, linears: dict[str, nn.Module], inputs: LayerInputs,
-                 fn: Callable[[str, torch.Tensor], None]):
+                 fn: Callable):
         self.linears, self.inputs, self.fn = linears, inputs, fn
         self.leader_of: dict[str, str] = {}
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
@@ -324,7 +329,7 @@ class LinearInputHooks:
             else:
                 lead = name
                 self._seen[key] = (x, name)
-                self.fn(name, tokens_of(x, self.inputs.current_mask))
+                self.fn(name, x, _mask_for(x, self.inputs.current_mask))
             prev = self.leader_of.setdefault(name, lead)
             if prev != lead:
                 raise RuntimeError(f"{name} shared its input with {prev} on one batch and "
@@ -346,17 +351,24 @@ class LinearInputHooks:
         self._seen.clear()
 
 
+def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if x.shape[:-1] != mask.shape:
+        raise RuntimeError(f"a Linear input of shape {tuple(x.shape)} does not line up with the "
+                           f"token mask {tuple(mask.shape)}: padding cannot be left out")
+    return mask
+
+
 def tokens_of(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[b, s, d] activations -> [real tokens, d], padding (mask False) left out."""
-    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-        return x[mask]
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
 
 
 def run_with_linear_inputs(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs,
-                           fn: Callable[[str, torch.Tensor], None]) -> dict[str, list[str]]:
-    """Replay the batches through `layer`, calling fn(leader, tokens) once per distinct Linear
-    input per batch; returns the groups (leader -> members)."""
+                           fn: Callable) -> dict[str, list[str]]:
+    """Replay the batches through `layer`, calling fn(leader, x, mask) once per distinct Linear
+    input per batch (see LinearInputHooks); returns the groups (leader -> members)."""
     hooks = LinearInputHooks(linears, inputs, fn)
     layer_hook = layer.register_forward_pre_hook(lambda *_: hooks.new_batch())
     try:
@@ -390,9 +402,13 @@ def capture_module_io(layer: nn.Module, modules: dict[str, nn.Module], inputs: L
 
 # ----------------------------------------------------------------------------- Hessians
 
-def accumulate_hessian_ref(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
-    """H [in, in] fp32 holds 2/n_seen * sum x x^T over n_seen tokens; fold in x [tokens, in]
-    (any float dtype) in place so it holds the same over n_seen + tokens. Returns the new count."""
+def accumulate_hessian_ref(H: torch.Tensor, x: torch.Tensor, n_seen: int,
+                           mask: torch.Tensor | None = None) -> int:
+    """H [in, in] fp32 holds 2/n_seen * sum x x^T over n_seen tokens; fold in the tokens of x
+    ([tokens, in] or [b, s, in], any float dtype; with `mask` ([b, s] / [tokens], nonzero =
+    real token) only the real ones) in place so it holds the same over all tokens seen.
+    Returns the new count."""
+    x = tokens_of(x, None if mask is None else mask.bool())
     t = x.shape[0]
     if t == 0:
         return n_seen
@@ -403,16 +419,14 @@ def accumulate_hessian_ref(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int
     return n
 
 
-def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
-    """accumulate_hessian_ref's contract; the fused Triton kernel on CUDA tensors."""
+def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int,
+                       mask: torch.Tensor | None = None) -> int:
+    """accumulate_hessian_ref's contract; the fused Triton kernel (kernels/hessian.py) on
+    CUDA tensors, which reads the real tokens through the mask without copying x."""
     if use_triton(H, x):
-        try:
-            from ..kernels.hessian import accumulate_hessian as fused
-        except ImportError:
-            fused = None
-        if fused is not None:
-            return fused(H, x, n_seen)
-    return accumulate_hessian_ref(H, x, n_seen)
+        from ..kernels.hessian import accumulate_hessian as fused
+        return fused(H, x, n_seen, mask)
+    return accumulate_hessian_ref(H, x, n_seen, mask)
 
 
 @dataclass
@@ -427,12 +441,12 @@ def collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs: La
     """One Hessian per distinct Linear input (shared object for q/k/v and gate/up)."""
     stats: dict[str, HessianStats] = {}
 
-    def add(lead, x):
+    def add(lead, x, mask):
         if lead not in stats:
             stats[lead] = HessianStats(torch.zeros(x.shape[-1], x.shape[-1],
                                                    dtype=torch.float32, device=x.device))
         s = stats[lead]
-        s.n = accumulate_hessian(s.H, x, s.n)
+        s.n = accumulate_hessian(s.H, x, s.n, mask)
 
     groups = run_with_linear_inputs(layer, linears, inputs, add)
     out = {}
