@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench llmc-env
 setup: $(VENV)/.installed
 
 # With CUDA we use the torch that is there (system site packages); without it, the CPU build.
@@ -24,3 +24,11 @@ test: setup
 
 bench: setup
 	$(PY) bench/run_cpu.py
+
+# llm-compressor, the baseline, in its own environment (it pins its own transformers).
+llmc-env: .venv-llmc/.installed
+.venv-llmc/.installed:
+	python3 -m venv .venv-llmc
+	.venv-llmc/bin/python -m pip install -q torch==2.13.0
+	.venv-llmc/bin/python -m pip install -q llmcompressor==0.14.0.1
+	touch $@
