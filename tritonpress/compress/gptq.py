@@ -1,0 +1,216 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"), in plain torch: the CPU path and the oracle for the fused kernels.
+
+For one Linear with weight W [rows, cols] and Hessian H = 2/n sum x x^T [cols, cols]:
+  1. dead inputs (H_ii == 0): H_ii = 1, W[:, i] = 0
+  2. optional activation order: columns by decreasing H_ii
+  3. dampening: H += frac * mean(diag H) * I, frac raised x10 while H is not positive definite
+  4. U = upper Cholesky factor of H^-1: row i of U holds the OBS update for column i given
+     that columns < i are already fixed
+  5. sweep the columns in blocks of 128: quantize column i, spread its error (w - q) / U_ii
+     over the remaining columns of the block along U[i, i:], and after each block apply the
+     block's errors to all later columns in one matmul ("lazy batch" updates)
+Groups always stay on the ORIGINAL columns (activation order only changes the sweep order), so
+the result is plain group-wise (no g_idx). Group scales are either fixed from the weights before
+the sweep ("static", as llm-compressor) or computed from the updated weights when the sweep
+first reaches a group ("dynamic", as the paper); see DEFAULT_GROUP_SCALES.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import torch
+
+from ..kernels.dispatch import use_triton
+from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
+from ..schemes import QuantArgs
+from .pipeline import collect_hessians
+from .qweight import QuantizedWeight
+from .rtn import expand, group_index, group_qparams, rtn_quantize
+
+# Measured on SmolLM2-135M (W4A16 g64, 128 x 512 calibration tokens); see the lead's report.
+DEFAULT_GROUP_SCALES = "static"
+
+
+def _sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
+                     zp1: torch.Tensor | None, args: QuantArgs):
+    """Quantize the columns of one block in order, with OBS error feedback inside the block.
+
+    Contract (the fused kernel in kernels/gptq_sweep.py keeps it):
+      W1      [rows, B] fp32, the block's current weights; overwritten (scratch)
+      Hinv1   [B, B] fp32, the block's diagonal block of the upper Cholesky factor of H^-1
+      scale1  [rows, B] fp32, the scale of each column's group (values already rounded to the
+              scale storage dtype); zp1 the same for zero points (fp32) or None (symmetric)
+      args    the weight QuantArgs (int: round-half-even + clamp; float: e4m3 RNE)
+    Returns (Q1, Err1, Losses1), each [rows, B] fp32:
+      Q1      the dequantized values chosen, (q - zp) * scale
+      Err1    (w - q) / Hinv1[i, i], the scaled errors the caller propagates to later columns
+      Losses1 (w - q)^2 / Hinv1[i, i]^2 (the paper's loss is half their sum)
+    where w is column i after the updates from columns < i of the block.
+    """
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    Losses1 = torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        w = W1[:, i:i + 1]
+        d = Hinv1[i, i]
+        z = None if zp1 is None else zp1[:, i:i + 1]
+        q = dequantize_ref(quantize_ref(w, scale1[:, i:i + 1], z, args), scale1[:, i:i + 1], z)
+        Q1[:, i:i + 1] = q
+        Losses1[:, i:i + 1] = (w - q) ** 2 / d ** 2
+        err = (w - q) / d
+        W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+        Err1[:, i:i + 1] = err
+    return Q1, Err1, Losses1
+
+
+_FUSED_SWEEP = importlib.util.find_spec("tritonpress.kernels.gptq_sweep") is not None
+
+
+def sweep_block(W1, Hinv1, scale1, zp1, args):
+    """_sweep_block_ref's contract; the fused Triton kernel on CUDA tensors."""
+    if _FUSED_SWEEP and use_triton(W1, Hinv1):
+        from ..kernels.gptq_sweep import sweep_block as fused
+        return fused(W1, Hinv1, scale1, zp1, args)
+    return _sweep_block_ref(W1, Hinv1, scale1, zp1, args)
+
+
+def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: float = 10.0):
+    """Upper Cholesky factor of (H + frac * mean(|diag H|) * I)^-1, raising frac x10 from
+    `dampening` up to `max_dampening` until both factorizations succeed.
+
+    Returns (U or None, frac used or None, fractions that failed)."""
+    diag_mean = H.diagonal().abs().mean()
+    if not torch.isfinite(diag_mean) or not torch.isfinite(H).all():
+        return None, None, []
+    if diag_mean == 0:
+        diag_mean = torch.ones_like(diag_mean)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    frac, failed = dampening, []
+    while frac <= max_dampening * (1 + 1e-9):
+        L, info = torch.linalg.cholesky_ex(H + frac * diag_mean * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, frac, failed
+        failed.append(frac)
+        frac *= 10
+    return None, None, failed
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
+                  scale_dtype: torch.dtype | None = None, *, blocksize: int = 128,
+                  dampening: float = 0.01, max_dampening: float = 10.0,
+                  actorder: str | None = None, group_scales: str = DEFAULT_GROUP_SCALES,
+                  partial_last_group: bool = False):
+    """GPTQ one weight [rows, cols] against its Hessian [cols, cols] (not modified).
+
+    actorder: None / "desc" (sweep columns by decreasing H_ii). group_scales: "static" or
+    "dynamic" (group strategy only; channel scales always come from the weights as given).
+    Returns (QuantizedWeight, dequantized weight [rows, cols] fp32, info dict)."""
+    if actorder not in (None, False, "desc"):
+        raise ValueError(f"actorder={actorder!r}: use None or 'desc'")
+    if group_scales not in ("static", "dynamic"):
+        raise ValueError(f"group_scales={group_scales!r}: use 'static' or 'dynamic'")
+    t0 = time.perf_counter()
+    scale_dtype = scale_dtype or weight.dtype
+    W = weight.float().clone()
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"Hessian {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+    H0 = H.float()
+    H = H0.clone()
+    gidx = group_index(cols, args, partial_last_group, W.device)
+    info = {"method": "gptq"}
+
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    info["dead_columns"] = int(dead.sum())
+
+    dynamic = group_scales == "dynamic" and args.strategy == "group"
+    scale, zp = group_qparams(W, args, scale_dtype, gidx)
+
+    perm = torch.argsort(H.diagonal(), descending=True) if actorder else \
+        torch.arange(cols, device=W.device)
+    W, H, gcol = W[:, perm], H[perm][:, perm], gidx[perm]
+
+    Hinv, frac, failed = inverse_cholesky(H, dampening, max_dampening)
+    info.update(dampening=frac, dampening_failed=failed)
+    if Hinv is None:
+        qw, deq = rtn_quantize(weight, args, scale_dtype, partial_last_group)
+        info.update(fallback="rtn", seconds=time.perf_counter() - t0)
+        info.update(_losses(weight.float(), deq, H0))
+        return qw, deq, info
+
+    # Block boundaries; in dynamic mode also wherever the sweep first meets a group, so that
+    # its scale is computed from weights carrying all earlier updates.
+    bounds = set(range(0, cols, blocksize)) | {cols}
+    if dynamic:
+        first = torch.full((int(gidx.max()) + 1,), cols, dtype=torch.long, device=W.device)
+        first = first.scatter_reduce(0, gcol, torch.arange(cols, device=W.device), "amin")
+        bounds |= set(first.tolist())
+    bounds = sorted(bounds)
+
+    Q = torch.zeros_like(W)
+    Losses = torch.zeros(rows, device=W.device)
+    seen = torch.zeros(scale.shape[1], dtype=torch.bool, device=W.device)
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        if dynamic and not seen[gcol[i1]]:
+            g = int(gcol[i1])
+            Wg = W[:, gcol == g]
+            s, z = qparams_from_minmax(Wg.amin(1, keepdim=True), Wg.amax(1, keepdim=True), args,
+                                       scale_dtype)
+            scale[:, g:g + 1] = s
+            if zp is not None:
+                zp[:, g:g + 1] = z
+            seen[g] = True
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        Q1, Err1, Losses1 = sweep_block(W1, Hinv1, expand(scale, gcol[i1:i2], rows),
+                                        expand(zp, gcol[i1:i2], rows), args)
+        Q[:, i1:i2] = Q1
+        Losses += Losses1.sum(1) / 2
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    Q = Q[:, torch.argsort(perm)]
+    s_cols, z_cols = expand(scale, gidx, rows), expand(zp, gidx, rows)
+    q = quantize_ref(Q, s_cols, z_cols, args)   # the integers of the values chosen (exact)
+    qw = QuantizedWeight(q, scale.to(scale_dtype), None if zp is None else zp.to(torch.int8), args)
+    info.update(fallback=None, loss=float(Losses.sum()), seconds=time.perf_counter() - t0)
+    info.update(_losses(weight.float(), Q, H0))
+    return qw, Q, info
+
+
+def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> dict:
+    """Output error on the calibration data: tr(E H E^T) and relative to tr(W H W^T)."""
+    E = W - Q
+    err = float((E @ H * E).sum())
+    ref = float((W @ H * W).sum())
+    return {"output_err": err, "output_rel_err": err / ref if ref > 0 else float("nan")}
+
+
+def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
+               dampening: float = 0.01, max_dampening: float = 10.0, actorder: str | None = None,
+               group_scales: str = DEFAULT_GROUP_SCALES):
+    """Pipeline method function: one Hessian per distinct Linear input of the layer (from the
+    unquantized layer), then GPTQ every target Linear and write its dequantized weight back.
+    Bind options with functools.partial(gptq_layer, actorder="desc")."""
+    hessians = collect_hessians(layer, ctx.linears, inputs)
+    qweights, infos = {}, {}
+    for name, lin in ctx.linears.items():
+        st = hessians[name]
+        qw, deq, info = gptq_quantize(lin.weight.data, st.H, ctx.scheme.weights, ctx.scale_dtype,
+                                      blocksize=blocksize, dampening=dampening,
+                                      max_dampening=max_dampening, actorder=actorder,
+                                      group_scales=group_scales,
+                                      partial_last_group=ctx.partial_last_group)
+        lin.weight.data = deq.to(lin.weight.dtype)
+        info.update(tokens=st.n, hessian_shared_with=[m for m in st.members if m != name])
+        qweights[name] = QuantizedWeight(qw.q.cpu(), qw.scale.cpu(),
+                                         None if qw.zero_point is None else qw.zero_point.cpu(),
+                                         qw.args)
+        infos[name] = info
+    return qweights, infos
