@@ -1,0 +1,336 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023, "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration"), as a per-layer method of the pipeline.
+
+A few input channels carry large activations; their weights matter most. AWQ scales them up
+before rounding and folds the inverse scale into the layer that produces those activations,
+so the float model is unchanged and the important weights lose less to rounding:
+
+    y = x W^T = (x / s) (W diag(s))^T,   x / s  folded into the smoothing layer (a norm's
+                                          weight, or the previous Linear's output rows)
+
+Per mapping (smoothing layer -> balance Linears reading its output), in one decoder layer:
+  1. statistics: x_mean = mean |x| per input channel over all calibration tokens; a random
+     subsample X of the tokens for the search;
+  2. scale search over a grid r = 0, 1/n, ..., (n-1)/n:
+         s = x_mean^r                        (duo scaling: x_mean^r / w_mean^(1-r))
+         s = s / sqrt(max(s) min(s))
+         err(r) = sum_balance || X diag(1/s) Q(W diag(s))^T - X W^T ||^2
+     evaluated by a fused kernel (kernels/awq_search.py); r = 0 is plain round-to-nearest;
+  3. apply the best s: smoothing layer / s, balance Linears' input columns * s.
+Then every Linear of the layer is quantized (group-wise int4; asymmetric by default), with the
+original AWQ's clipping search if asked: per group, shrink [min, max] by f in a grid and keep
+the f minimising that group's share of the output error, || X_g (Q_f(W_g) - W_g)^T ||^2.
+Quantized-dequantized weights go back into the layer; QuantizedWeights are returned.
+
+`awq(...)` is the pipeline method (bind options with functools.partial); the steps are
+plain functions below it, usable on their own.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels.awq_search import awq_grid_errors
+from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
+from ..schemes import QuantArgs
+from .qweight import QuantizedWeight
+
+# Llama-family mappings as (smoothing layer, balance layers) attribute names; resolved per layer
+DEFAULT_MAPPINGS = (
+    ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+    ("v_proj", ("o_proj",)),
+    ("post_attention_layernorm", ("gate_proj", "up_proj")),
+    ("up_proj", ("down_proj",)),
+)
+# outputs that meet in softmax(q k^T): a per-output error is the wrong target for clipping
+CLIP_SKIP = ("q_proj", "k_proj")
+CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))      # 1.0 ... 0.55, as the original
+
+
+@dataclass(frozen=True)
+class AWQMapping:
+    smooth: str                     # module name inside the decoder layer
+    balance: tuple[str, ...]        # Linear names inside the decoder layer
+
+
+# ----------------------------------------------------------------------------- 0. mappings
+
+def _is(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_mappings(layer: nn.Module, patterns=DEFAULT_MAPPINGS
+                  ) -> tuple[list[AWQMapping], dict[str, str]]:
+    """Resolve (smooth, balance) name patterns in one decoder layer: ([mappings], {skipped
+    smoothing layer: why}). A pattern is an attribute name ("v_proj") or a dotted path inside
+    the layer ("self_attn.v_proj"). Balance layers are looked up in the smallest enclosing
+    module that holds any (siblings first), so experts pair with their own up/down."""
+    modules = dict(layer.named_modules())
+    found, skipped = [], {}
+    for smooth_pat, balance_pats in patterns:
+        balance_pats = (balance_pats,) if isinstance(balance_pats, str) else tuple(balance_pats)
+        for sname, smod in modules.items():
+            if not sname or not _is(sname, smooth_pat):
+                continue
+            scope = sname
+            balance = []
+            while scope and not balance:
+                scope = scope.rpartition(".")[0]
+                balance = [n for n in modules if (not scope or n.startswith(scope + "."))
+                           and n != sname and any(_is(n, p) for p in balance_pats)]
+            if not balance:
+                skipped[sname] = f"no {'/'.join(balance_pats)} found next to it"
+                continue
+            why = _incompatible(smod, [modules[b] for b in balance])
+            if why:
+                skipped[sname] = why
+                continue
+            found.append(AWQMapping(sname, tuple(balance)))
+    return found, skipped
+
+
+def _incompatible(smooth: nn.Module, balance: list[nn.Module]) -> str | None:
+    if not all(isinstance(b, nn.Linear) for b in balance):
+        return "balance layers must be nn.Linear"
+    ins = {b.in_features for b in balance}
+    if len(ins) != 1:
+        return f"balance layers disagree on in-features {sorted(ins)}"
+    k = ins.pop()
+    if isinstance(smooth, nn.Linear):
+        if smooth.out_features != k:   # e.g. v_proj -> o_proj under grouped-query attention
+            return f"out-features {smooth.out_features} != balance in-features {k}"
+        return None
+    w = getattr(smooth, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.numel() != k:
+        return f"not a Linear or a norm with a [{k}] weight"
+    return None
+
+
+# ----------------------------------------------------------------------------- 2. search
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratios: torch.Tensor
+                     ) -> torch.Tensor:
+    """[C, K] scales, one row per ratio: x_mean^r (/ w_mean^(1-r) with duo scaling),
+    normalised by sqrt(max * min) so the scales stay centred around 1."""
+    r = ratios.view(-1, 1).to(x_mean.device, torch.float32)
+    x = x_mean.float().view(1, -1)
+    if w_mean is None:
+        s = x.pow(r).clamp(min=1e-4)
+    else:
+        s = (x.pow(r) / (w_mean.float().view(1, -1).pow(1 - r) + 1e-4)).clamp(min=1e-4)
+    return s / (s.amax(1, keepdim=True) * s.amin(1, keepdim=True)).sqrt()
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Duo scaling's w_mean [K]: |w| relative to its group's max, averaged over all rows."""
+    total, rows = 0.0, 0
+    for w in weights:       # one Linear at a time: no concatenated fp32 copy
+        g = w.float().abs().view(-1, group_size)
+        g = g / (g.amax(1, keepdim=True) + 1e-6)
+        total = total + g.view(w.shape).sum(0)
+        rows += w.shape[0]
+    return total / rows
+
+
+def search_scales(x_mean: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+                  args: QuantArgs, scale_dtype: torch.dtype, n_grid: int = 20,
+                  duo_scaling: bool = True) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(best scales [K] fp32, best ratio, errors [n_grid]) for the balance weights [N_i, K]."""
+    ratios = torch.arange(n_grid, dtype=torch.float32) / n_grid
+    w_mean = weight_mean(weights, args.group_size) if duo_scaling else None
+    S = candidate_scales(x_mean, w_mean, ratios)
+    errs = sum(awq_grid_errors(x, w, S, args, scale_dtype).double() for w in weights)
+    best = int(torch.argmin(errs))
+    return S[best], float(ratios[best]), errs.float().cpu()
+
+
+@torch.no_grad()
+def apply_scales(smooth: nn.Module, balance: list[nn.Linear], s: torch.Tensor) -> None:
+    """Fold s into the layers: smooth's output / s (rows of a Linear, a norm's weight and bias),
+    balance Linears' input columns * s. A float no-op on the model's output."""
+    s = s.float().to(smooth.weight.device)
+    w = smooth.weight
+    col = s.view(-1, 1) if w.dim() == 2 else s
+    w.copy_((w.float() / col).to(w.dtype))
+    if getattr(smooth, "bias", None) is not None:
+        smooth.bias.copy_((smooth.bias.float() / s).to(smooth.bias.dtype))
+    for lin in balance:
+        lin.weight.copy_((lin.weight.float() * s.to(lin.weight.device)).to(lin.weight.dtype))
+
+
+# ----------------------------------------------------------------------------- 4. clip, quantize
+
+@torch.no_grad()
+def clip_search(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
+                shrinks=CLIP_SHRINKS, chunk_rows: int = 4096
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of w [N, K]: (lo, hi) [N, K/g] from shrinking the group's min/max by the
+    factor f in `shrinks` that minimises || X_g (Q_f(w_g) - w_g)^T ||^2, and the chosen f.
+
+    The error of group g only needs the g x g diagonal block of X^T X: computed once, each
+    candidate then costs one small batched matmul instead of a pass over the tokens."""
+    n, k = w.shape
+    g = args.group_size
+    ng = k // g
+    xg = x.float().view(-1, ng, g).transpose(0, 1)             # [ng, T, g]
+    hb = xg.transpose(1, 2) @ xg                               # [ng, g, g]
+    del xg
+    lo_all, hi_all, f_all = [], [], []
+    for r0 in range(0, n, chunk_rows):
+        wc = w[r0:r0 + chunk_rows].float()
+        wg = wc.view(-1, ng, g)
+        lo0, hi0 = wg.amin(-1), wg.amax(-1)
+        best = torch.full_like(lo0, math.inf)
+        best_f = torch.ones_like(lo0)
+        for f in shrinks:
+            scale, zp = qparams_from_minmax(lo0 * f, hi0 * f, args, scale_dtype)
+            d = dequantize_ref(quantize_ref(wc, scale, zp, args), scale, zp) - wc
+            d = d.view(-1, ng, g).transpose(0, 1)              # [ng, rows, g]
+            err = ((d @ hb) * d).sum(-1).T                     # [rows, ng]
+            better = err < best
+            best = torch.where(better, err, best)
+            best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+        lo_all.append(lo0 * best_f)
+        hi_all.append(hi0 * best_f)
+        f_all.append(best_f)
+    return torch.cat(lo_all), torch.cat(hi_all), torch.cat(f_all)
+
+
+@torch.no_grad()
+def quantize_linear(lin: nn.Linear, args: QuantArgs, scale_dtype: torch.dtype,
+                    lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
+                    storage=None) -> QuantizedWeight:
+    """Quantize lin.weight group-wise (min/max, or the given clipped range), write the
+    dequantized values back, return the integers."""
+    w = lin.weight.float()
+    if lo is None:
+        g = w.view(w.shape[0], -1, args.group_size)
+        lo, hi = g.amin(-1), g.amax(-1)
+    scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
+    q = quantize_ref(w, scale, zp, args)
+    lin.weight.copy_(dequantize_ref(q, scale, zp, lin.weight.dtype))
+    storage = storage or q.device
+    return QuantizedWeight(q.to(storage), scale.to(scale_dtype).to(storage),
+                           None if zp is None else zp.to(torch.int8).to(storage), args)
+
+
+# ----------------------------------------------------------------------------- 1. statistics
+
+class _InputStats:
+    """Per distinct Linear input: sum |x| per channel over all tokens, and a token sample."""
+
+    def __init__(self, picks: list[torch.Tensor]):
+        self.picks = picks             # per batch: indices of the sampled real tokens
+        self.abs_sum = None
+        self.n = 0
+        self.samples: list[torch.Tensor] = []
+
+    def add(self, x2d: torch.Tensor):
+        b = len(self.samples)
+        s = x2d.abs().sum(0, dtype=torch.float32)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.n += x2d.shape[0]
+        self.samples.append(x2d[self.picks[b].to(x2d.device)])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n, 1)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return torch.cat(self.samples) if len(self.samples) > 1 else self.samples[0]
+
+
+def _token_picks(inputs, total: int, seed: int) -> list[torch.Tensor]:
+    """Sampled real-token indices per batch, proportional to each batch's token count."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = [int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
+              for h, m in zip(inputs.hidden, inputs.token_masks)]
+    all_tokens = sum(counts)
+    picks = []
+    for c in counts:
+        k = c if total >= all_tokens else max(1, round(total * c / all_tokens))
+        picks.append(torch.randperm(c, generator=gen)[:k].sort().values)
+    return picks
+
+
+def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs,
+                        search_tokens: int, seed: int = 0) -> dict[str, _InputStats]:
+    """One replay of the batches; {Linear full name: stats of its input} (shared objects for
+    Linears reading the same tensor, e.g. q/k/v)."""
+    from .pipeline import run_with_linear_inputs, tokens_of
+
+    picks = _token_picks(inputs, search_tokens, seed)
+    stats: dict[str, _InputStats] = {}
+
+    def add(lead, x, mask):
+        stats.setdefault(lead, _InputStats(picks)).add(tokens_of(x, mask))
+
+    groups = run_with_linear_inputs(layer, linears, inputs, add)
+    return {m: stats[lead] for lead, members in groups.items() for m in members}
+
+
+# ----------------------------------------------------------------------------- the method
+
+@torch.no_grad()
+def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 20,
+        duo_scaling: bool = True, clip: bool = False, search_tokens: int = 8192,
+        seed: int = 0):
+    """Pipeline method: AWQ scale search and application on one decoder layer, then clipping
+    (if `clip`) and quantization of every Linear in ctx.linears.
+
+    mappings: (smoothing, balance) patterns (default DEFAULT_MAPPINGS, resolved per layer);
+    search_tokens: tokens sampled from the calibration set for the searches."""
+    args = ctx.scheme.weights
+    if args.type != "int" or args.strategy != "group":
+        raise ValueError(f"AWQ here quantizes weights to grouped ints (W4A16 schemes), got {args}")
+    for name, lin in ctx.linears.items():
+        if lin.in_features % args.group_size:
+            raise ValueError(f"{name}: in-features {lin.in_features} not a multiple of group "
+                             f"size {args.group_size}; choose a group size dividing it")
+    found, _ = find_mappings(layer, mappings or DEFAULT_MAPPINGS)
+    modules = dict(layer.named_modules())
+    full = {n: f"{prefix}.{n}" for n in modules}
+    infos: dict[str, dict] = {}
+    t0 = time.perf_counter()
+
+    stats = collect_input_stats(layer, ctx.linears, inputs, search_tokens, seed + layer_idx)
+    for name in ctx.linears:
+        if name not in stats:
+            raise RuntimeError(f"{name} was not called during the calibration forward: "
+                               "no inputs to calibrate it with (add it to ignore)")
+
+    for m in found:
+        if not all(full[b] in ctx.linears for b in m.balance):
+            continue      # a balance Linear stays unquantized: nothing to protect
+        st = stats[full[m.balance[0]]]
+        balance = [modules[b] for b in m.balance]
+        s, ratio, errs = search_scales(st.mean, st.x, [b.weight for b in balance], args,
+                                       ctx.scale_dtype, n_grid, duo_scaling)
+        if ratio > 0:
+            apply_scales(modules[m.smooth], balance, s)
+            st.samples = [x / s.to(x.device, x.dtype) for x in st.samples]
+        for b in m.balance:
+            infos.setdefault(full[b], {}).update(
+                smooth=full[m.smooth], ratio=ratio,
+                search_gain=float(errs[int(round(ratio * n_grid))] / errs[0]))
+    t_search = time.perf_counter() - t0
+
+    qweights = {}
+    storage = inputs.storage
+    for name, lin in ctx.linears.items():
+        lo = hi = None
+        info = infos.setdefault(name, {})
+        if clip and not any(_is(name, p) for p in CLIP_SKIP):
+            lo, hi, f = clip_search(lin.weight, stats[name].x, args, ctx.scale_dtype)
+            info["clip_mean_shrink"] = float(f.mean())
+        qweights[name] = quantize_linear(lin, args, ctx.scale_dtype, lo, hi, storage)
+        info["method"] = "awq"
+    secs = round(time.perf_counter() - t0, 4)
+    for name in ctx.linears:
+        infos[name].update(search_seconds=round(t_search, 4), layer_seconds=secs)
+    return qweights, infos

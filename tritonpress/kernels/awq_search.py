@@ -1,0 +1,189 @@
+"""AWQ grid search: output error of every scale candidate, without quantized weight copies.
+
+For a Linear W [N, K], activations X [T, K] and candidate scales s_c [K], AWQ compares the float
+output Y = X W^T with the output of the scaled, quantized layer (X diag(1/s)) Q(W diag(s))^T:
+
+    err(c) = sum || X diag(1/s_c) Q(W diag(s_c))^T - X W^T ||^2
+           = sum || X D_c^T ||^2,     D_c = Q(W diag(s_c)) diag(1/s_c) - W
+
+The second form is what the kernel computes: each program takes a weight tile, scales it,
+fake-quantizes it group-wise in registers (qparams from the tile's own group min/max, the scale
+rounded to its storage dtype first, as `kernels.quant` does), forms D_c and multiplies it
+against an activation tile on tensor cores. Nothing the size of W is written per candidate,
+Y is never stored, and the difference is taken in fp32 weight space instead of as a
+cancellation of two large outputs. One K step is one quantization group.
+
+Grid: (candidate, n tile, m tile) with the candidate fastest, so the programs that read the same
+X and W tiles run together and share them through L2. Each program writes its partial sum;
+torch adds them (deterministic, unlike float atomics).
+
+`awq_grid_errors_ref` computes the first form literally (Y once, candidates' quantized weights
+through `kernels.quant`), in token chunks to bound memory. `awq_grid_errors` dispatches:
+Triton on CUDA tensors, the reference on CPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..schemes import QuantArgs
+from .dispatch import use_triton, interpreting
+from .quant import dequantize_ref, quantize_ref, weight_qparams_ref
+
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds fp32 |x| < 2**22 to nearest even
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantArgs):
+    if x.dim() != 2 or w.dim() != 2 or scales.dim() != 2:
+        raise ValueError(f"expected x [T, K], w [N, K], scales [C, K]; got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}, {tuple(scales.shape)}")
+    if not (x.shape[1] == w.shape[1] == scales.shape[1]):
+        raise ValueError(f"in-features disagree: x {x.shape[1]}, w {w.shape[1]}, "
+                         f"scales {scales.shape[1]}")
+    if args.type != "int" or args.strategy != "group" or not args.group_size:
+        raise ValueError(f"AWQ search needs group-wise int weights, got {args}")
+    if w.shape[1] % args.group_size:
+        raise ValueError(f"in-features {w.shape[1]} not a multiple of group size "
+                         f"{args.group_size}: pick a group size dividing it")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def fake_quant_ref(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of w [N, K] (fp32 out), min/max qparams."""
+    scale, zp = weight_qparams_ref(w, args, scale_dtype)
+    return dequantize_ref(quantize_ref(w, scale, zp, args), scale, zp)
+
+
+def awq_grid_errors_ref(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantArgs,
+                        scale_dtype: torch.dtype = torch.bfloat16,
+                        chunk_tokens: int = 4096) -> torch.Tensor:
+    """err [C] fp32: sum of squared output errors per candidate (definition in module doc)."""
+    _check(x, w, scales, args)
+    wf = w.float()
+    y = x.float() @ wf.T                           # float output, computed once
+    errs = torch.zeros(scales.shape[0], dtype=torch.float64, device=x.device)
+    for c, s in enumerate(scales.float()):
+        wq = fake_quant_ref(wf * s, args, scale_dtype)
+        for t0 in range(0, x.shape[0], chunk_tokens):
+            xs = x[t0:t0 + chunk_tokens].float() / s
+            errs[c] += (xs @ wq.T - y[t0:t0 + chunk_tokens]).pow(2).sum(dtype=torch.float64)
+    return errs.float()
+
+
+# ----------------------------------------------------------------------------- Triton
+
+@triton.jit
+def _rne(x):
+    return (x + _RNE_MAGIC) - _RNE_MAGIC
+
+
+@triton.jit
+def _round_to_bf16(x):
+    # fp32 -> nearest-even bf16 value, kept in fp32. The interpreter's cast truncates instead,
+    # so round on the bits (finite positive inputs: the scales).
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _awq_err_kernel(x_ptr, w_ptr, s_ptr, part_ptr, T, N, K,
+                    stride_xt, stride_wn, stride_sc,
+                    qmin, qmax, eps,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SYMMETRIC: tl.constexpr, SCALE_KIND: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr):
+    c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, GROUP)
+    m_ok = rm < T
+    n_ok = rn < N
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xt + rk[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    s_ptrs = s_ptr + c * stride_sc + rk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, GROUP):
+        w = tl.load(w_ptrs + k0, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        s = tl.load(s_ptrs + k0)
+        ws = w * s[None, :]
+        # qparams of each row's group, exactly as kernels.quant.qparams_from_minmax
+        if SYMMETRIC:
+            amax = tl.max(tl.abs(ws), axis=1)
+            scale = amax / ((qmax - qmin) / 2)
+        else:
+            lo = tl.minimum(tl.min(ws, axis=1), 0.0)
+            hi = tl.maximum(tl.max(ws, axis=1), 0.0)
+            scale = (hi - lo) / (qmax - qmin)
+        scale = tl.where(scale == 0, eps, scale)
+        if SCALE_KIND == 1:
+            scale = _round_to_bf16(scale)
+        elif SCALE_KIND == 2:
+            scale = scale.to(tl.float16).to(tl.float32)
+        q = _rne(ws / scale[:, None])
+        if SYMMETRIC:
+            q = tl.minimum(tl.maximum(q, qmin), qmax)
+            dq = q * scale[:, None]
+        else:
+            zp = tl.minimum(tl.maximum(_rne(qmin - lo / scale), qmin), qmax)
+            q = tl.minimum(tl.maximum(q + zp[:, None], qmin), qmax)
+            dq = (q - zp[:, None]) * scale[:, None]
+        d = dq / s[None, :] - w                      # [BLOCK_N, GROUP] weight-space error
+        x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0).to(DOT_DTYPE)
+        acc += tl.dot(x, tl.trans(d.to(DOT_DTYPE)))
+    # masked rows/cols hold zeros: x rows are 0, and a zero weight row quantizes exactly
+    part = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
+    pid = (c * tl.num_programs(1) + pid_n) * tl.num_programs(2) + pid_m
+    tl.store(part_ptr + pid, part)
+
+
+_SCALE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def awq_grid_errors_triton(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                           args: QuantArgs, scale_dtype: torch.dtype = torch.bfloat16,
+                           block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    _check(x, w, scales, args)
+    g = args.group_size
+    if g < 16 or g & (g - 1):
+        raise ValueError(f"the Triton AWQ search needs a power-of-two group size >= 16, got {g}; "
+                         "use TRITONPRESS_BACKEND=torch for other group sizes")
+    if scale_dtype not in _TL_DTYPES:
+        raise ValueError(f"scale dtype {scale_dtype} not supported (bf16, fp16, fp32)")
+    x = x.contiguous()
+    w = w.contiguous()
+    scales = scales.float().contiguous()
+    T, K = x.shape
+    N = w.shape[0]
+    C = scales.shape[0]
+    interp = interpreting() and not x.is_cuda
+    # The interpreter multiplies bf16 wrongly: run the dot in fp32 there. On a GPU the dot takes
+    # the activations' dtype (bf16/fp16 tensor cores); fp32 inputs get tf32.
+    dot_dtype = tl.float32 if interp or x.dtype == torch.float32 else _TL_DTYPES[x.dtype]
+    block_m = block_m or (128 if interp else 128)
+    block_n = block_n or (64 if interp or g > 128 else 128)
+    grid = (C, triton.cdiv(N, block_n), triton.cdiv(T, block_m))
+    part = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=x.device)
+    _awq_err_kernel[grid](
+        x, w, scales, part, T, N, K,
+        x.stride(0), w.stride(0), scales.stride(0),
+        float(args.qmin), float(args.qmax), float(torch.finfo(scale_dtype).eps),
+        GROUP=g, BLOCK_M=block_m, BLOCK_N=block_n, SYMMETRIC=args.symmetric,
+        SCALE_KIND=_SCALE_KIND[scale_dtype], DOT_DTYPE=dot_dtype,
+        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
+    return part.view(C, -1).double().sum(1).float()
+
+
+def awq_grid_errors(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantArgs,
+                    scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """err [C] fp32 per candidate scale row of `scales` [C, K]; Triton on CUDA, torch on CPU."""
+    g = args.group_size or 0
+    if use_triton(x, w, scales) and g >= 16 and not g & (g - 1):
+        return awq_grid_errors_triton(x, w, scales, args, scale_dtype)
+    return awq_grid_errors_ref(x, w, scales, args, scale_dtype)
