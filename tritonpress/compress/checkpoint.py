@@ -1,0 +1,423 @@
+"""Write (and read back) compressed-tensors checkpoints that vLLM loads.
+
+Layout per quantized Linear `<name>` (compressed-tensors 0.19 formats):
+  float-quantized   <name>.weight        float8_e4m3fn [out, in]    + <name>.weight_scale [out, 1]
+  int-quantized     <name>.weight        int8 [out, in]             + <name>.weight_scale [out, 1]
+  pack-quantized    <name>.weight_packed int32 [out, ceil(in/8)]    (nibble k of a word = column 8j+k,
+                                                                    stored as value + 8)
+                    <name>.weight_scale  [out, in/group]
+                    <name>.weight_shape  int64 [2]
+                    <name>.weight_zero_point int32 [ceil(out/8), in/group] (asymmetric only: packed
+                                                                    like the weight but along OUT)
+  sparse-24-bitmask <name>.compressed    the 2 kept values of every 4, [out, in/2] (row-major order)
+  (legacy, 2:4)     <name>.bitmask       uint8 [out, ceil(in/8)], bit j of byte k = column 8k+j kept
+                    <name>.shape         int64 [2, 1], + <name>.weight_scale as above
+Scales are stored in the model's dtype. Everything else (embeddings, norms, lm_head, biases) is
+saved as the model holds it, by the model's own `save_pretrained` (tied weights, renames, shards).
+
+The integers and fp8 values are written exactly as the algorithm chose them: nothing here
+quantizes. The directory appears only when complete (temp dir beside it, fsync, rename).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..kernels import quant
+from ..schemes import QuantArgs, Scheme
+from .qweight import QuantizedWeight
+
+CT_VERSION = "0.19.0"          # compressed-tensors version whose config layout we write
+SPARSE_FORMATS = ("dense", "sparse-24-bitmask")
+MAX_SHARD_SIZE = "5GB"
+
+
+# ----------------------------------------------------------------------------- config
+
+def _args_dict(a: QuantArgs, observer: str | None) -> dict:
+    """QuantizationArgs as config.json holds it: the fields every compressed-tensors release
+    since 0.4 knows (vLLM validates with extra="forbid" against the version it pins)."""
+    return {"num_bits": a.num_bits, "type": a.type, "symmetric": a.symmetric,
+            "group_size": a.group_size if a.strategy == "group" else None,
+            "strategy": a.strategy, "block_structure": None, "dynamic": a.dynamic,
+            "actorder": None, "observer": observer, "observer_kwargs": {}}
+
+
+def weight_format(scheme: Scheme) -> str:
+    """compressed-tensors format of the weights. Integer weight-only schemes are packed even at
+    8 bits: vLLM reads int-quantized as a W8A8 format and wants activation args with it."""
+    w = scheme.weights
+    if w.type == "float":
+        return "float-quantized"
+    if scheme.input_activations is None or w.num_bits < 8:
+        return "pack-quantized"
+    return "int-quantized"
+
+
+def quantization_config(scheme: Scheme, ignore: list[str], sparsity: dict | None = None) -> dict:
+    """The `quantization_config` entry of config.json (what compressed-tensors 0.19's
+    ModelCompressor.update_config writes for a one-group model)."""
+    fmt = weight_format(scheme)
+    act = scheme.input_activations
+    group = {"targets": ["Linear"],
+             "weights": _args_dict(scheme.weights, "minmax"),
+             "input_activations": None if act is None else _args_dict(act, None),
+             "output_activations": None,
+             "format": fmt}
+    return {"quant_method": "compressed-tensors", "version": CT_VERSION, "format": fmt,
+            "quantization_status": "compressed", "config_groups": {"group_0": group},
+            "ignore": list(ignore), "kv_cache_scheme": None, "global_compression_ratio": None,
+            "sparsity_config": sparsity or {}, "transform_config": {}}
+
+
+def _args_from_dict(d: dict) -> QuantArgs:
+    strategy = d.get("strategy") or ("group" if d.get("group_size") else "tensor")
+    return QuantArgs(int(d["num_bits"]), d["type"], bool(d["symmetric"]), strategy,
+                     d.get("group_size") if strategy == "group" else None, bool(d.get("dynamic")))
+
+
+# ----------------------------------------------------------------------------- tensor layouts
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [rows, cols] in [-8, 7] -> int32 [rows, ceil(cols/8)]. Padding columns are stored as
+    raw nibble 0 (value -8), bit for bit what compressed-tensors' pack_to_int32 writes."""
+    pad = (-q.shape[1]) % 8
+    if pad:
+        q = torch.nn.functional.pad(q, (0, pad), value=-8)
+    pack = getattr(quant, "pack_int4", quant.pack_int4_ref)
+    return pack(q.contiguous())
+
+
+def _unpack4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    return quant.unpack_int4_ref(packed, cols)
+
+
+def _keep_mask_24(q: torch.Tensor) -> torch.Tensor:
+    """Which 2 of every 4 consecutive values to store: the nonzeros, topped up with the first
+    zeros of the group, so each group keeps exactly two (the bitmask format's invariant)."""
+    out, cols = q.shape
+    nz = (q.float() != 0).reshape(out, cols // 4, 4)
+    pos = torch.arange(4, device=q.device)
+    rank = (~nz).to(torch.int64) * 4 + pos                 # nonzeros first, then by position
+    keep = rank.argsort(-1)[..., :2].sort(-1).values
+    mask = torch.zeros_like(nz).scatter_(-1, keep, True)
+    return mask.reshape(out, cols)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [rows, cols] -> uint8 [rows, ceil(cols/8)], little bit order (numpy packbits
+    bitorder='little'): bit j of byte k is column 8k+j."""
+    rows, cols = mask.shape
+    m = torch.nn.functional.pad(mask.to(torch.int32), (0, (-cols) % 8)).reshape(rows, -1, 8)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=mask.device)
+    return (m * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bitmask(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.int32, device=bits.device)
+    m = (bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return m.reshape(bits.shape[0], -1)[:, :cols].bool()
+
+
+def sparse24_compress(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense 2:4-sparse q [out, in] -> (compressed [out, in/2] same dtype, bitmask uint8)."""
+    out, cols = q.shape
+    mask = _keep_mask_24(q)
+    raw = q.view(torch.uint8) if q.element_size() == 1 else q   # fp8 has no masked indexing
+    kept = raw.reshape(out, cols // 4, 4)[mask.reshape(out, cols // 4, 4)]
+    return kept.reshape(out, cols // 2).view(q.dtype), pack_bitmask(mask)
+
+
+def sparse24_decompress(compressed: torch.Tensor, bitmask: torch.Tensor,
+                        shape: tuple[int, int]) -> torch.Tensor:
+    mask = unpack_bitmask(bitmask, shape[1])
+    raw = compressed.view(torch.uint8) if compressed.element_size() == 1 else compressed
+    dense = torch.zeros(shape, dtype=raw.dtype, device=raw.device)
+    dense[mask] = raw.reshape(-1)
+    return dense.view(compressed.dtype)
+
+
+def _storage_scale(qw: QuantizedWeight, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """The scale in the model's dtype; casting is allowed only when it loses nothing."""
+    s = qw.scale
+    if s.dtype != dtype:
+        cast = s.to(dtype)
+        if not torch.equal(cast.to(s.dtype), s):
+            raise ValueError(f"{name}: scales are {s.dtype} but the model is {dtype} and they do "
+                             f"not fit it exactly; quantize with scale_dtype={dtype}")
+        s = cast
+    return s
+
+
+def compressed_tensors_for(name: str, qw: QuantizedWeight, fmt: str, dtype: torch.dtype,
+                           sparse_format: str = "dense") -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized Linear, keyed by full name."""
+    q = qw.q.detach()
+    scale = _storage_scale(qw, dtype, name).detach().contiguous()
+    t = {f"{name}.weight_scale": scale}
+    if fmt == "pack-quantized":
+        if qw.args.num_bits != 4:
+            raise ValueError(f"{name}: only 4-bit weights can be packed, got {qw.args.num_bits}")
+        t[f"{name}.weight_packed"] = _pack4(q)
+        t[f"{name}.weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+        if qw.zero_point is not None:
+            t[f"{name}.weight_zero_point"] = _pack4(qw.zero_point.detach().t()).t().contiguous()
+    elif sparse_format == "sparse-24-bitmask":
+        compressed, bitmask = sparse24_compress(q)
+        t[f"{name}.compressed"] = compressed
+        t[f"{name}.bitmask"] = bitmask
+        t[f"{name}.shape"] = torch.tensor(list(q.shape), dtype=torch.int64).reshape(2, 1)
+    else:
+        t[f"{name}.weight"] = q.contiguous()
+        if qw.zero_point is not None:      # int8 asymmetric weights (vLLM has no kernel for it)
+            t[f"{name}.weight_zero_point"] = qw.zero_point.detach().contiguous()
+    return {k: v.cpu() for k, v in t.items()}
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_inputs(model, qweights: dict[str, QuantizedWeight], scheme: Scheme,
+                  sparse_format: str) -> tuple[list[str], str]:
+    if sparse_format not in SPARSE_FORMATS:
+        raise ValueError(f"unknown sparse format {sparse_format!r}: choose one of {SPARSE_FORMATS}")
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("the model was loaded already quantized; load the original model")
+    if not qweights:
+        raise ValueError("no quantized weights to save")
+    fmt = weight_format(scheme)
+    modules = dict(model.named_modules())
+    for name, qw in qweights.items():
+        m = modules.get(name)
+        if not isinstance(m, torch.nn.Linear):
+            raise ValueError(f"{name!r} is not a Linear module of the model; quantized weights are "
+                             "keyed by the Linear's full module name")
+        if tuple(qw.q.shape) != tuple(m.weight.shape):
+            raise ValueError(f"{name}: quantized weight is {tuple(qw.q.shape)} but the layer is "
+                             f"{tuple(m.weight.shape)}")
+        if qw.args != scheme.weights:
+            raise ValueError(f"{name}: quantized with {qw.args}, but the scheme says {scheme.weights}")
+        want = torch.float8_e4m3fn if qw.args.type == "float" else torch.int8
+        if qw.q.dtype != want:
+            raise ValueError(f"{name}: values are {qw.q.dtype}, expected {want}")
+        ngroups = 1 if qw.args.strategy != "group" else qw.q.shape[1] // qw.args.group_size
+        if qw.args.strategy == "group" and qw.q.shape[1] % qw.args.group_size:
+            raise ValueError(f"{name}: {qw.q.shape[1]} input features are not a multiple of "
+                             f"group size {qw.args.group_size}")
+        if tuple(qw.scale.shape) != (qw.q.shape[0], ngroups):
+            raise ValueError(f"{name}: scale is {tuple(qw.scale.shape)}, expected "
+                             f"{(qw.q.shape[0], ngroups)}")
+        if qw.args.symmetric and qw.zero_point is not None:
+            raise ValueError(f"{name}: zero point given for a symmetric scheme")
+        if not qw.args.symmetric and qw.zero_point is None:
+            raise ValueError(f"{name}: zero point missing for an asymmetric scheme")
+        if sparse_format == "sparse-24-bitmask":
+            if fmt == "pack-quantized":
+                raise ValueError("sparse-24-bitmask stores 8-bit weights only; "
+                                 "use sparse_format='dense' for packed schemes")
+            if not qw.is_24_sparse():
+                raise ValueError(f"{name} is not 2:4 sparse (some group of 4 input weights has more "
+                                 "than two nonzeros); use sparse_format='dense'")
+    tied = _tied_lm_head(model)
+    if tied and tied in qweights:
+        raise ValueError(f"{tied} shares its weight with the input embeddings and cannot be "
+                         "quantized alone; keep it in the scheme's ignore list")
+    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and n not in qweights]
+    return ignore, fmt
+
+
+def _tied_lm_head(model) -> str | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
+        return None
+    return next(n for n, m in model.named_modules() if m is out)
+
+
+def _global_sparsity(model, qweights) -> float:
+    zeros = total = 0
+    for name, p in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        t = qweights[owner].q if owner in qweights and name.endswith(".weight") else p
+        zeros += int((t.float() == 0).sum())
+        total += t.numel()
+    return zeros / max(total, 1)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _state_dict(model, qweights, fmt, sparse_format) -> dict[str, torch.Tensor]:
+    sd = dict(model.state_dict())
+    modules = dict(model.named_modules())
+    for name, qw in qweights.items():
+        dtype = modules[name].weight.dtype
+        del sd[f"{name}.weight"]
+        sd.update(compressed_tensors_for(name, qw, fmt, dtype, sparse_format))
+    return sd
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)                       # safetensors' Rust writer raises its own error type
+        if "No space left on device" in text or "StorageFull" in text or "os error 28" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _nbytes(sd: dict[str, torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in sd.values():
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], scheme: Scheme,
+                    out_dir, overwrite: bool = False, sparse_format: str = "dense") -> Path:
+    """Write a Hugging Face model directory in compressed-tensors format; return its path.
+
+    `sparse_format="sparse-24-bitmask"` stores 2:4-sparse 8-bit weights compressed (loaded by
+    vLLM <= 0.19 through compressed-tensors <= 0.14); the default keeps the zeros in the
+    ordinary float/int-quantized form every vLLM loads.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to "
+                              "replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    ignore, fmt = _check_inputs(model, qweights, scheme, sparse_format)
+    sparsity = None
+    if sparse_format == "sparse-24-bitmask":
+        sparsity = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4",
+                    "targets": ["Linear"], "ignore": list(ignore),
+                    "global_sparsity": _global_sparsity(model, qweights)}
+    qconfig = quantization_config(scheme, ignore, sparsity)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    sd = _state_dict(model, qweights, fmt, sparse_format)
+    need, free = _nbytes(sd), shutil.disk_usage(out_dir.parent).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"not enough disk space for the checkpoint at {out_dir}: "
+                      f"needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, state_dict=sd, max_shard_size=MAX_SHARD_SIZE)
+        del sd
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["quantization_config"] = qconfig
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        _commit(tmp, out_dir, overwrite)
+    except BaseException as e:              # KeyboardInterrupt too: never leave a partial dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise OSError(errno.ENOSPC, f"ran out of disk space writing the checkpoint to "
+                          f"{out_dir} (about {need / 1e9:.2f} GB needed); nothing was written"
+                          ) from e
+        raise
+    return out_dir
+
+
+def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished temp dir into place; an existing dir is replaced only now."""
+    old = None
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} appeared while writing; pass --overwrite "
+                                  "(overwrite=True) to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old.rmdir()
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_quantization_config(ckpt_dir) -> dict:
+    cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    if "quantization_config" not in cfg:
+        raise ValueError(f"{ckpt_dir}/config.json has no quantization_config")
+    return cfg["quantization_config"]
+
+
+def _load_tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {ckpt_dir}")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
+
+
+def load_quantized_weights(ckpt_dir) -> dict[str, QuantizedWeight]:
+    """Read back the QuantizedWeights of a checkpoint written by save_checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    qc = read_quantization_config(ckpt_dir)
+    groups = list(qc["config_groups"].values())
+    if len(groups) != 1:
+        raise ValueError(f"{ckpt_dir}: expected one config group, found {len(groups)}")
+    args = _args_from_dict(groups[0]["weights"])
+    fmt = qc["format"]
+    sparse = (qc.get("sparsity_config") or {}).get("format") == "sparse-24-bitmask"
+    t = _load_tensors(ckpt_dir)
+    names = sorted(k[: -len(".weight_scale")] for k in t if k.endswith(".weight_scale"))
+    out = {}
+    for n in names:
+        scale, zp = t[f"{n}.weight_scale"], t.get(f"{n}.weight_zero_point")
+        if fmt == "pack-quantized":
+            rows, cols = t[f"{n}.weight_shape"].tolist()
+            q = _unpack4(t[f"{n}.weight_packed"], cols)
+            if zp is not None:
+                zp = _unpack4(zp.t().contiguous(), rows).t().contiguous()
+        elif sparse and f"{n}.compressed" in t:
+            shape = tuple(t[f"{n}.shape"].flatten().tolist())
+            q = sparse24_decompress(t[f"{n}.compressed"], t[f"{n}.bitmask"], shape)
+        else:
+            q = t[f"{n}.weight"]
+        out[n] = QuantizedWeight(q, scale, zp, args)
+    return out
