@@ -134,3 +134,379 @@ def unpack_int4_ref(packed: torch.Tensor, cols: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     u = (packed.unsqueeze(-1) >> shifts) & 0xF
     return (u.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
+
+
+def quantize_pack_int4_ref(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None):
+    """quantize_weight_ref then pack_int4_ref: (packed int32 [out, ceil(in/8)], scale, zp)."""
+    q, scale, zp = quantize_weight_ref(w, args, scale_dtype)
+    return pack_int4_ref(q), scale, zp
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+#
+# Bit-exact with the references above, on a GPU and in the interpreter:
+#  - every division is IEEE (tl.div_rn): Triton's plain `/` is approximate on NVIDIA GPUs;
+#  - round half to even is the 1.5 * 2**23 magic add, exact for |y| < 2**22 (callers clamp);
+#  - bf16 scales are rounded on the fp32 bits (the interpreter's fp32->bf16 cast truncates);
+#  - fp8 values are rounded to the e4m3 grid on the fp32 bits and their bytes are built by
+#    hand and stored as uint8 (the interpreter's fp32->fp8 cast rounds wrongly, and sm80 has
+#    no e4m3 type);
+#  - inputs are upcast to fp32 right after loading (interpreter bf16 arithmetic is wrong).
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from .dispatch import use_triton  # noqa: E402
+
+_RNE_MAGIC = tl.constexpr(12582912.0)      # 1.5 * 2**23: adding it leaves no fraction bits
+_E4M3_SUB_MAGIC = tl.constexpr(24576.0)    # 1.5 * 2**14: its ulp is 2**-9, the subnormal step
+_E4M3_MIN_NORMAL = tl.constexpr(0x3C800000)  # fp32 bits of 2**-6
+
+
+@triton.jit
+def _rne(y):
+    """Round half to even; exact for |y| < 2**22."""
+    return (y + _RNE_MAGIC) - _RNE_MAGIC
+
+
+@triton.jit
+def _e4m3_round(y):
+    """fp32 -> nearest e4m3 value (RNE, saturating at +-448), as fp32; NaN stays NaN."""
+    c = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    bits = c.to(tl.int32, bitcast=True)
+    a = bits & 0x7FFFFFFF
+    # normal range: round 23 mantissa bits to 3, half to even; a carry bumps the exponent
+    normal = (a + 0x7FFFF + ((a >> 20) & 1)) & -1048576
+    # subnormal range (below 2**-6): multiples of 2**-9
+    af = a.to(tl.float32, bitcast=True)
+    sub = ((af + _E4M3_SUB_MAGIC) - _E4M3_SUB_MAGIC).to(tl.int32, bitcast=True)
+    r = tl.where(a < _E4M3_MIN_NORMAL, sub, normal) | (bits & -2147483648)  # keep the sign
+    return tl.where(y != y, y, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _e4m3_byte(r):
+    """float8_e4m3fn byte (as int32) of a value already on the e4m3 grid."""
+    bits = r.to(tl.int32, bitcast=True)
+    a = bits & 0x7FFFFFFF
+    normal = (((a >> 23) - 120) << 3) | ((a >> 20) & 7)   # exponent bias 127 -> 7
+    sub = (a.to(tl.float32, bitcast=True) * 512.0).to(tl.int32)
+    code = tl.where(a < _E4M3_MIN_NORMAL, sub, normal)
+    code = tl.where(r != r, 0x7F, code)
+    return code | ((bits >> 24) & 0x80)
+
+
+@triton.jit
+def _round_to_dtype(s, DTYPE: tl.constexpr):
+    """Round positive fp32 s to DTYPE (half to even), returned as fp32."""
+    if DTYPE == tl.bfloat16:
+        b = s.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        s = b.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        s = s.to(tl.float16).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _qparams(lo, hi, div, qmin, qmax, eps, SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr):
+    """qparams_from_minmax on each group's min and max: (scale, zero point), fp32."""
+    lo = tl.minimum(lo, 0.0)
+    hi = tl.maximum(hi, 0.0)
+    if SYMMETRIC:
+        s = tl.div_rn(tl.maximum(-lo, hi), div)
+    else:
+        s = tl.div_rn(hi - lo, div)
+    s = _round_to_dtype(tl.where(s == 0.0, eps, s), SCALE_DTYPE)
+    if SYMMETRIC:
+        zp = tl.zeros_like(s)
+    else:
+        zp = _rne(tl.minimum(tl.maximum(qmin - tl.div_rn(lo, s), qmin), qmax))
+    return s, zp
+
+
+@triton.jit
+def _quantize(x, s, zp, qmin, qmax, IS_FP8: tl.constexpr):
+    """quantize_ref on a tile: integers, or e4m3 bytes, as int32."""
+    y = tl.div_rn(x, s)
+    if IS_FP8:
+        return _e4m3_byte(_e4m3_round(y))
+    # clamping before rounding equals clamping after: the bounds are integers
+    y = tl.minimum(tl.maximum(y, qmin - zp), qmax - zp)
+    return (_rne(y) + zp).to(tl.int32)
+
+
+@triton.jit
+def _store_q(q_ptr, q, row, col0, start, unit_ok, group_size, stride_q,
+             G: tl.constexpr, BLOCK: tl.constexpr, PACK: tl.constexpr):
+    """Store a [G, BLOCK] tile of quantized values from column col0 + start of each unit's row,
+    as bytes, or with PACK as int4 words (value + 8, element k at bits 4k..4k+3)."""
+    j = tl.arange(0, BLOCK)
+    ok = unit_ok[:, None] & (start + j[None, :] < group_size)
+    if PACK:
+        u = tl.where(ok, (q + 8) & 0xF, 8)                 # padding unpacks to zero
+        u = tl.reshape(u, (G, BLOCK // 8, 8))
+        words = tl.sum(u << (tl.arange(0, 8) * 4)[None, None, :], axis=2)  # disjoint: sum == or
+        j8 = tl.arange(0, BLOCK // 8) * 8
+        wok = unit_ok[:, None] & (start + j8[None, :] < group_size)
+        ptrs = q_ptr + row[:, None] * stride_q + (col0[:, None] + start + j8[None, :]) // 8
+        tl.store(ptrs, words, mask=wok)
+    else:
+        ptrs = q_ptr + row[:, None] * stride_q + col0[:, None] + start + j[None, :]
+        tl.store(ptrs, q.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr,
+                            n_units, ngroups, group_size, stride_x, stride_q,
+                            div, qmin, qmax, eps,
+                            SYMMETRIC: tl.constexpr, IS_FP8: tl.constexpr, PACK: tl.constexpr,
+                            G: tl.constexpr, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr):
+    """A unit is one group of one row (the whole row per channel or per token); a program
+    quantizes G units. ONE_TILE: a unit fits in BLOCK columns and is read once; otherwise it
+    is swept twice, for its min/max and then to quantize."""
+    units = tl.program_id(0) * G + tl.arange(0, G)
+    unit_ok = units < n_units
+    row = (units // ngroups).to(tl.int64)
+    col0 = (units % ngroups) * group_size
+    x_unit = x_ptr + row * stride_x + col0
+    j = tl.arange(0, BLOCK)
+    SCALE_DTYPE: tl.constexpr = scale_ptr.dtype.element_ty
+    if ONE_TILE:
+        ok = unit_ok[:, None] & (j[None, :] < group_size)
+        x = tl.load(x_unit[:, None] + j[None, :], mask=ok, other=0.0).to(tl.float32)
+        # padding reads 0, which min/max ignore: the range is widened to include 0 anyway
+        s, zp = _qparams(tl.min(x, 1), tl.max(x, 1), div, qmin, qmax, eps, SYMMETRIC, SCALE_DTYPE)
+        q = _quantize(x, s[:, None], zp[:, None], qmin, qmax, IS_FP8)
+        _store_q(q_ptr, q, row, col0, 0, unit_ok, group_size, stride_q, G, BLOCK, PACK)
+    else:
+        lo = tl.zeros((G, BLOCK), tl.float32)
+        hi = tl.zeros((G, BLOCK), tl.float32)
+        for start in range(0, group_size, BLOCK):
+            ok = unit_ok[:, None] & (start + j[None, :] < group_size)
+            x = tl.load(x_unit[:, None] + start + j[None, :], mask=ok, other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, x)
+            hi = tl.maximum(hi, x)
+        s, zp = _qparams(tl.min(lo, 1), tl.max(hi, 1), div, qmin, qmax, eps, SYMMETRIC, SCALE_DTYPE)
+        for start in range(0, group_size, BLOCK):
+            ok = unit_ok[:, None] & (start + j[None, :] < group_size)
+            x = tl.load(x_unit[:, None] + start + j[None, :], mask=ok, other=0.0).to(tl.float32)
+            q = _quantize(x, s[:, None], zp[:, None], qmin, qmax, IS_FP8)
+            _store_q(q_ptr, q, row, col0, start, unit_ok, group_size, stride_q, G, BLOCK, PACK)
+    tl.store(scale_ptr + units, s.to(SCALE_DTYPE), mask=unit_ok)
+    if not SYMMETRIC:
+        tl.store(zp_ptr + units, zp.to(tl.int8), mask=unit_ok)
+
+
+@triton.jit
+def _fp8_round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, _e4m3_round(x), mask=ok)
+
+
+@triton.jit
+def _pack_int4_kernel(q_ptr, out_ptr, rows, cols, words, stride_q, stride_o,
+                      BR: tl.constexpr, BW: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    w = tl.program_id(1) * BW + tl.arange(0, BW)
+    r_ok = r < rows
+    q_row = q_ptr + r.to(tl.int64)[:, None] * stride_q
+    word = tl.zeros((BR, BW), tl.int32)
+    for k in tl.static_range(8):
+        c = w * 8 + k
+        ok = r_ok[:, None] & (c < cols)[None, :]
+        v = tl.load(q_row + c[None, :], mask=ok, other=0).to(tl.int32)
+        word = word | (tl.where(ok, (v + 8) & 0xF, 8) << (4 * k))   # padding unpacks to zero
+    ptrs = out_ptr + r.to(tl.int64)[:, None] * stride_o + w[None, :]
+    tl.store(ptrs, word, mask=r_ok[:, None] & (w < words)[None, :])
+
+
+@triton.jit
+def _unpack_int4_kernel(p_ptr, out_ptr, rows, cols, stride_p, stride_o,
+                        BR: tl.constexpr, BC: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    ok = (r < rows)[:, None] & (c < cols)[None, :]
+    p = tl.load(p_ptr + r.to(tl.int64)[:, None] * stride_p + (c // 8)[None, :], mask=ok, other=0)
+    v = ((p >> ((c % 8) * 4)[None, :]) & 0xF) - 8
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_o + c[None, :], v.to(tl.int8), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_TILE = 4096            # elements per program when groups are short
+_MAX_BLOCK = 16384      # longer groups (rows) are swept in chunks of this many columns
+_SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _num_warps(elements: int) -> int:
+    return min(16, max(4, elements // 512))
+
+
+def _quantize_groups_triton(x: torch.Tensor, args: QuantArgs, group_size: int,
+                            scale_dtype: torch.dtype, pack: bool = False,
+                            max_block: int = _MAX_BLOCK):
+    """x [rows, cols] (last dim contiguous), groups of group_size columns (cols per channel):
+    (q [rows, cols] int8|fp8, or with pack int32 words [rows, ceil(cols/8)];
+     scale [rows, cols // group_size] scale_dtype; zp int8 or None)."""
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale dtype {scale_dtype} is not supported by the Triton kernels: "
+                         "use bfloat16, float16 or float32")
+    rows, cols = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ngroups = cols // group_size
+    n_units = rows * ngroups
+    is_fp8 = args.type == "float"
+    if pack:
+        q = torch.empty(rows, (cols + 7) // 8, dtype=torch.int32, device=x.device)
+    else:
+        q = torch.empty(rows, cols, dtype=FP8_DTYPE if is_fp8 else torch.int8, device=x.device)
+    scale = torch.empty(rows, ngroups, dtype=scale_dtype, device=x.device)
+    zp = None if args.symmetric else torch.empty(rows, ngroups, dtype=torch.int8, device=x.device)
+    if n_units == 0:
+        return q, scale, zp
+    block = max(16, triton.next_power_of_2(group_size))
+    one_tile = block <= max_block
+    block = min(block, max_block)
+    g = max(1, min(_TILE // block, triton.next_power_of_2(n_units)))
+    span = args.qmax - args.qmin
+    _quantize_groups_kernel[(triton.cdiv(n_units, g),)](
+        x, q.view(torch.uint8) if is_fp8 and not pack else q, scale,
+        scale if zp is None else zp,
+        n_units, ngroups, group_size, x.stride(0), q.stride(0),
+        span / 2 if args.symmetric else span, args.qmin, args.qmax,
+        torch.finfo(scale_dtype).eps,
+        SYMMETRIC=args.symmetric, IS_FP8=is_fp8, PACK=pack, G=g, BLOCK=block,
+        ONE_TILE=one_tile, num_warps=_num_warps(g * block))
+    return q, scale, zp
+
+
+def _fp8_round_triton(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    n = x.numel()
+    if n:
+        block = 4096
+        _fp8_round_kernel[(triton.cdiv(n, block),)](x, y, n, BLOCK=block, num_warps=8)
+    return y
+
+
+def _pack_int4_triton(q: torch.Tensor) -> torch.Tensor:
+    rows, cols = q.shape
+    if q.stride(1) != 1:
+        q = q.contiguous()
+    words = (cols + 7) // 8
+    out = torch.empty(rows, words, dtype=torch.int32, device=q.device)
+    if rows and words:
+        bw = min(128, triton.next_power_of_2(words))
+        br = max(1, 2048 // bw)
+        grid = (triton.cdiv(rows, br), triton.cdiv(words, bw))
+        _pack_int4_kernel[grid](q, out, rows, cols, words, q.stride(0), out.stride(0),
+                                BR=br, BW=bw, num_warps=4)
+    return out
+
+
+def _unpack_int4_triton(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    rows = packed.shape[0]
+    if packed.stride(1) != 1:
+        packed = packed.contiguous()
+    out = torch.empty(rows, cols, dtype=torch.int8, device=packed.device)
+    if rows and cols:
+        bc = min(1024, triton.next_power_of_2(cols))
+        br = max(1, 8192 // bc)
+        grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
+        _unpack_int4_kernel[grid](packed, out, rows, cols, packed.stride(0), out.stride(0),
+                                  BR=br, BC=bc, num_warps=8)
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _check_args(args: QuantArgs) -> None:
+    if args.type == "float":
+        if args.num_bits != 8 or not args.symmetric:
+            raise ValueError(f"float quantization is fp8 e4m3, symmetric only; got {args}")
+    elif args.type == "int":
+        if not 2 <= args.num_bits <= 8:
+            raise ValueError(f"int quantization needs 2..8 bits, got {args.num_bits}")
+    else:
+        raise ValueError(f"quantization type must be 'int' or 'float', got {args.type!r}")
+
+
+def _weight_group_size(w: torch.Tensor, args: QuantArgs) -> int:
+    """Columns per scale: args.group_size for strategy 'group', else the whole row."""
+    _check_args(args)
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"weight must be a 2-D float tensor [out, in], got {tuple(w.shape)} "
+                         f"{w.dtype}")
+    if w.shape[1] == 0:
+        raise ValueError("weight has no input columns")
+    if args.strategy != "group":
+        return w.shape[1]
+    if not args.group_size or args.group_size <= 0:
+        raise ValueError(f"group strategy needs a positive group_size, got {args.group_size}")
+    group_view(w[:0], args.group_size)  # raises the reference's error for a ragged last group
+    return args.group_size
+
+
+def fp8_round(x: torch.Tensor) -> torch.Tensor:
+    """Values rounded to the e4m3 grid (RNE, saturating at +-448), fp32, same shape."""
+    return _fp8_round_triton(x) if use_triton(x) else fp8_round_ref(x)
+
+
+def quantize_weight(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None):
+    """Round-to-nearest weight quantization: (q int8|fp8 [out, in], scale [out, ngroups] in
+    scale_dtype (default w.dtype), zp int8 [out, ngroups] or None)."""
+    gs = _weight_group_size(w, args)
+    if use_triton(w):
+        return _quantize_groups_triton(w, args, gs, scale_dtype or w.dtype)
+    return quantize_weight_ref(w, args, scale_dtype)
+
+
+def quantize_pack_int4(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None):
+    """quantize_weight and pack_int4 in one pass: (packed int32 [out, ceil(in/8)], scale, zp)."""
+    gs = _weight_group_size(w, args)
+    if args.type != "int" or args.num_bits > 4:
+        raise ValueError(f"int4 packing needs int weights of at most 4 bits, got {args}")
+    if not use_triton(w):
+        return quantize_pack_int4_ref(w, args, scale_dtype)
+    if gs % 8 and gs != w.shape[1]:  # groups must not share a word: pack separately
+        q, scale, zp = _quantize_groups_triton(w, args, gs, scale_dtype or w.dtype)
+        return _pack_int4_triton(q), scale, zp
+    return _quantize_groups_triton(w, args, gs, scale_dtype or w.dtype, pack=True)
+
+
+def quantize_per_token(x: torch.Tensor, args: QuantArgs):
+    """Dynamic per-token activation quantization of x [..., hidden]:
+    (q like x in int8|fp8, scale [..., 1] fp32)."""
+    _check_args(args)
+    if x.dim() == 0 or x.shape[-1] == 0 or not x.is_floating_point():
+        raise ValueError(f"activations must be a float tensor [..., hidden], got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    if not use_triton(x):
+        return quantize_per_token_ref(x, args)
+    sym = QuantArgs(args.num_bits, args.type, True, "token")
+    q, scale, _ = _quantize_groups_triton(x.reshape(-1, x.shape[-1]), sym, x.shape[-1],
+                                          torch.float32)
+    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [rows, cols] in [-8, 7] -> int32 [rows, ceil(cols/8)] (see pack_int4_ref)."""
+    if q.dim() != 2 or q.dtype != torch.int8:
+        raise ValueError(f"pack_int4 takes int8 [rows, cols], got {tuple(q.shape)} {q.dtype}")
+    return _pack_int4_triton(q) if use_triton(q) else pack_int4_ref(q)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """int32 [rows, ceil(cols/8)] -> int8 [rows, cols] in [-8, 7]."""
+    if packed.dim() != 2 or packed.dtype != torch.int32:
+        raise ValueError(f"unpack_int4 takes int32 [rows, words], got {tuple(packed.shape)} "
+                         f"{packed.dtype}")
+    if packed.shape[1] != (cols + 7) // 8:
+        raise ValueError(f"{packed.shape[1]} packed words per row do not hold {cols} columns: "
+                         f"expected {(cols + 7) // 8}; pass the unpacked column count")
+    return _unpack_int4_triton(packed, cols) if use_triton(packed) else unpack_int4_ref(packed, cols)
