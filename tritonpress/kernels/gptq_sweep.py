@@ -1,0 +1,456 @@
+"""Fused GPTQ column sweep: quantize a column, compute its error, update the later columns,
+for a whole block of columns without leaving the chip; plus the layer-level solver that
+drives it with two-level lazy updates on tensor cores.
+
+1. sweep_block(W1, Hinv1, scale1, zp1, args) -> (Q1, Err1, Losses1): the contract of
+   compress/gptq.py `_sweep_block_ref` (see there): per column i of the block
+       q = dequant(quant(w_i)),  err = (w_i - q) / Hinv1[i, i],  W1[:, i:] -= err * Hinv1[i, i:]
+   Rows are independent inside a block, so one program owns a tile of rows and keeps the
+   tile's whole block in registers for the B sequential column steps. Every op is rounded as
+   torch rounds it (IEEE division, no fused multiply-add), so the result is bit-identical to
+   the reference at the same inputs, on the GPU and in the interpreter.
+
+2. gptq_solve(W, Hinv, args, scale, zp, ...) -> (Q, scale, zp, losses): the whole sweep of one
+   weight (no activation order). Differences from the block-by-block reference loop:
+   - qparams are indexed per group inside the kernel (no [rows, B] expanded copies); with
+     scale=None (group strategy) they are computed in the kernel when the sweep reaches the
+     group's first column, from the updated weights -- gptq.py's "dynamic" mode;
+   - errors go to the later columns in two levels: inside a super-block of `outer` columns
+     after every block (K = blocksize), to the columns right of the super-block once per
+     super-block (K = outer). The same sums, but the big update is one GEMM with K = 1024
+     instead of eight memory-bound K = 128 ones;
+   - the trailing GEMM runs on tensor cores at `precision` (see TRAILING_PRECISION).
+   Same-shape weights that share the Hessian and quant args (q/k/v, gate/up) can be stacked
+   along rows and solved in one call: rows never interact.
+
+3. inverse_hessian_factor(H): the upper Cholesky factor U of H^-1 (U^T U = H^-1) with one
+   Cholesky and one triangular inverse instead of Cholesky, cholesky_inverse and Cholesky:
+   if J reverses the index order and J H J = L L^T, then H = R R^T with R = J L J upper, and
+   U = R^-1 = J L^-1 J. Half the O(n^3) work of the usual route, all in torch (cuSOLVER).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..schemes import QuantArgs
+from .dispatch import interpreting, use_triton
+
+# Precision of the trailing GEMM W[:, right] -= Err @ Hinv[block, right] on the GPU.
+# Measured on CPU by emulating the operand rounding (bench/bench_gptq_gpu.py --precision-study):
+# see that script's output / the lead's report. tf32x3 keeps fp32 accuracy on tensor cores.
+TRAILING_PRECISION = "tf32x3"
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+_SCALE_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
+                 torch.bfloat16: tl.bfloat16}
+
+
+# ----------------------------------------------------------------------------- references
+
+def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
+                    zp1: torch.Tensor | None, args: QuantArgs):
+    """The block sweep in torch, same contract and op order as compress/gptq.py's."""
+    from .quant import dequantize_ref, quantize_ref
+    W1 = W1.float().clone()
+    Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        w = W1[:, i:i + 1]
+        d = Hinv1[i, i]
+        z = None if zp1 is None else zp1[:, i:i + 1]
+        q = dequantize_ref(quantize_ref(w, scale1[:, i:i + 1], z, args), scale1[:, i:i + 1], z)
+        Q1[:, i:i + 1] = q
+        Losses1[:, i:i + 1] = (w - q) ** 2 / d ** 2
+        err = (w - q) / d
+        W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+        Err1[:, i:i + 1] = err
+    return Q1, Err1, Losses1
+
+
+def gptq_solve_ref(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
+                   scale: torch.Tensor | None = None, zp: torch.Tensor | None = None, *,
+                   scale_dtype: torch.dtype = torch.bfloat16, blocksize: int = 128,
+                   outer: int = 1024, precision: str = "ieee"):
+    """gptq_solve in torch: the same two-level schedule, per-column loop in Python."""
+    from .quant import qparams_from_minmax
+    W, rows, cols, gsize, scale, zp, dynamic = _solve_setup(W, Hinv, args, scale, zp,
+                                                           scale_dtype, blocksize, outer)
+    losses = torch.zeros(rows, device=W.device)
+    for j1 in range(0, cols, outer):
+        j2 = min(j1 + outer, cols)
+        E = torch.empty(rows, j2 - j1, device=W.device)
+        for i1 in range(j1, j2, blocksize):
+            i2 = min(i1 + blocksize, j2)
+            for c in range(i1, i2):
+                g = c // gsize
+                if dynamic and c % gsize == 0:
+                    grp = W[:, c:c + gsize]
+                    s, z = qparams_from_minmax(grp.amin(1), grp.amax(1), args, scale_dtype)
+                    scale[:, g] = s
+                    if zp is not None:
+                        zp[:, g] = z
+                s = scale[:, g:g + 1]
+                z = None if zp is None else zp[:, g:g + 1]
+                Q1, Err1, L1 = sweep_block_ref(W[:, c:c + 1], Hinv[c:c + 1, c:c + 1], s, z, args)
+                W[:, c:c + 1] = Q1
+                E[:, c - j1:c - j1 + 1] = Err1
+                losses += L1[:, 0]
+                W[:, c + 1:i2] -= Err1 @ Hinv[c:c + 1, c + 1:i2]
+            if i2 < j2:
+                trailing_update_ref(W[:, i2:j2], E[:, i1 - j1:i2 - j1], Hinv[i1:i2, i2:j2], precision)
+        if j2 < cols:
+            trailing_update_ref(W[:, j2:], E, Hinv[j1:j2, j2:], precision)
+    return W, scale, zp, losses / 2
+
+
+def trailing_update_ref(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        precision: str = "ieee") -> torch.Tensor:
+    """C -= A @ B in fp32 with the operands rounded as `precision` rounds them on tensor cores
+    (an emulation: used on CPU to measure what a precision costs)."""
+    if precision == "ieee":
+        return C.sub_(A @ B)
+    if precision == "tf32":
+        return C.sub_(round_tf32(A) @ round_tf32(B))
+    if precision == "tf32x3":  # hi*hi + hi*lo + lo*hi, the lo*lo term dropped
+        ah, bh = round_tf32(A), round_tf32(B)
+        al, bl = round_tf32(A - ah), round_tf32(B - bh)
+        return C.sub_(ah @ bh + (ah @ bl + al @ bh))
+    if precision == "bf16":
+        return C.sub_(A.bfloat16().float() @ B.bfloat16().float())
+    raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}, bf16")
+
+
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> nearest tf32 value (10 mantissa bits, ties to even), as fp32."""
+    b = x.float().contiguous().view(torch.int32)
+    b = (b + 0xFFF + ((b >> 13) & 1)) & ~0x1FFF
+    return b.view(torch.float32)
+
+
+def inverse_hessian_factor(H: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Upper U with U^T U = H^-1 for a (dampened) positive definite H: (U, 0), or (None, info)
+    when the Cholesky fails. One Cholesky of the index-reversed H and one triangular inverse."""
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0:
+        return None, int(info)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return Linv.flip(0, 1), 0
+
+
+# ----------------------------------------------------------------------------- Triton
+
+@triton.jit
+def _rne(x):
+    # round half to even for |x| < 2^22: adding 1.5 * 2^23 leaves no fraction bits
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 -> nearest DTYPE value (RNE), as fp32; bf16 on the bits because the
+    interpreter's fp32 -> bf16 cast truncates."""
+    if DTYPE == tl.bfloat16:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _fp8_e4m3_round(x):
+    """fp32 -> nearest e4m3 value (RNE, saturating at +-448), as fp32; on the bits because
+    the interpreter's fp32 -> fp8 cast rounds wrongly."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -1048576        # keep 3 mantissa bits
+    normal = b.to(tl.float32, bitcast=True)
+    sub = (x + 24576.0) - 24576.0                          # below 2^-6: the 2^-9 grid
+    return tl.where(tl.abs(x) < 0.015625, sub, normal)
+
+
+@triton.jit
+def _sweep_kernel(W, Hinv, S, Z, Q, E, L, rows, n, col0,
+                  stride_w, stride_h, stride_sr, stride_sc, stride_q, stride_e, stride_l,
+                  qmin, qmax, half_range, eps,
+                  GDIV: tl.constexpr, FP8: tl.constexpr, HAS_ZP: tl.constexpr,
+                  DYNAMIC: tl.constexpr, SCALE_DTYPE: tl.constexpr, LOSS_COLS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: rows [pid*BLOCK_M, +BLOCK_M) of a block of n columns.
+
+    Scale of column c: S[r, (col0 + c) // GDIV] (GDIV = 1: one scale per column, gptq.py's
+    expanded contract; GDIV = group size: per group; stride_sc = 0: per channel). DYNAMIC
+    computes it at each group start from the current weights and stores it there.
+    Outputs: Q (dequantized, may alias W), E (errors), L (per-column losses when LOSS_COLS,
+    else added to a per-row sum)."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = r < rows
+    r64 = r.to(tl.int64)
+    tile_mask = rmask[:, None] & (cols < n)[None, :]
+    work = tl.load(W + r64[:, None] * stride_w + cols[None, :], mask=tile_mask, other=0.0)
+    work = work.to(tl.float32)
+    err_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    loss_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    loss_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s = tl.full([BLOCK_M], 1.0, tl.float32)
+    z = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for c in range(0, n):
+        at = cols[None, :] == c
+        w = tl.sum(tl.where(at, work, 0.0), axis=1)               # column c
+        if ((col0 + c) % GDIV == 0) | (c == 0):     # a new group starts, or a new launch
+            sp = S + r64 * stride_sr + ((col0 + c) // GDIV) * stride_sc
+            zpp = Z + r64 * stride_sr + ((col0 + c) // GDIV) * stride_sc
+            if DYNAMIC:  # the caller guarantees that launches start on group starts
+                grp = (cols[None, :] >= c) & (cols[None, :] < c + GDIV)
+                lo = tl.minimum(tl.min(tl.where(grp, work, float("inf")), axis=1), 0.0)
+                hi = tl.maximum(tl.max(tl.where(grp, work, float("-inf")), axis=1), 0.0)
+                if HAS_ZP:
+                    s = tl.div_rn(hi - lo, qmax - qmin)
+                else:
+                    s = tl.div_rn(tl.maximum(-lo, hi), half_range)
+                s = _round_to(tl.where(s == 0.0, eps, s), SCALE_DTYPE)
+                tl.store(sp, s, mask=rmask)
+                if HAS_ZP:
+                    z = tl.minimum(tl.maximum(_rne(qmin - tl.div_rn(lo, s)), qmin), qmax)
+                    tl.store(zpp, z, mask=rmask)
+            else:
+                s = tl.load(sp, mask=rmask, other=1.0).to(tl.float32)
+                if HAS_ZP:
+                    z = tl.load(zpp, mask=rmask, other=0.0).to(tl.float32)
+
+        y = tl.div_rn(w, s)
+        if FP8:
+            q = _fp8_e4m3_round(y) * s
+        else:
+            # clamp before rounding (the bounds are integers, so it commutes with rounding)
+            q = _rne(tl.minimum(tl.maximum(y, qmin - z), qmax - z)) * s
+        d = tl.load(Hinv + c * stride_h + c)
+        diff = w - q
+        err = tl.div_rn(diff, d)
+        loss = tl.div_rn(diff * diff, d * d)
+        h = tl.load(Hinv + c * stride_h + cols, mask=(cols > c) & (cols < n), other=0.0)
+        work = tl.where(at, q[:, None], work - err[:, None] * h[None, :])
+        err_tile = tl.where(at, err[:, None], err_tile)
+        if LOSS_COLS:
+            loss_tile = tl.where(at, loss[:, None], loss_tile)
+        else:
+            loss_row += loss
+
+    tl.store(Q + r64[:, None] * stride_q + cols[None, :], work, mask=tile_mask)
+    tl.store(E + r64[:, None] * stride_e + cols[None, :], err_tile, mask=tile_mask)
+    if LOSS_COLS:
+        tl.store(L + r64[:, None] * stride_l + cols[None, :], loss_tile, mask=tile_mask)
+    else:
+        lp = L + r64
+        tl.store(lp, tl.load(lp, mask=rmask, other=0.0) + loss_row, mask=rmask)
+
+
+def _sweep_configs():
+    return [triton.Config({"BLOCK_M": m}, num_warps=w)
+            for m, w in [(8, 2), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]]
+
+
+# Q may alias W and L accumulates: restore both between autotuning trials.
+_sweep_tuned = triton.autotune(_sweep_configs(), key=["rows", "n", "GDIV", "DYNAMIC", "LOSS_COLS"],
+                               restore_value=["Q", "L"])(_sweep_kernel)
+
+
+def _launch_sweep(W1, Hinv1, S, Z, Q, E, L, args, col0, gdiv, stride_sc, dynamic, loss_cols,
+                  scale_dtype, block_m=None):
+    rows, n = W1.shape
+    block_n = max(triton.next_power_of_2(n), 16)
+    eps = torch.finfo(scale_dtype).eps
+    argv = (W1, Hinv1, S, Z if Z is not None else S, Q, E, L, rows, n, col0,
+            W1.stride(0), Hinv1.stride(0), S.stride(0), stride_sc, Q.stride(0), E.stride(0),
+            L.stride(0), float(args.qmin), float(args.qmax), (args.qmax - args.qmin) / 2, eps)
+    kw = dict(GDIV=gdiv, FP8=args.type == "float", HAS_ZP=Z is not None, DYNAMIC=dynamic,
+              SCALE_DTYPE=_SCALE_DTYPES[scale_dtype], LOSS_COLS=loss_cols, BLOCK_N=block_n)
+    if block_m is None and not interpreting():
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+        # no fused multiply-add: round every op as torch does (bit-identical to the reference)
+        _sweep_tuned[grid](*argv, **kw, enable_fp_fusion=False)
+    else:
+        block_m = block_m or 64
+        _sweep_kernel[(triton.cdiv(rows, block_m),)](*argv, **kw, BLOCK_M=block_m,
+                                                      enable_fp_fusion=False)
+
+
+def sweep_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
+                       zp1: torch.Tensor | None, args: QuantArgs, block_m: int | None = None):
+    rows, n = W1.shape
+    W1, Hinv1 = _rowmajor(W1.float()), _rowmajor(Hinv1.float())
+    S = _rowmajor(scale1.float())
+    Z = None if zp1 is None else _rowmajor(zp1.float())
+    if Z is not None and Z.stride() != S.stride():
+        Z = Z.contiguous()
+        S = S.contiguous()
+    Q1 = torch.empty(rows, n, device=W1.device, dtype=torch.float32)
+    Err1, Losses1 = torch.empty_like(Q1), torch.empty_like(Q1)
+    # scale1 is expanded per column (its values are already rounded): GDIV = 1, not dynamic
+    _launch_sweep(W1, Hinv1, S, Z, Q1, Err1, Losses1, args, 0, 1, S.stride(1), False, True,
+                  torch.float32, block_m)
+    return Q1, Err1, Losses1
+
+
+def _trailing_configs():
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 128, 32, 4, 4),
+                                     (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+                                     (128, 256, 32, 8, 3)]]
+
+
+@triton.jit
+def _trailing_kernel(C, A, B, M, N, K, stride_c, stride_a, stride_b,
+                     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):
+    """C[M, N] -= A[M, K] @ B[K, N] (fp32, row-major with the given row strides)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(A + rm[:, None] * stride_a + rk[None, :],
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        b = tl.load(B + rk[:, None].to(tl.int64) * stride_b + rn[None, :],
+                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    cm = (rm[:, None] < M) & (rn[None, :] < N)
+    cp = C + rm[:, None] * stride_c + rn[None, :]
+    tl.store(cp, tl.load(cp, mask=cm, other=0.0) - acc, mask=cm)
+
+
+_trailing_tuned = triton.autotune(_trailing_configs(), key=["M", "N", "K", "PRECISION"],
+                                  restore_value=["C"])(_trailing_kernel)
+
+
+def trailing_update_triton(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           precision: str = TRAILING_PRECISION) -> torch.Tensor:
+    M, N = C.shape
+    K = A.shape[1]
+    if M == 0 or N == 0 or K == 0:
+        return C
+    if interpreting():  # the interpreter's dot is plain fp32
+        _trailing_kernel[(triton.cdiv(M, 64), triton.cdiv(N, 64))](
+            C, A, B, M, N, K, C.stride(0), A.stride(0), B.stride(0), PRECISION="ieee",
+            BM=64, BN=64, BK=32)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))  # noqa: E731
+        _trailing_tuned[grid](C, A, B, M, N, K, C.stride(0), A.stride(0), B.stride(0),
+                              PRECISION=precision)
+    return C
+
+
+def gptq_solve_triton(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
+                      scale: torch.Tensor | None = None, zp: torch.Tensor | None = None, *,
+                      scale_dtype: torch.dtype = torch.bfloat16, blocksize: int = 128,
+                      outer: int = 1024, precision: str = TRAILING_PRECISION,
+                      block_m: int | None = None):
+    W, rows, cols, gsize, scale, zp, dynamic = _solve_setup(W, Hinv, args, scale, zp,
+                                                           scale_dtype, blocksize, outer)
+    Hinv = _rowmajor(Hinv.float())
+    losses = torch.zeros(rows, device=W.device)
+    E = torch.empty(rows, min(outer, cols), device=W.device)
+    stride_sc = 0 if args.strategy == "channel" else scale.stride(1)
+    gdiv = cols if args.strategy == "channel" else gsize
+    if zp is not None and zp.stride() != scale.stride():
+        zp = zp.contiguous()
+    for j1 in range(0, cols, outer):
+        j2 = min(j1 + outer, cols)
+        for i1 in range(j1, j2, blocksize):
+            i2 = min(i1 + blocksize, j2)
+            Wb = W[:, i1:i2]
+            _launch_sweep(Wb, Hinv[i1:i2, i1:i2], scale, zp, Wb, E[:, i1 - j1:], losses, args,
+                          i1, gdiv, stride_sc, dynamic, False, scale_dtype, block_m)
+            if i2 < j2:
+                trailing_update_triton(W[:, i2:j2], E[:, i1 - j1:i2 - j1], Hinv[i1:i2, i2:j2],
+                                       precision)
+        if j2 < cols:
+            trailing_update_triton(W[:, j2:], E[:, :j2 - j1], Hinv[j1:j2, j2:], precision)
+    return W, scale, zp, losses / 2
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
+                zp1: torch.Tensor | None, args: QuantArgs):
+    """compress/gptq.py's in-block sweep contract; the fused kernel on CUDA tensors."""
+    rows, n = W1.shape
+    if Hinv1.shape != (n, n):
+        raise ValueError(f"Hinv block must be [{n}, {n}] for a block of {n} columns, "
+                         f"got {list(Hinv1.shape)}")
+    for name, t in (("scale1", scale1), ("zp1", zp1)):
+        if t is not None and t.shape != W1.shape:
+            raise ValueError(f"{name} must be expanded to the block's shape {list(W1.shape)} "
+                             f"(one value per column), got {list(t.shape)}")
+    if use_triton(W1, Hinv1):
+        return sweep_block_triton(W1, Hinv1, scale1, zp1, args)
+    return sweep_block_ref(W1, Hinv1, scale1, zp1, args)
+
+
+def gptq_solve(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
+               scale: torch.Tensor | None = None, zp: torch.Tensor | None = None, *,
+               scale_dtype: torch.dtype = torch.bfloat16, blocksize: int = 128,
+               outer: int = 1024, precision: str = TRAILING_PRECISION):
+    """GPTQ sweep of a whole weight W [rows, cols] (columns in order) given U = Hinv, the upper
+    Cholesky factor of the dampened H^-1.
+
+    scale/zp: [rows, ngroups] qparams fixed before the sweep (values already rounded to the
+    storage dtype; zp fp32 or None), or scale=None with group strategy: computed when the sweep
+    reaches each group, from the updated weights (needs blocksize % group_size == 0).
+    Returns (Q dequantized fp32 [rows, cols], scale, zp, losses [rows]: half the sum of
+    (w - q)^2 / U_ii^2, the paper's loss). W is not modified."""
+    if use_triton(W, Hinv):
+        return gptq_solve_triton(W, Hinv, args, scale, zp, scale_dtype=scale_dtype,
+                                 blocksize=blocksize, outer=outer, precision=precision)
+    return gptq_solve_ref(W, Hinv, args, scale, zp, scale_dtype=scale_dtype,
+                          blocksize=blocksize, outer=outer, precision="ieee")
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _solve_setup(W, Hinv, args, scale, zp, scale_dtype, blocksize, outer):
+    rows, cols = W.shape
+    if Hinv.shape != (cols, cols):
+        raise ValueError(f"Hinv {list(Hinv.shape)} does not match weight {list(W.shape)}")
+    if blocksize <= 0 or outer % blocksize:
+        raise ValueError(f"outer ({outer}) must be a positive multiple of blocksize ({blocksize})")
+    if args.strategy not in ("group", "channel"):
+        raise ValueError(f"the fused GPTQ sweep handles group and channel weights, not "
+                         f"{args.strategy}; use compress/gptq.py's torch path")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale dtype {scale_dtype} not supported: use one of "
+                         f"{list(_SCALE_DTYPES)}")
+    gsize = args.group_size if args.strategy == "group" else cols
+    ngroups = triton.cdiv(cols, gsize)
+    dynamic = scale is None
+    if dynamic:
+        if args.strategy != "group":
+            raise ValueError("scale=None (computed in the sweep) is for group strategy only: "
+                             "pass per-channel scales computed from the weight")
+        if blocksize % gsize:
+            raise ValueError(f"qparams computed in the sweep need groups inside blocks: group "
+                             f"size {gsize} must divide blocksize {blocksize}")
+        scale = torch.empty(rows, ngroups, device=W.device)
+        zp = None if args.symmetric else torch.empty_like(scale)
+    else:
+        want = (rows, ngroups)
+        if tuple(scale.shape) != want or (zp is not None and tuple(zp.shape) != want):
+            raise ValueError(f"scale/zp must be [{rows}, {ngroups}] (rows x groups), got "
+                             f"{list(scale.shape)}" + ("" if zp is None else f", {list(zp.shape)}"))
+        if zp is None and not args.symmetric and args.type == "int":
+            raise ValueError("asymmetric args need a zero point: pass zp")
+        scale = scale.float().contiguous()
+        zp = None if zp is None else zp.float().contiguous()
+    return W.float().clone(), rows, cols, gsize, scale, zp, dynamic
