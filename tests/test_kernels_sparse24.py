@@ -105,8 +105,9 @@ def test_full_sweep_triton_vs_torch(monkeypatch, quant):
     Hinv = _hinv(n, tokens=512)
     scale = _fp8_scale(W) if quant else None
     monkeypatch.setenv("TRITONPRESS_BACKEND", "torch")
-    Qr = sparsegpt_sweep(W, Hinv, 64, scale)
+    Qr, lr = sparsegpt_sweep(W, Hinv, 64, scale)
     monkeypatch.setenv("TRITONPRESS_BACKEND", "triton")
-    Qt = sparsegpt_sweep(W, Hinv, 64, scale)
+    Qt, lt = sparsegpt_sweep(W, Hinv, 64, scale)
     assert torch.equal(Qr == 0, Qt == 0)
     torch.testing.assert_close(Qt, Qr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lt, lr, rtol=1e-5, atol=0)
