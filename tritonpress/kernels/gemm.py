@@ -1,0 +1,224 @@
+"""Which GEMM runs a compressed Linear: one table, read top to bottom, first match wins.
+
+  kind     what is stored                      activations
+  -------  ----------------------------------  --------------------------------------
+  wna16    int4/int8 weights, group scales     bf16/fp16 as they come
+  int8     int8 weights, channel scales        int8, dynamic per token (or static)
+  fp8      fp8 e4m3 weights, channel scales    fp8, dynamic per token (or static)
+  fp8_24   the same, 2:4 sparse                fp8, dynamic per token (or static)
+  w8a16    fp8 weights, channel scales         bf16/fp16 as they come
+
+CPU tensors run the torch reference of each kind (dequantize, fp32 matmul); CUDA tensors
+the first row of TABLE below whose kind, compute capability and batch rows M match.
+
+TRITONPRESS_GEMM_BACKEND forces a choice (tests): auto (default: TRITONPRESS_BACKEND decides
+between the table and the reference), torch, triton (the table, also on CPU tensors under
+TRITON_INTERPRET=1), or one kernel name from the table. The interpreter counts as sm90 without
+cuSPARSELt. Unsupported combinations fail naming the compute capability they need.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..schemes import QuantArgs
+from . import quant
+from .dispatch import capability, interpreting, use_triton
+from .gemm_sparse24 import (Sparse24Weight, compress_24, cslt_available, is_24_sparse,
+                            shape_supported, sparse24_fp8_gemm)
+from .gemm_w4a16 import WNA16Weight, pack_wna16, wna16_gemm, wna16_ref
+from .gemm_w8a8 import fp8_gemm, int8_gemm, scaled_mm_ref, w8a16_gemm, w8a16_ref
+
+ANY = (1, None)
+TABLE = [
+    # kind      needs sm   M range     kernel
+    ("wna16",   (8, 0),    (1, 16),    "wna16_splitk"),   # weight streaming, split over K
+    ("wna16",   (8, 0),    (17, None), "wna16_tiled"),    # tensor-core tiles
+    ("int8",    (8, 0),    ANY,        "int8"),           # int8 tensor cores, int32 acc
+    ("fp8_24",  (9, 0),    ANY,        "sparse24_fp8"),   # cuSPARSELt, when it can take it
+    ("fp8_24",  (8, 9),    ANY,        "fp8"),            # same values, dense
+    ("fp8",     (8, 9),    ANY,        "fp8"),            # fp8 tensor cores
+    ("fp8",     (8, 0),    ANY,        "w8a16"),          # Ampere: weight-only, as vLLM does
+    ("fp8_24",  (8, 0),    ANY,        "w8a16"),
+    ("w8a16",   (8, 0),    ANY,        "w8a16"),
+]
+INTERPRETER_CAPABILITY = (9, 0)
+
+
+@dataclass
+class GemmWeight:
+    """A Linear's compressed weight in the layout its kernels read."""
+    kind: str
+    out_features: int
+    in_features: int
+    q: torch.Tensor | None = None            # int8 / float8_e4m3fn [N, K]
+    scale: torch.Tensor | None = None        # fp32 [N]
+    wna16: WNA16Weight | None = None
+    act: QuantArgs | None = None             # activation quantization (int8, fp8 kinds)
+    input_scale: torch.Tensor | None = None  # static per-tensor activation scale, fp32 [1]
+    sparse: Sparse24Weight | None = None     # cuSPARSELt copy, made on first use
+
+
+def prepare(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+            args: QuantArgs, act: QuantArgs | None = None, sparse24: bool = False,
+            input_scale: torch.Tensor | None = None) -> GemmWeight:
+    """From a quantized weight (q [N, K] int8 or fp8 values, scale/zero point [N, ngroups],
+    compressed-tensors conventions) and the activation scheme to the kernel's layout."""
+    n, k = q.shape
+    scale = scale.reshape(n, -1) if scale.numel() != 1 else scale.reshape(1, 1).expand(n, 1)
+    if act is not None:
+        _check_act(act, args, input_scale)
+    if args.type == "int" and act is None:
+        return GemmWeight("wna16", n, k, wna16=pack_wna16(q, scale, zero_point, args.num_bits))
+    if scale.shape[1] != 1:
+        raise NotImplementedError(f"{args.num_bits}-bit {args.type} weights with per-group "
+                                  "scales are supported for weight-only int schemes only; "
+                                  "use per-channel scales")
+    if zero_point is not None and bool((zero_point != 0).any()):
+        raise NotImplementedError("asymmetric 8-bit weights are supported for weight-only "
+                                  "int schemes only; quantize W8A8 weights symmetrically")
+    scale = scale.reshape(n).float().contiguous()
+    isc = None if input_scale is None else input_scale.reshape(1).float()
+    if args.type == "int":
+        if args.num_bits != 8 or act.type != "int":
+            raise NotImplementedError(f"int{args.num_bits} weights with {act.type}"
+                                      f"{act.num_bits} activations: only W8A8 int8 is supported")
+        return GemmWeight("int8", n, k, q=q.to(torch.int8).contiguous(), scale=scale, act=act,
+                          input_scale=isc)
+    if q.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"float weights must be float8_e4m3fn, got {q.dtype}")
+    if act is None:
+        return GemmWeight("w8a16", n, k, q=q.contiguous(), scale=scale)
+    if act.type != "float":
+        raise NotImplementedError("fp8 weights with int activations are not supported")
+    if sparse24 and not is_24_sparse(q):
+        raise ValueError("weight was declared 2:4 sparse but some group of 4 inputs has more "
+                         "than two nonzeros")
+    return GemmWeight("fp8_24" if sparse24 else "fp8", n, k, q=q.contiguous(), scale=scale,
+                      act=act, input_scale=isc)
+
+
+def _check_act(act: QuantArgs, w: QuantArgs, input_scale):
+    if act.num_bits != 8 or not act.symmetric:
+        raise NotImplementedError(f"activations must be symmetric 8-bit, got {act}")
+    if act.dynamic and act.strategy not in ("token", "tensor"):
+        raise NotImplementedError(f"dynamic activation strategy {act.strategy!r}: "
+                                  "use 'token'")
+    if not act.dynamic and (act.strategy != "tensor" or input_scale is None):
+        raise NotImplementedError("static activation quantization needs a per-tensor "
+                                  "input_scale")
+
+
+# ----------------------------------------------------------------------------- activations
+
+def quantize_activations(x: torch.Tensor, w: GemmWeight):
+    """x [M, K] -> (q, scale [M, 1] fp32) as the weight's activation scheme says."""
+    if w.input_scale is not None:                      # static, one scale for all tokens
+        s = w.input_scale.to(x.device).reshape(1, 1).expand(x.shape[0], 1)
+        return quant.quantize_ref(x, s, None, w.act), s
+    if w.act.strategy == "tensor":                     # dynamic, one scale per call
+        amax = x.float().abs().amax().reshape(1, 1)
+        s, _ = quant.qparams_from_minmax(-amax, amax, w.act)
+        s = s.expand(x.shape[0], 1)
+        return quant.quantize_ref(x, s, None, w.act), s
+    per_token = getattr(quant, "quantize_per_token", quant.quantize_per_token_ref)
+    return per_token(x, w.act)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def gemm_ref(x: torch.Tensor, w: GemmWeight) -> torch.Tensor:
+    """Torch reference of every kind (also the CPU path): dequantize, fp32 matmul."""
+    if w.kind == "wna16":
+        return wna16_ref(x, w.wna16)
+    if w.kind == "w8a16":
+        return w8a16_ref(x, w.q, w.scale)
+    xq, sx = quantize_activations(x, w)
+    return scaled_mm_ref(xq, sx, w.q, w.scale, x.dtype)
+
+
+def _int8(x, w):
+    xq, sx = quantize_activations(x, w)
+    return int8_gemm(xq, sx, w.q, w.scale, x.dtype)
+
+
+def _fp8(x, w):
+    xq, sx = quantize_activations(x, w)
+    return fp8_gemm(xq, sx, w.q, w.scale, x.dtype)
+
+
+def _sparse24(x, w):
+    if w.sparse is None:
+        w.sparse = compress_24(w.q, w.scale)
+    xq, sx = quantize_activations(x, w)
+    return sparse24_fp8_gemm(xq, sx, w.sparse, x.dtype)
+
+
+KERNELS = {
+    "torch": gemm_ref,
+    "wna16_splitk": lambda x, w: wna16_gemm(x, w.wna16, splitk=True),
+    "wna16_tiled": lambda x, w: wna16_gemm(x, w.wna16, splitk=False),
+    "int8": _int8,
+    "fp8": _fp8,
+    "sparse24_fp8": _sparse24,
+    "w8a16": lambda x, w: w8a16_gemm(x, w.q, w.scale),
+}
+
+
+def _sparse24_usable(w: GemmWeight, x: torch.Tensor) -> bool:
+    return x.is_cuda and cslt_available() and shape_supported(w.out_features, w.in_features)
+
+
+def choose_kernel(w: GemmWeight, x: torch.Tensor) -> str:
+    """The kernel name for this weight and these activations [M, K] (see the table)."""
+    forced = os.environ.get("TRITONPRESS_GEMM_BACKEND", "auto").lower()
+    if forced != "auto" and forced not in KERNELS and forced != "triton":
+        raise ValueError(f"TRITONPRESS_GEMM_BACKEND={forced!r}: use auto, triton or one of "
+                         f"{', '.join(KERNELS)}")
+    if forced == "torch" or (forced == "auto" and not use_triton(x)):
+        return "torch"
+    if not x.is_cuda and not interpreting():
+        raise RuntimeError(f"TRITONPRESS_GEMM_BACKEND={forced} on CPU tensors needs "
+                           "TRITON_INTERPRET=1 set before tritonpress is imported")
+    cap = capability(x.device) if x.is_cuda else INTERPRETER_CAPABILITY
+    rows = [r for r in TABLE if r[0] == w.kind]
+    if not rows:
+        raise ValueError(f"unknown GEMM kind {w.kind!r}")
+    if forced not in ("auto", "triton"):
+        serving = [r for r in rows if r[3] == forced]
+        if not serving:
+            raise ValueError(f"kernel {forced!r} cannot run {w.kind} weights; it serves "
+                             f"{sorted({r[0] for r in TABLE if r[3] == forced})}")
+        need = min(r[1] for r in serving)
+        if cap < need:
+            raise RuntimeError(f"kernel {forced!r} needs compute capability "
+                               f"{need[0]}.{need[1]}+, this device is {cap[0]}.{cap[1]}")
+        if forced == "sparse24_fp8" and not _sparse24_usable(w, x):
+            raise RuntimeError("kernel 'sparse24_fp8' needs CUDA tensors, a torch built with "
+                               "cuSPARSELt and weight dims that are multiples of 32")
+        return forced
+    m = x.shape[0]
+    for kind, need, (lo, hi), name in rows:
+        if cap < need or m < lo or (hi is not None and m > hi):
+            continue
+        if name == "sparse24_fp8" and not _sparse24_usable(w, x):
+            continue
+        return name
+    need = min(r[1] for r in rows)
+    raise RuntimeError(f"{w.kind} GEMM needs compute capability {need[0]}.{need[1]}+, this "
+                       f"device is {cap[0]}.{cap[1]}; set TRITONPRESS_GEMM_BACKEND=torch to "
+                       "run the (slow) reference")
+
+
+def linear(x: torch.Tensor, w: GemmWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x [..., K], in x's dtype."""
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {w.in_features}")
+    x2 = x.reshape(-1, w.in_features)
+    y = KERNELS[choose_kernel(w, x2)](x2, w) if x2.shape[0] else \
+        x2.new_empty(0, w.out_features)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], w.out_features)
