@@ -15,14 +15,19 @@ from tritonpress.compress.qweight import QuantizedWeight
 from tritonpress.kernels.quant import quantize_weight_ref
 from tritonpress.schemes import get_scheme
 
-ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
-from compressed_tensors.config import SparsityCompressionConfig  # noqa: E402
-from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (  # noqa: E402
-    CompressedTensorsDequantizer)
-from compressed_tensors.quantization import (  # noqa: E402
-    QuantizationArgs, QuantizationConfig, preset_name_to_scheme)
-from transformers import CompressedTensorsConfig  # noqa: E402
+try:      # compressed-tensors 0.19 (the version we target); see verify_sparse24_with_ct012
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.config import SparsityCompressionConfig
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import (
+        CompressedTensorsDequantizer)
+    from compressed_tensors.quantization import (
+        QuantizationArgs, QuantizationConfig, preset_name_to_scheme)
+    from transformers import CompressedTensorsConfig
+    HAVE_CT019 = True
+except ImportError:
+    HAVE_CT019 = False
+pytestmark = [pytest.mark.skipif(not HAVE_CT019, reason="needs compressed-tensors 0.19"),
+              pytest.mark.filterwarnings("ignore:You passed `quantization_config`")]
 
 DT = torch.bfloat16
 
@@ -123,7 +128,8 @@ def test_config_is_what_compressed_tensors_accepts(saved):
     model, scheme, qw, out = saved
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     cfg = QuantizationConfig.model_validate(qc)
-    assert cfg.quantization_status == "compressed" and cfg.format == checkpoint.weight_format(scheme)
+    assert cfg.quantization_status == "compressed"
+    assert cfg.format == checkpoint.weight_format(scheme)
     assert qc["ignore"] == ["lm_head"] and qc["kv_cache_scheme"] is None
     group = qc["config_groups"]["group_0"]
     assert set(group) == {"targets", "weights", "input_activations", "output_activations", "format"}
@@ -194,7 +200,8 @@ def test_sparse24_bitmask_layout_and_round_trip(tmp_path):
     for name, q in qw.items():
         out_f, in_f = q.shape
         assert f"{name}.weight" not in t
-        assert t[f"{name}.shape"].dtype == torch.int64 and t[f"{name}.shape"].tolist() == [[out_f], [in_f]]
+        assert t[f"{name}.shape"].dtype == torch.int64
+        assert t[f"{name}.shape"].tolist() == [[out_f], [in_f]]
         comp, bits = t[f"{name}.compressed"], t[f"{name}.bitmask"]
         assert comp.dtype == torch.float8_e4m3fn and comp.shape == (out_f, in_f // 2)
         assert bits.dtype == torch.uint8 and bits.shape == (out_f, -(-in_f // 8))
@@ -223,7 +230,7 @@ def test_sparse24_refuses_weights_that_are_not_24(tmp_path):
         save_checkpoint(model, None, qw, scheme, tmp_path / "x", sparse_format="csr")
 
 
-# ----------------------------------------------------------------------------- tied, shards, tokenizer
+# ------------------------------------------------------------------- tied, shards, tokenizer
 
 def test_tied_embeddings_stay_tied(tmp_path):
     model = tiny_llama(tied=True)
@@ -333,12 +340,16 @@ def test_existing_dir_refused_then_replaced_only_when_complete(tmp_path, monkeyp
     save_checkpoint(model, None, qw, scheme, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask      # not mkdtemp's private 0700
 
 
 def test_bad_inputs_are_named(tmp_path, small):
     model, scheme, qw = small
     with pytest.raises(ValueError, match="not a Linear module"):
-        save_checkpoint(model, None, {"model.norm": next(iter(qw.values()))}, scheme, tmp_path / "a")
+        save_checkpoint(model, None, {"model.norm": next(iter(qw.values()))}, scheme,
+                        tmp_path / "a")
     other = get_scheme("W8A8_INT8")
     with pytest.raises(ValueError, match="but the scheme says"):
         save_checkpoint(model, None, qw, other, tmp_path / "a")
@@ -347,3 +358,66 @@ def test_bad_inputs_are_named(tmp_path, small):
     with pytest.raises(ValueError, match="do not fit it exactly"):
         save_checkpoint(model, None, {name: f32}, scheme, tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------- compressed-tensors 0.12
+
+def write_sparse24_fixture(fixture_dir):
+    """A sparse-24-bitmask checkpoint (fixture_dir/ckpt) and the values it must decompress to
+    (fixture_dir/expected.safetensors: <layer>.q dense fp8, <layer>.weight dequantized bf16)."""
+    from pathlib import Path
+    from safetensors.torch import save_file
+    fixture_dir = Path(fixture_dir)
+    model = tiny_llama(odd=True)
+    scheme = get_scheme("W8A8_FP8_24")
+    qw = rtn(model, scheme)
+    save_checkpoint(model, None, qw, scheme, fixture_dir / "ckpt", overwrite=True,
+                    sparse_format="sparse-24-bitmask")
+    expected = {}
+    for name, q in qw.items():
+        expected[f"{name}.q"] = q.q.contiguous()
+        expected[f"{name}.weight"] = q.dequantize(DT)
+    save_file(expected, fixture_dir / "expected.safetensors")
+    return fixture_dir
+
+
+def verify_sparse24_with_ct012(fixture_dir):
+    """Run where compressed-tensors==0.12.2 and transformers<5 are installed (vLLM <= 0.19's
+    reader of sparse-24-bitmask): its own bitmask decompression and its transformers load path
+    must give exactly the expected values. Not run here (0.19 dropped the sparse compressors)."""
+    from pathlib import Path
+    from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import (
+        sparse24_bitmask_decompress)
+    from transformers import CompressedTensorsConfig as Cfg
+    fixture_dir = Path(fixture_dir)
+    expected = load_file(fixture_dir / "expected.safetensors")
+    ckpt = fixture_dir / "ckpt"
+    t = {}
+    for f in ckpt.glob("*.safetensors"):
+        t.update(load_file(f))
+    layers = [k[: -len(".q")] for k in expected if k.endswith(".q")]
+    for n in layers:
+        dense = sparse24_bitmask_decompress(t[f"{n}.compressed"], t[f"{n}.bitmask"],
+                                            t[f"{n}.shape"].flatten().tolist())
+        assert torch.equal(dense.view(torch.uint8), expected[f"{n}.q"].view(torch.uint8)), n
+    model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=DT,
+                                                 quantization_config=Cfg(run_compressed=False))
+    for n in layers:
+        assert torch.equal(model.get_submodule(n).weight.data, expected[f"{n}.weight"]), n
+    print(f"compressed-tensors 0.12 reads {len(layers)} sparse-24-bitmask layers exactly")
+
+
+def test_sparse24_fixture_for_ct012(tmp_path):
+    d = write_sparse24_fixture(tmp_path)
+    exp = load_file(d / "expected.safetensors")
+    back = load_quantized_weights(d / "ckpt")
+    assert all(torch.equal(back[k[:-2]].q.view(torch.uint8), v.view(torch.uint8))
+               for k, v in exp.items() if k.endswith(".q"))
+
+
+if __name__ == "__main__":
+    # PYTHONPATH=. python tests/test_checkpoint.py write DIR    (this environment)
+    # PYTHONPATH=. python tests/test_checkpoint.py verify DIR   (compressed-tensors 0.12.2 env)
+    import sys
+    cmd, where = sys.argv[1], sys.argv[2]
+    write_sparse24_fixture(where) if cmd == "write" else verify_sparse24_with_ct012(where)

@@ -3,8 +3,8 @@
 Layout per quantized Linear `<name>` (compressed-tensors 0.19 formats):
   float-quantized   <name>.weight        float8_e4m3fn [out, in]    + <name>.weight_scale [out, 1]
   int-quantized     <name>.weight        int8 [out, in]             + <name>.weight_scale [out, 1]
-  pack-quantized    <name>.weight_packed int32 [out, ceil(in/8)]    (nibble k of a word = column 8j+k,
-                                                                    stored as value + 8)
+  pack-quantized    <name>.weight_packed int32 [out, ceil(in/8)]    (nibble k of word j = column
+                                                                    8j+k, stored as value + 8)
                     <name>.weight_scale  [out, in/group]
                     <name>.weight_shape  int64 [2]
                     <name>.weight_zero_point int32 [ceil(out/8), in/group] (asymmetric only: packed
@@ -201,7 +201,8 @@ def _check_inputs(model, qweights: dict[str, QuantizedWeight], scheme: Scheme,
             raise ValueError(f"{name}: quantized weight is {tuple(qw.q.shape)} but the layer is "
                              f"{tuple(m.weight.shape)}")
         if qw.args != scheme.weights:
-            raise ValueError(f"{name}: quantized with {qw.args}, but the scheme says {scheme.weights}")
+            raise ValueError(f"{name}: quantized with {qw.args}, "
+                             f"but the scheme says {scheme.weights}")
         want = torch.float8_e4m3fn if qw.args.type == "float" else torch.int8
         if qw.q.dtype != want:
             raise ValueError(f"{name}: values are {qw.q.dtype}, expected {want}")
@@ -221,8 +222,8 @@ def _check_inputs(model, qweights: dict[str, QuantizedWeight], scheme: Scheme,
                 raise ValueError("sparse-24-bitmask stores 8-bit weights only; "
                                  "use sparse_format='dense' for packed schemes")
             if not qw.is_24_sparse():
-                raise ValueError(f"{name} is not 2:4 sparse (some group of 4 input weights has more "
-                                 "than two nonzeros); use sparse_format='dense'")
+                raise ValueError(f"{name} is not 2:4 sparse (some group of 4 input weights has "
+                                 "more than two nonzeros); use sparse_format='dense'")
     tied = _tied_lm_head(model)
     if tied and tied in qweights:
         raise ValueError(f"{tied} shares its weight with the input embeddings and cannot be "
@@ -333,6 +334,7 @@ def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], sche
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())     # mkdtemp's 0700 would hide it from other users
         model.save_pretrained(tmp, state_dict=sd, max_shard_size=MAX_SHARD_SIZE)
         del sd
         cfg_path = tmp / "config.json"
@@ -351,6 +353,12 @@ def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], sche
                           ) from e
         raise
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
