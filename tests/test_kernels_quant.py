@@ -219,7 +219,8 @@ def test_dequantized_error_within_half_a_step(triton_backend, device, args):
     s = Q._expand(scale.cpu().float(), w.shape[1])
     if args.type == "float":      # half an e4m3 step: 2**-4 relative, 2**-10 absolute below 2**-6
         y = (w.cpu() / s).abs()
-        step = torch.where(y < 2 ** -6, torch.full_like(y, 2.0 ** -9), 2.0 ** (y.log2().floor() - 3))
+        step = torch.where(y < 2 ** -6, torch.full_like(y, 2.0 ** -9),
+                           2.0 ** (y.log2().floor() - 3))
         bound = step / 2 * s
     else:
         bound = s / 2
@@ -253,3 +254,20 @@ def test_bad_inputs_raise_clear_errors(triton_backend):
         Q.quantize_pack_int4(w, INT8_CH)
     with pytest.raises(ValueError, match="scale dtype"):
         Q.quantize_weight(w, INT8_CH, torch.float64)
+
+
+def test_benchmark_script_runs_reduced_on_cpu(triton_backend, monkeypatch, capsys):
+    import importlib.util
+    import pathlib
+    if torch.cuda.is_available():
+        pytest.skip("the full benchmark is for a GPU session, not the test suite")
+    path = pathlib.Path(__file__).parents[1] / "bench" / "bench_quant_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_quant_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr("sys.argv", ["bench_quant_kernels.py", "--shapes", "16x256"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "no CUDA GPU" in out and "unpack int4" in out
+    rows = [line for line in out.splitlines() if "16x256" in line]
+    assert len(rows) == 10 and all(line.split()[-1] == "yes" for line in rows)

@@ -509,4 +509,6 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     if packed.shape[1] != (cols + 7) // 8:
         raise ValueError(f"{packed.shape[1]} packed words per row do not hold {cols} columns: "
                          f"expected {(cols + 7) // 8}; pass the unpacked column count")
-    return _unpack_int4_triton(packed, cols) if use_triton(packed) else unpack_int4_ref(packed, cols)
+    if use_triton(packed):
+        return _unpack_int4_triton(packed, cols)
+    return unpack_int4_ref(packed, cols)
