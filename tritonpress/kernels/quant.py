@@ -149,8 +149,8 @@ def quantize_pack_int4_ref(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.
 #  - round half to even is the 1.5 * 2**23 magic add, exact for |y| < 2**22 (callers clamp);
 #  - bf16 scales are rounded on the fp32 bits (the interpreter's fp32->bf16 cast truncates);
 #  - fp8 values are rounded to the e4m3 grid on the fp32 bits and their bytes are built by
-#    hand and stored as uint8 (the interpreter's fp32->fp8 cast rounds wrongly, and sm80 has
-#    no e4m3 type);
+#    hand and stored as uint8 (the interpreter's fp32->fp8 cast rounds wrongly, and this
+#    needs no fp8 conversion support on pre-sm89 GPUs);
 #  - inputs are upcast to fp32 right after loading (interpreter bf16 arithmetic is wrong).
 
 import triton  # noqa: E402
