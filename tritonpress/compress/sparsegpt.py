@@ -51,33 +51,33 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01):
 def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocked OBS sweep: W [out, in] fp32 -> (2:4 weights, on the fp8 grid times `scale`
-    when a per-channel scale [out, 1] is given; loss).
+    when a per-channel scale [out, 1] is given; loss of each row [out]).
 
-    W - Wq = Err @ U with U = Hinv (upper, U^T U = H^-1), so the layer loss
-    tr((W - Wq) H (W - Wq)^T) under the dampened H is exactly sum(Err^2)."""
+    W - Wq = Err @ U with U = Hinv (upper, U^T U = H^-1), so each row's loss
+    (w - wq) H (w - wq)^T under the dampened H is exactly its sum of err^2."""
     W = W.clone()
     cols = W.shape[1]
-    loss = torch.zeros((), device=W.device)
+    losses = torch.zeros(W.shape[0], device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         Q1, Err1 = prune24_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale)
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        loss += Err1.square().sum()
-    return W, loss
+        losses += Err1.square().sum(1)
+    return W, losses
 
 
 def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT_MODE,
                  scale_from: str = "original", blocksize: int = 128, percdamp: float = 0.01,
                  args: QuantArgs = FP8_CHANNEL, scale_dtype: torch.dtype | None = None,
-                 hinv: tuple | None = None
-                 ) -> tuple[QuantizedWeight, float]:
+                 hinv: tuple | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
     """SparseGPT 2:4 + fp8 per-channel weights of one Linear (W [out, in], H [in, in] fp32)
-    and the sweep's loss tr((W - Wq) H (W - Wq)^T) under the dampened H.
+    and the loss of each row [out] under the dampened H (their sum: tr((W-Wq) H (W-Wq)^T)).
 
     scale_from (joint mode): "original" takes the fp8 scale from the unpruned rows; "sparse"
-    runs a float sweep first and takes it from the 2:4 weights it gives (twice the work)."""
-    _check(W, H, args, blocksize)
+    runs a float sweep first and takes it from the 2:4 weights it gives (twice the work).
+    hinv: inverse_hessian_cholesky(H, percdamp) when already computed (then H may be None)."""
+    _check(W, H if hinv is None else hinv[0], args, blocksize)
     if mode not in MODES:
         raise ValueError(f"unknown SparseGPT mode {mode!r}: choose one of {', '.join(MODES)}")
     if scale_from not in SCALE_FROM:
@@ -89,14 +89,14 @@ def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT
         Wq, _ = sparsegpt_sweep(W, Hinv, blocksize)
         scale = weight_qparams_ref(Wq, args, scale_dtype)[0]
         qw = _to_quantized(Wq, scale, args, scale_dtype)
-        # the fp8 rounding came after the sweep: the loss of the final weights, same dampened
-        # H, is ||(W - Wq) U^-1||^2
+        # the fp8 rounding came after the sweep: the loss of the final weights under the
+        # same dampened H is ||(W - Wq) U^-1||^2
         E = torch.linalg.solve_triangular(Hinv, W - qw.dequantize(), upper=True, left=False)
-        return qw, float(E.square().sum())
+        return qw, E.square().sum(1)
     source = W if scale_from == "original" else sparsegpt_sweep(W, Hinv, blocksize)[0]
     scale = weight_qparams_ref(source, args, scale_dtype)[0]
-    Wq, loss = sparsegpt_sweep(W, Hinv, blocksize, scale)
-    return _to_quantized(Wq, scale, args, scale_dtype), float(loss)
+    Wq, losses = sparsegpt_sweep(W, Hinv, blocksize, scale)
+    return _to_quantized(Wq, scale, args, scale_dtype), losses
 
 
 def magnitude_24(W: torch.Tensor, *, args: QuantArgs = FP8_CHANNEL,
@@ -117,11 +117,10 @@ def hessian_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     return float(((D @ H.float()) * D).sum())
 
 
-def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> dict:
-    """The layer's output error on the calibration data, absolute and relative to the output."""
-    err = hessian_loss(W, Wq, H)
-    ref = float(((W.float() @ H.float()) * W.float()).sum())
-    return {"output_err": err, "output_rel_err": err / ref if ref > 0 else float("nan")}
+def output_error_rows(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor):
+    """Per output row: the error (w - wq) H (w - wq)^T and the output's own w H w^T."""
+    W, D = W.float(), W.float() - Wq.float()
+    return ((D @ H) * D).sum(1), ((W @ H) * W).sum(1)
 
 
 # ----------------------------------------------------------------------------- in the pipeline
@@ -134,43 +133,57 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     """Per-layer method for pipeline.compress_sequential (bind options with functools.partial;
     block_size and damp default to ctx.options, then 128 and 0.01).
 
-    One Hessian per distinct input, from the layer as it was (q/k/v and gate/up share one, and
-    its inverse), then SparseGPT on every Linear; dequantized weights go back into the layer."""
+    One Hessian per distinct input, from the layer as it was. Linears sharing it (q/k/v,
+    gate/up) share its inverse and are stacked along rows into one sweep (rows never
+    interact). Dequantized weights go back into the layer."""
     from .pipeline import collect_hessians
 
     blocksize = blocksize or ctx.options.get("block_size", 128)
     percdamp = ctx.options.get("damp", 0.01) if percdamp is None else percdamp
     hessians = collect_hessians(layer, ctx.linears, inputs)
-    hinvs: dict[int, tuple | None] = {}
-    qweights, infos = {}, {}
-    for name, lin in ctx.linears.items():
+    groups: dict[int, list[str]] = {}
+    for name in ctx.linears:
         if name not in hessians:
             raise RuntimeError(f"{name} was not called during the calibration forward: "
                                "no Hessian to prune it with (add it to ignore)")
-        st = hessians[name]
+        groups.setdefault(id(hessians[name]), []).append(name)
+
+    qweights, infos = {}, {}
+    for names in groups.values():
         t0 = time.perf_counter()
-        info = {"method": "sparsegpt", "mode": mode, "tokens": st.n,
-                "hessian_shared_with": [m for m in st.members if m != name]}
-        if id(st) not in hinvs:
-            try:
-                hinvs[id(st)] = inverse_hessian_cholesky(st.H, percdamp)
-            except ValueError:
-                hinvs[id(st)] = None
-        if hinvs[id(st)] is None:          # no usable Hessian: the data-free baseline
-            qw, loss = magnitude_24(lin.weight.data, args=ctx.scheme.weights,
-                                    scale_dtype=ctx.scale_dtype), None
-            info["fallback"] = "magnitude"
+        st = hessians[names[0]]
+        lins = [ctx.linears[n] for n in names]
+        W = torch.cat([lin.weight.data for lin in lins])
+        try:
+            hinv = inverse_hessian_cholesky(st.H, percdamp)
+        except ValueError:
+            hinv = None
+        if hinv is None:                   # no usable Hessian: the data-free baseline
+            qw, losses = magnitude_24(W, args=ctx.scheme.weights,
+                                      scale_dtype=ctx.scale_dtype), None
         else:
-            qw, loss = sparsegpt_24(lin.weight.data, None, mode=mode, scale_from=scale_from,
-                                    blocksize=blocksize, args=ctx.scheme.weights,
-                                    scale_dtype=ctx.scale_dtype, hinv=hinvs[id(st)])
-            info.update(fallback=None, dampening=hinvs[id(st)][2])
+            qw, losses = sparsegpt_24(W, None, mode=mode, scale_from=scale_from,
+                                      blocksize=blocksize, args=ctx.scheme.weights,
+                                      scale_dtype=ctx.scale_dtype, hinv=hinv)
         deq = qw.dequantize(torch.float32)
-        info.update(loss=loss, seconds=round(time.perf_counter() - t0, 4),
-                    **output_error(lin.weight.data, deq, st.H))
-        lin.weight.data = deq.to(lin.weight.dtype)
-        qweights[name] = QuantizedWeight(qw.q.cpu(), qw.scale.cpu(), None, qw.args)
-        infos[name] = info
+        err, ref = output_error_rows(W, deq, st.H)
+        seconds = time.perf_counter() - t0
+        row = 0
+        for name, lin in zip(names, lins):
+            rows = slice(row, row + lin.out_features)
+            row += lin.out_features
+            lin.weight.data = deq[rows].to(lin.weight.dtype)
+            qweights[name] = QuantizedWeight(qw.q[rows].cpu(), qw.scale[rows].cpu(), None,
+                                             qw.args)
+            e, r = float(err[rows].sum()), float(ref[rows].sum())
+            infos[name] = {
+                "method": "sparsegpt", "mode": mode, "tokens": st.n,
+                "hessian_shared_with": [m for m in st.members if m != name],
+                "fallback": None if hinv is not None else "magnitude",
+                "dampening": None if hinv is None else hinv[2],
+                "loss": None if losses is None else float(losses[rows].sum()),
+                "output_err": e, "output_rel_err": e / r if r > 0 else float("nan"),
+                "seconds": round(seconds * lin.out_features / W.shape[0], 4)}
     return qweights, infos
 
 

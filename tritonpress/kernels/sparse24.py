@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import interpreting, use_triton
 from .quant import fp8_round_ref
 
 # ----------------------------------------------------------------------------- reference
@@ -83,80 +83,90 @@ def _column(X, cols, i):
 
 
 @triton.jit
-def _prune_column(W1, keep, i, rows_, rmask, cols, cmask, s, Hinv, stride_h, Q, stride_q,
-                  E, stride_e, QUANT: tl.constexpr):
-    w = _column(W1, cols, i)
-    d = tl.load(Hinv + i * stride_h + i)
+def _prune_column(work, err_tile, keep, i, cols, n, s, Hinv, stride_h, QUANT: tl.constexpr):
+    """Column i: prune (and round), then push its error into the later columns of the tile."""
+    at = cols[None, :] == i
+    w = _column(work, cols, i)
     q = tl.where(keep, w, 0.0)
     if QUANT:
-        q = _fp8_round(q / s) * s
-    err = (w - q) / d
-    h = tl.load(Hinv + i * stride_h + cols, mask=cmask & (cols >= i), other=0.0)
-    W1 = W1 - err[:, None] * h[None, :]
-    tl.store(Q + rows_ * stride_q + i, q, mask=rmask)
-    tl.store(E + rows_ * stride_e + i, err, mask=rmask)
-    return W1
+        q = _fp8_round(tl.div_rn(q, s)) * s
+    err = tl.div_rn(w - q, tl.load(Hinv + i * stride_h + i))
+    h = tl.load(Hinv + i * stride_h + cols, mask=(cols > i) & (cols < n), other=0.0)
+    work = tl.where(at, q[:, None], work - err[:, None] * h[None, :])   # column i now holds q
+    err_tile = tl.where(at, err[:, None], err_tile)
+    return work, err_tile
+
+
+@triton.jit
+def _score(work, cols, i, Hinv, stride_h):
+    w = _column(work, cols, i)
+    d = tl.load(Hinv + i * stride_h + i)
+    return tl.div_rn(w * w, d * d)
 
 
 @triton.jit
 def _prune24_block_kernel(W, Hinv, S, Q, E, rows, n, stride_w, stride_h, stride_q, stride_e,
                           QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows_ = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One program: rows [pid * BLOCK_M, +BLOCK_M) of a block of n columns, in registers."""
+    r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    rmask = rows_ < rows
-    cmask = cols < n
-    W1 = tl.load(W + rows_[:, None] * stride_w + cols[None, :],
-                 mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    tile_mask = (r < rows)[:, None] & (cols < n)[None, :]
+    work = tl.load(W + r[:, None] * stride_w + cols[None, :], mask=tile_mask, other=0.0)
+    work = work.to(tl.float32)
+    err_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     s = 1.0
     if QUANT:
-        s = tl.load(S + rows_, mask=rmask, other=1.0)
+        s = tl.load(S + r, mask=r < rows, other=1.0)
     for g in range(0, n, 4):
         # 2:4 mask of columns g..g+3 from the current (error-updated) weights
-        w0 = _column(W1, cols, g)
-        w1 = _column(W1, cols, g + 1)
-        w2 = _column(W1, cols, g + 2)
-        w3 = _column(W1, cols, g + 3)
-        d0 = tl.load(Hinv + g * stride_h + g)
-        d1 = tl.load(Hinv + (g + 1) * stride_h + g + 1)
-        d2 = tl.load(Hinv + (g + 2) * stride_h + g + 2)
-        d3 = tl.load(Hinv + (g + 3) * stride_h + g + 3)
-        s0 = w0 * w0 / (d0 * d0)
-        s1 = w1 * w1 / (d1 * d1)
-        s2 = w2 * w2 / (d2 * d2)
-        s3 = w3 * w3 / (d3 * d3)
-        # rank = how many of the others beat it (ties to the lower column), keep ranks 0, 1
+        s0 = _score(work, cols, g, Hinv, stride_h)
+        s1 = _score(work, cols, g + 1, Hinv, stride_h)
+        s2 = _score(work, cols, g + 2, Hinv, stride_h)
+        s3 = _score(work, cols, g + 3, Hinv, stride_h)
+        # rank = how many of the others beat it (ties to the lower column); keep ranks 0, 1
         k0 = ((s1 > s0).to(tl.int32) + (s2 > s0).to(tl.int32) + (s3 > s0).to(tl.int32)) < 2
         k1 = ((s0 >= s1).to(tl.int32) + (s2 > s1).to(tl.int32) + (s3 > s1).to(tl.int32)) < 2
         k2 = ((s0 >= s2).to(tl.int32) + (s1 >= s2).to(tl.int32) + (s3 > s2).to(tl.int32)) < 2
         k3 = ((s0 >= s3).to(tl.int32) + (s1 >= s3).to(tl.int32) + (s2 >= s3).to(tl.int32)) < 2
-        W1 = _prune_column(W1, k0, g, rows_, rmask, cols, cmask, s, Hinv, stride_h,
-                           Q, stride_q, E, stride_e, QUANT)
-        W1 = _prune_column(W1, k1, g + 1, rows_, rmask, cols, cmask, s, Hinv, stride_h,
-                           Q, stride_q, E, stride_e, QUANT)
-        W1 = _prune_column(W1, k2, g + 2, rows_, rmask, cols, cmask, s, Hinv, stride_h,
-                           Q, stride_q, E, stride_e, QUANT)
-        W1 = _prune_column(W1, k3, g + 3, rows_, rmask, cols, cmask, s, Hinv, stride_h,
-                           Q, stride_q, E, stride_e, QUANT)
+        work, err_tile = _prune_column(work, err_tile, k0, g, cols, n, s, Hinv, stride_h, QUANT)
+        work, err_tile = _prune_column(work, err_tile, k1, g + 1, cols, n, s, Hinv, stride_h,
+                                       QUANT)
+        work, err_tile = _prune_column(work, err_tile, k2, g + 2, cols, n, s, Hinv, stride_h,
+                                       QUANT)
+        work, err_tile = _prune_column(work, err_tile, k3, g + 3, cols, n, s, Hinv, stride_h,
+                                       QUANT)
+    tl.store(Q + r[:, None] * stride_q + cols[None, :], work, mask=tile_mask)
+    tl.store(E + r[:, None] * stride_e + cols[None, :], err_tile, mask=tile_mask)
+
+
+def _configs():
+    return [triton.Config({"BLOCK_M": m}, num_warps=w)
+            for m, w in [(8, 2), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]]
+
+
+_prune24_tuned = triton.autotune(_configs(), key=["rows", "n", "QUANT"])(_prune24_block_kernel)
 
 
 def prune24_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor,
                          scale: torch.Tensor | None = None, block_m: int | None = None):
     rows, n = W1.shape
-    if W1.stride(1) != 1:
-        W1 = W1.contiguous()
+    W1 = W1 if W1.stride(1) == 1 else W1.contiguous()
     Hinv1 = Hinv1.float()
-    if Hinv1.stride(1) != 1:
-        Hinv1 = Hinv1.contiguous()
+    Hinv1 = Hinv1 if Hinv1.stride(1) == 1 else Hinv1.contiguous()
     Q1 = torch.empty(rows, n, device=W1.device, dtype=torch.float32)
     Err1 = torch.empty_like(Q1)
-    block_n = max(triton.next_power_of_2(n), 16)
-    # small row tiles: enough programs to fill the SMs, the block stays in registers
-    block_m = block_m or (16 if block_n <= 128 else 8)
     s = scale.reshape(rows).float().contiguous() if scale is not None else Q1  # unused if None
-    grid = (triton.cdiv(rows, block_m),)
-    _prune24_block_kernel[grid](W1, Hinv1, s, Q1, Err1, rows, n, W1.stride(0), Hinv1.stride(0),
-                                Q1.stride(0), Err1.stride(0), QUANT=scale is not None,
-                                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    argv = (W1, Hinv1, s, Q1, Err1, rows, n, W1.stride(0), Hinv1.stride(0), Q1.stride(0),
+            Err1.stride(0))
+    # no fused multiply-add and IEEE division: every op rounds as the torch reference's does
+    kw = dict(QUANT=scale is not None, BLOCK_N=max(triton.next_power_of_2(n), 16),
+              enable_fp_fusion=False)
+    if block_m is None and not interpreting():
+        _prune24_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)](*argv, **kw)
+    else:
+        block_m = block_m or 64
+        _prune24_block_kernel[(triton.cdiv(rows, block_m),)](*argv, **kw, BLOCK_M=block_m,
+                                                             num_warps=4)
     return Q1, Err1
 
 
