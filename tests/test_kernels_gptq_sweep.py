@@ -5,7 +5,8 @@ import torch
 from tritonpress.compress.gptq import _sweep_block_ref, gptq_quantize, inverse_cholesky
 from tritonpress.kernels import gptq_sweep
 from tritonpress.kernels.gptq_sweep import (gptq_solve, gptq_solve_ref, gptq_solve_triton,
-                                            inverse_hessian_factor, sweep_block,
+                                            inverse_hessian_factor, lower_triangular_inverse,
+                                            sweep_block,
                                             sweep_block_triton, trailing_update_ref,
                                             trailing_update_triton)
 from tritonpress.kernels.quant import quantize_ref, weight_qparams_ref
@@ -111,6 +112,11 @@ def test_inverse_factor_matches_three_step_route():
                                torch.eye(n, dtype=torch.float64), atol=1e-3, rtol=0)
     bad = -torch.eye(4)
     assert inverse_hessian_factor(bad)[0] is None
+    # the blocked triangular inverse (recursing down to 32-column leaves)
+    L = torch.linalg.cholesky(H)
+    Linv = lower_triangular_inverse(L, leaf=32)
+    assert torch.equal(Linv, Linv.tril())
+    torch.testing.assert_close(Linv @ L, torch.eye(n), atol=1e-4, rtol=0)
 
 
 def test_trailing_update_kernel_and_precision_emulation():
