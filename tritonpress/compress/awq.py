@@ -15,7 +15,7 @@ Per mapping (smoothing layer -> balance Linears reading its output), in one deco
          s = x_mean^r                        (duo scaling: x_mean^r / w_mean^(1-r))
          s = s / sqrt(max(s) min(s))
          err(r) = sum_balance || X diag(1/s) Q(W diag(s))^T - X W^T ||^2
-     evaluated by a fused kernel (kernels/awq_search.py); r = 0 is plain round-to-nearest;
+     evaluated by a fused kernel (kernels/awq_search.py), plus s = 1 (round-to-nearest);
   3. apply the best s: smoothing layer / s, balance Linears' input columns * s.
 Then every Linear of the layer is quantized (group-wise int4; asymmetric by default), with the
 original AWQ's clipping search if asked: per group, shrink [min, max] by f in a grid and keep
@@ -138,14 +138,27 @@ def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
 
 def search_scales(x_mean: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
                   args: QuantArgs, scale_dtype: torch.dtype, n_grid: int = 20,
-                  duo_scaling: bool = True) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """(best scales [K] fp32, best ratio, errors [n_grid]) for the balance weights [N_i, K]."""
+                  duo_scaling: bool = True
+                  ) -> tuple[torch.Tensor, float | None, torch.Tensor, float]:
+    """Best scales for the balance weights [N_i, K] reading activations x [T, K]:
+    (scales [K] fp32, best ratio or None when no candidate beats round-to-nearest,
+    errors over the grid [n_grid], round-to-nearest error).
+
+    With duo scaling r = 0 is a weight-only scaling, not s = 1, so s = 1 is added as an extra
+    candidate: the result is never worse than round-to-nearest on the sampled tokens."""
     ratios = torch.arange(n_grid, dtype=torch.float32) / n_grid
     w_mean = weight_mean(weights, args.group_size) if duo_scaling else None
     S = candidate_scales(x_mean, w_mean, ratios)
-    errs = sum(awq_grid_errors(x, w, S, args, scale_dtype).double() for w in weights)
+    if duo_scaling:
+        S = torch.cat([torch.ones_like(S[:1]), S])
+    errs = sum(awq_grid_errors(x, w, S, args, scale_dtype).double() for w in weights).cpu()
+    rtn = float(errs[0])
+    if duo_scaling:
+        S, errs = S[1:], errs[1:]
     best = int(torch.argmin(errs))
-    return S[best], float(ratios[best]), errs.float().cpu()
+    if not errs[best] < rtn:
+        return torch.ones_like(S[0]), None, errs.float(), rtn
+    return S[best], float(ratios[best]), errs.float(), rtn
 
 
 @torch.no_grad()
@@ -279,12 +292,14 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs,
 @torch.no_grad()
 def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 20,
         duo_scaling: bool = True, clip: bool = False, search_tokens: int = 8192,
-        seed: int = 0):
+        seed: int = 0, gptq: bool | dict = False):
     """Pipeline method: AWQ scale search and application on one decoder layer, then clipping
     (if `clip`) and quantization of every Linear in ctx.linears.
 
     mappings: (smoothing, balance) patterns (default DEFAULT_MAPPINGS, resolved per layer);
-    search_tokens: tokens sampled from the calibration set for the searches."""
+    search_tokens: tokens sampled from the calibration set for the searches;
+    gptq: quantize the scaled weights with GPTQ instead of rounding (True, or a dict of
+    gptq_quantize options), from Hessians of the scaled layer's inputs; no clipping then."""
     args = ctx.scheme.weights
     if args.type != "int" or args.strategy != "group":
         raise ValueError(f"AWQ here quantizes weights to grouped ints (W4A16 schemes), got {args}")
@@ -309,16 +324,19 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
             continue      # a balance Linear stays unquantized: nothing to protect
         st = stats[full[m.balance[0]]]
         balance = [modules[b] for b in m.balance]
-        s, ratio, errs = search_scales(st.mean, st.x, [b.weight for b in balance], args,
-                                       ctx.scale_dtype, n_grid, duo_scaling)
-        if ratio > 0:
+        s, ratio, errs, rtn = search_scales(st.mean, st.x, [b.weight for b in balance], args,
+                                            ctx.scale_dtype, n_grid, duo_scaling)
+        if ratio is not None:
             apply_scales(modules[m.smooth], balance, s)
             st.samples = [x / s.to(x.device, x.dtype) for x in st.samples]
         for b in m.balance:
             infos.setdefault(full[b], {}).update(
                 smooth=full[m.smooth], ratio=ratio,
-                search_gain=float(errs[int(round(ratio * n_grid))] / errs[0]))
+                search_gain=float(errs.min()) / rtn if rtn > 0 else 1.0)
     t_search = time.perf_counter() - t0
+
+    if gptq:
+        return _gptq_after_scaling(layer, inputs, ctx, infos, {} if gptq is True else gptq)
 
     qweights = {}
     storage = inputs.storage
@@ -333,4 +351,22 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
     secs = round(time.perf_counter() - t0, 4)
     for name in ctx.linears:
         infos[name].update(search_seconds=round(t_search, 4), layer_seconds=secs)
+    return qweights, infos
+
+
+def _gptq_after_scaling(layer, inputs, ctx, infos, options):
+    from .gptq import gptq_quantize
+    from .pipeline import collect_hessians
+
+    hessians = collect_hessians(layer, ctx.linears, inputs)    # inputs of the scaled layer
+    qweights = {}
+    for name, lin in ctx.linears.items():
+        qw, deq, info = gptq_quantize(lin.weight.data, hessians[name].H, ctx.scheme.weights,
+                                      ctx.scale_dtype, **options)
+        lin.weight.data.copy_(deq.to(lin.weight.dtype))
+        st = inputs.storage
+        qweights[name] = QuantizedWeight(qw.q.to(st), qw.scale.to(st), None if
+                                         qw.zero_point is None else qw.zero_point.to(st), qw.args)
+        infos.setdefault(name, {}).update({k: v for k, v in info.items() if k != "method"},
+                                          method="awq+gptq")
     return qweights, infos
