@@ -7,6 +7,7 @@ compressed-tensors' own pack_to_int32 (an implementation independent of ours), a
 tritonpress's checkpoint writer.
 """
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -189,7 +190,6 @@ def test_runtime_reads_tritonpress_checkpoints(tmp_path, monkeypatch):
         qws = _quantize(model, wargs, sparse24)
         qweights = {n: QuantizedWeight(q, s, zp, wargs) for n, (q, s, zp) in qws.items()}
         preset = PRESETS["W4A16_ASYM" if scheme == "W4A16_ASYM" else "W8A8_FP8_24"]
-        import dataclasses
         preset = dataclasses.replace(preset, weights=wargs)
         out = checkpoint.save_checkpoint(model, None, qweights, preset, tmp_path / scheme,
                                          sparse_format=sparse_format)

@@ -188,18 +188,27 @@ def _cfg(bm, bn, bk, split, warps, stages):
 
 # Small M: weight streaming. Enough (N tile, K split) programs to cover 132 SMs several times.
 GEMV_CONFIGS = [_cfg(16, bn, bk, sk, 4, 4)
-                for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)]
+                for bn, bk in ((32, 128), (64, 128), (128, 64), (64, 64)) for sk in (1, 2, 4)] + \
+    [_cfg(16, 64, 128, 8, 4, 4), _cfg(16, 32, 128, 8, 4, 4)]
 # Large M: tensor-core tiles (sm80 and sm90 both fit these in shared memory).
 GEMM_CONFIGS = [
     _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 3), _cfg(64, 256, 64, 1, 8, 3),
     _cfg(128, 128, 128, 1, 8, 3), _cfg(64, 128, 64, 1, 4, 4), _cfg(128, 64, 64, 1, 4, 4),
     _cfg(64, 64, 128, 1, 4, 4), _cfg(32, 128, 128, 1, 4, 4), _cfg(32, 64, 128, 1, 4, 4),
 ]
+
+
+def _tune_bench(fn, quantiles=None):   # short timings: a shape is tuned in well under a second
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
 _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=["M_KEY", "N", "K", "GROUP_SIZE"],
                               prune_configs_by={"early_config_prune": _prune},
-                              reset_to_zero=["y_ptr"])(_wna16_kernel)
+                              reset_to_zero=["y_ptr"], do_bench=_tune_bench,
+                              cache_results=True)(_wna16_kernel)
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "GROUP_SIZE"],
-                              prune_configs_by={"early_config_prune": _prune})(_wna16_kernel)
+                              prune_configs_by={"early_config_prune": _prune},
+                              do_bench=_tune_bench, cache_results=True)(_wna16_kernel)
 
 # Fixed configs for the interpreter (it cannot time candidates): big blocks, few programs.
 INTERPRET_GEMV = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)

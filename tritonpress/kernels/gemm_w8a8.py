@@ -122,8 +122,15 @@ CONFIGS = [
     _cfg(64, 64, 128, 4, 4), _cfg(32, 128, 128, 4, 4), _cfg(32, 64, 256, 4, 4),
     _cfg(16, 64, 256, 4, 4), _cfg(16, 128, 128, 4, 5), _cfg(16, 32, 256, 4, 4),
 ]
+
+
+def _tune_bench(fn, quantiles=None):   # short timings: a shape is tuned in well under a second
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
 _tuned = triton.autotune(CONFIGS, key=["M_KEY", "N", "K", "HAS_SA", "INT_ACC", "B_FP8_BITS"],
-                         prune_configs_by={"early_config_prune": _prune})(_scaled_mm_kernel)
+                         prune_configs_by={"early_config_prune": _prune},
+                         do_bench=_tune_bench, cache_results=True)(_scaled_mm_kernel)
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 
 
