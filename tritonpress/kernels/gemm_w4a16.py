@@ -12,7 +12,7 @@ tile wants the input dimension K outer and the output dimension N contiguous, so
     scale  [ngroups, N]              checkpoint dtype
     zero   int32 [ngroups, N] | None the unsigned zero, z + 2^(b-1); None means 2^(b-1)
 
-so a [BLOCK_K, BLOCK_N] tile is BLOCK_K/P coalesced rows of words, and W = (u - zero) * s
+so a [BLOCK_K, BLOCK_N] tile reads BLOCK_K/P coalesced rows of words, and W = (u - zero) * s
 with u the unsigned nibble.
 
 Two launch shapes of one kernel:
@@ -125,7 +125,6 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_KEY, stride_xm, 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    shifts = tl.arange(0, PER_WORD) * BITS
 
     # this program's share of the K tiles
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -139,11 +138,11 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_KEY, stride_xm, 
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        offs_w = t * (BLOCK_K // PER_WORD) + tl.arange(0, BLOCK_K // PER_WORD)
-        words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :],
-                        mask=(offs_w[:, None] * PER_WORD < K) & mask_n[None, :], other=0)
-        u = (words[:, None, :] >> shifts[None, :, None]) & MASK
-        u = tl.reshape(u, (BLOCK_K, BLOCK_N))                  # row k = word * PER_WORD + j
+        # each word is loaded by the PER_WORD rows it holds (L1 hits), then shifted per row:
+        # cheaper than reshaping a [BLOCK_K / PER_WORD, PER_WORD, BLOCK_N] unpack on a GPU
+        words = tl.load(w_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0)
+        u = (words >> ((offs_k % PER_WORD) * BITS)[:, None]) & MASK
         if UPCAST:       # interpreter: no bf16 arithmetic, dot in fp32
             x = x.to(tl.float32)
         if SCALE_PER_TILE:
