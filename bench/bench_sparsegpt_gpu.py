@@ -170,8 +170,8 @@ def bench_layers(shapes, tokens, device, py, reps):
         ms_joint, (qw, _) = timed(lambda: sparsegpt_24(W, H), device, reps)
 
         def float_only():
-            Hinv, dead, _ = inverse_hessian_cholesky(H)
-            return sparsegpt_sweep(W.float().masked_fill(dead, 0.0), Hinv)[0]
+            inv = inverse_hessian_cholesky(H)
+            return sparsegpt_sweep(W.float().masked_fill(inv.dead, 0.0), inv.U)[0]
         ms_float, Wf = timed(float_only, device, reps)
         loss_joint = hessian_loss(W, qw.dequantize(), H)
         loss_float = hessian_loss(W, Wf, H)

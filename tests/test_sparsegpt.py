@@ -5,9 +5,10 @@ import functools
 import pytest
 import torch
 
-from tritonpress.compress.sparsegpt import (FP8_CHANNEL, hessian_loss, inverse_hessian_cholesky,
-                                            magnitude_24, magnitude_linears, sparsegpt_24,
-                                            sparsegpt_method)
+from tritonpress.compress.sparsegpt import (FP8_CHANNEL, hessian_loss, hessian_loss_rows,
+                                            inverse_hessian_cholesky, magnitude_24,
+                                            magnitude_linears, sparsegpt_24, sparsegpt_method,
+                                            undampened_loss_rows)
 from tritonpress.kernels.quant import fp8_round_ref
 from tritonpress.schemes import QuantArgs, get_scheme
 
@@ -67,6 +68,18 @@ def test_reported_loss_is_the_dampened_hessian_loss(kind):
     torch.testing.assert_close(losses, ((D @ Hd) * D).sum(1), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["joint", "prune_then_quantize"])
+def test_undampened_loss_from_the_sweep_matches_the_matmul(mode):
+    n = 64
+    H = correlated_hessian(n)
+    H[5, :] = H[:, 5] = 0                         # a dead input
+    W = torch.randn(10, n)
+    inv = inverse_hessian_cholesky(H)
+    qw, losses = sparsegpt_24(W, None, mode=mode, hinv=inv)
+    torch.testing.assert_close(undampened_loss_rows(losses, W, qw.dequantize(), inv),
+                               hessian_loss_rows(W, qw.dequantize(), H), rtol=2e-3, atol=1e-4)
+
+
 def test_stacked_rows_give_the_same_weights():
     """q/k/v are solved as one stacked weight: rows must not interact."""
     H = correlated_hessian(64)
@@ -97,8 +110,8 @@ def test_dead_inputs_are_pruned_and_nothing_breaks():
     qw, loss = sparsegpt_24(torch.randn(out, n), H)
     assert (qw.q.float()[:, dead] == 0).all()
     assert torch.isfinite(qw.dequantize()).all() and (loss >= 0).all()
-    Hinv, mask, frac = inverse_hessian_cholesky(H)
-    assert mask.nonzero().flatten().tolist() == dead.tolist() and frac == 0.01
+    inv = inverse_hessian_cholesky(H)
+    assert inv.dead.nonzero().flatten().tolist() == dead.tolist() and inv.frac == 0.01
 
 
 def test_magnitude_keeps_the_two_largest_of_four():

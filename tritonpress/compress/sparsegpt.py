@@ -18,6 +18,7 @@ magnitude_24 is the data-free baseline: keep the 2 largest |w| of every 4, no up
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -33,19 +34,26 @@ SCALE_FROM = ("original", "sparse")
 DEFAULT_MODE = "joint"
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01):
-    """H [in, in] -> (upper Cholesky factor U of the dampened H^-1 (U^T U = H^-1), mask of dead
-    inputs, dampening used). The dampening grows x10 while the factorization fails (as GPTQ).
-    Linears sharing an input (q/k/v, gate/up) share this too."""
+class InverseHessian(NamedTuple):
+    U: torch.Tensor      # upper Cholesky factor of the dampened H^-1 (U^T U = H^-1)
+    dead: torch.Tensor   # [in] bool: inputs never active (their weights are zeroed)
+    frac: float          # dampening used, as a fraction of the mean diagonal
+    damp: float          # the value added to the diagonal
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> InverseHessian:
+    """Dampen H [in, in] and factor its inverse. The dampening grows x10 while the
+    factorization fails (as GPTQ). Linears sharing an input (q/k/v, gate/up) share this."""
     H = H.float().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
-    Hinv, frac, failed = inverse_cholesky(H, percdamp)
-    if Hinv is None:
+    U, frac, failed = inverse_cholesky(H, percdamp)
+    if U is None:
         raise ValueError(f"the Hessian is not positive definite even with dampening up to "
                          f"{failed[-1] if failed else percdamp}: it holds NaN/Inf or too few "
                          "tokens; use more calibration samples")
-    return Hinv, dead, frac
+    # the same value gptq.inverse_cholesky added
+    return InverseHessian(U, dead, frac, frac * float(H.diagonal().abs().mean()))
 
 
 def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
@@ -70,20 +78,21 @@ def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
 def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT_MODE,
                  scale_from: str = "original", blocksize: int = 128, percdamp: float = 0.01,
                  args: QuantArgs = FP8_CHANNEL, scale_dtype: torch.dtype | None = None,
-                 hinv: tuple | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
+                 hinv: InverseHessian | None = None
+                 ) -> tuple[QuantizedWeight, torch.Tensor]:
     """SparseGPT 2:4 + fp8 per-channel weights of one Linear (W [out, in], H [in, in] fp32)
     and the loss of each row [out] under the dampened H (their sum: tr((W-Wq) H (W-Wq)^T)).
 
     scale_from (joint mode): "original" takes the fp8 scale from the unpruned rows; "sparse"
     runs a float sweep first and takes it from the 2:4 weights it gives (twice the work).
     hinv: inverse_hessian_cholesky(H, percdamp) when already computed (then H may be None)."""
-    _check(W, H if hinv is None else hinv[0], args, blocksize)
+    _check(W, H if hinv is None else hinv.U, args, blocksize)
     if mode not in MODES:
         raise ValueError(f"unknown SparseGPT mode {mode!r}: choose one of {', '.join(MODES)}")
     if scale_from not in SCALE_FROM:
         raise ValueError(f"scale_from={scale_from!r}: choose one of {', '.join(SCALE_FROM)}")
     scale_dtype = scale_dtype or W.dtype
-    Hinv, dead, _ = hinv if hinv is not None else inverse_hessian_cholesky(H, percdamp)
+    Hinv, dead, _, _ = hinv if hinv is not None else inverse_hessian_cholesky(H, percdamp)
     W = W.float().masked_fill(dead, 0.0)     # inputs never seen: nothing to preserve
     if mode == "prune_then_quantize":
         Wq, _ = sparsegpt_sweep(W, Hinv, blocksize)
@@ -113,14 +122,29 @@ def magnitude_24(W: torch.Tensor, *, args: QuantArgs = FP8_CHANNEL,
 def hessian_loss(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - Wq) H (W - Wq)^T): the layer's output error summed over the calibration set
     (up to H's normalisation)."""
-    D = (W.float() - Wq.float())
-    return float(((D @ H.float()) * D).sum())
+    return float(hessian_loss_rows(W, Wq, H).sum())
 
 
-def output_error_rows(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor):
-    """Per output row: the error (w - wq) H (w - wq)^T and the output's own w H w^T."""
-    W, D = W.float(), W.float() - Wq.float()
-    return ((D @ H) * D).sum(1), ((W @ H) * W).sum(1)
+def hessian_loss_rows(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per output row: (w - wq) H (w - wq)^T."""
+    D = W.float() - Wq.float()
+    return ((D @ H.float()) * D).sum(1)
+
+
+def undampened_loss_rows(losses: torch.Tensor, W: torch.Tensor, Wq: torch.Tensor,
+                         inv: InverseHessian) -> torch.Tensor:
+    """hessian_loss_rows under the undampened H from the sweep's dampened losses, with no
+    matmul: H_damped = H + damp * I on the live inputs, and dead inputs are zero in both."""
+    D = W.float().masked_fill(inv.dead, 0.0) - Wq.float()
+    return losses - inv.damp * D.square().sum(1)
+
+
+def _row_quadratic(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """w H w^T per row, the scale that output errors are reported against; on a GPU in bf16
+    on tensor cores (a few digits suffice, and fp32 would cost as much as the sweep)."""
+    if W.is_cuda:
+        return ((W.bfloat16() @ H.bfloat16()).float() * W.float()).sum(1)
+    return hessian_loss_rows(W, torch.zeros_like(W, dtype=torch.float32), H)
 
 
 # ----------------------------------------------------------------------------- in the pipeline
@@ -166,7 +190,9 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
                                       blocksize=blocksize, args=ctx.scheme.weights,
                                       scale_dtype=ctx.scale_dtype, hinv=hinv)
         deq = qw.dequantize(torch.float32)
-        err, ref = output_error_rows(W, deq, st.H)
+        err = hessian_loss_rows(W, deq, st.H) if losses is None else \
+            undampened_loss_rows(losses, W, deq, hinv)
+        ref = _row_quadratic(W, st.H)
         seconds = time.perf_counter() - t0
         row = 0
         for name, lin in zip(names, lins):
@@ -180,7 +206,7 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
                 "method": "sparsegpt", "mode": mode, "tokens": st.n,
                 "hessian_shared_with": [m for m in st.members if m != name],
                 "fallback": None if hinv is not None else "magnitude",
-                "dampening": None if hinv is None else hinv[2],
+                "dampening": None if hinv is None else hinv.frac,
                 "loss": None if losses is None else float(losses[rows].sum()),
                 "output_err": e, "output_rel_err": e / r if r > 0 else float("nan"),
                 "seconds": round(seconds * lin.out_features / W.shape[0], 4)}
