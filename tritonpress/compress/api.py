@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..schemes import Scheme, get_scheme
+from .pipeline import check_group_sizes
 from .report import dir_size, format_report, peak_memory, save_json, timed
 
 DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
@@ -18,48 +19,17 @@ DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
 
 
-def target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:
-    """The Linear layers to quantize: every Linear in the decoder layers not in scheme.ignore."""
-    layers = _decoder_layers(model)
-    prefix = _layers_prefix(model)
+def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:
+    """Every Linear in the decoder layers that the scheme quantizes, by full name."""
+    from .pipeline import find_decoder_layers, target_linears
+    layers, prefix = find_decoder_layers(model)
     out = {}
     for i, layer in enumerate(layers):
-        for name, mod in layer.named_modules():
-            full = f"{prefix}.{i}.{name}"
-            if isinstance(mod, nn.Linear) and not _ignored(full, scheme.ignore):
-                out[full] = mod
+        out.update(target_linears(layer, f"{prefix}.{i}", None, scheme.ignore))
     if not out:
-        raise ValueError("the model has no Linear layers to quantize in model.model.layers "
+        raise ValueError("the model has no Linear layers to quantize in its decoder layers "
                          f"(ignore list: {list(scheme.ignore)})")
     return out
-
-
-def _ignored(name: str, ignore) -> bool:
-    import re
-    for pat in ignore:
-        if pat.startswith("re:"):
-            if re.match(pat[3:], name):
-                return True
-        elif name == pat or name.endswith("." + pat) or pat == name.split(".")[-1]:
-            return True
-    return False
-
-
-def _decoder_layers(model: nn.Module):
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"unsupported architecture {type(model).__name__}: tritonpress needs a "
-                         "decoder-only model with its layers in model.model.layers "
-                         "(Llama, Qwen, Mistral, Gemma...)")
-    return layers
-
-
-def _layers_prefix(model: nn.Module) -> str:
-    for name, mod in model.named_modules():
-        if mod is model.model.layers:
-            return name
-    return "model.layers"
 
 
 def check_finite(model: nn.Module) -> None:
@@ -70,25 +40,13 @@ def check_finite(model: nn.Module) -> None:
                          "compression; re-download or re-convert it")
 
 
-def check_group_size(linears: dict[str, nn.Linear], scheme: Scheme) -> None:
-    w = scheme.weights
-    if w.strategy != "group":
-        return
-    bad = [n for n, m in linears.items() if m.in_features % w.group_size]
-    if bad:
-        sizes = sorted({linears[n].in_features for n in bad})
-        raise ValueError(
-            f"group size {w.group_size} does not divide the input size of {len(bad)} layers "
-            f"(in-features {sizes}; e.g. {bad[0]}): choose a group size that divides "
-            f"{sizes} (--group-size), or ignore those layers (--ignore)")
-
-
 def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
              dataset="canterbury", num_samples=128, seq_len=512, group_size=None,
              symmetric=None, ignore=None, damp=0.01, block_size=128, actorder=False,
              smoothquant=None, sparse_format="dense", eval_dataset="canterbury+code",
              eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=0, progress=True, json_path=None,
+             partial_last_group=False,
              print_report=False) -> dict:
     """Compress `model` (a built-in name, a local HF directory, or a loaded model with
     `tokenizer` attached as model.tokenizer) with `scheme`, write a compressed-tensors
@@ -121,32 +79,39 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
             tokenizer = getattr(model, "tokenizer", None)
         model.eval()
         check_finite(model)
-        linears = target_linears(model, scheme)
-        check_group_size(linears, scheme)
+        linears = all_target_linears(model, scheme)
+        check_group_sizes(model, scheme, None, scheme.ignore, partial_last_group)
     report["original_bytes"] = sum(p.numel() * 2 for p in model.parameters())
 
-    windows = ref = None
+    # held-out text, one set of windows per source ("canterbury+code" -> two), and the
+    # uncompressed model's distributions on them for KL
+    evals = {}
     if evaluate_quality:
         with timed(report, "eval_before"):
-            windows = data.eval_windows(tokenizer, eval_dataset, eval_windows, eval_seq_len)
-            ref = evaluate.reference(model, windows, device=device)
-            baseline = evaluate.evaluate(model, windows, ref=ref, device=device, progress=progress)
+            for src in eval_dataset.split("+"):
+                w = data.eval_windows(tokenizer, src, eval_windows, eval_seq_len, cache_dir=cache_dir)
+                ref = evaluate.reference(model, w, progress=progress)
+                evals[src] = (w, ref)
 
     with timed(report, "compress"):
         batches = None
         if method != "rtn" and method != "magnitude":
-            batches = data.calibration_batches(tokenizer, dataset, num_samples, seq_len, seed=seed)
+            batches = data.calibration_batches(tokenizer, dataset, num_samples, seq_len, seed=seed,
+                                               cache_dir=cache_dir)
         qweights, layer_info = _run_method(model, scheme, method, linears, batches, device,
                                            damp=damp, block_size=block_size, actorder=actorder,
-                                           smoothquant=smoothquant, progress=progress)
+                                           smoothquant=smoothquant, progress=progress,
+                                           partial_last_group=partial_last_group)
     report["layers"] = layer_info
 
     if evaluate_quality:
         with timed(report, "eval_after"):
-            after = evaluate.evaluate(model, windows, ref=ref, act_args=scheme.input_activations,
-                                      ignore=scheme.ignore, device=device, progress=progress)
-        report["quality"] = {"eval_dataset": eval_dataset, "windows": eval_windows,
-                             "seq_len": eval_seq_len, "baseline": baseline, "compressed": after}
+            quality = {"windows": eval_windows, "seq_len": eval_seq_len}
+            for src, (w, ref) in evals.items():
+                after = evaluate.evaluate(model, w, ref=ref, act_args=scheme.input_activations,
+                                          ignore=scheme.ignore, progress=progress)
+                quality[src] = {"ppl_before": ref.ppl, "ppl": after["ppl"], "kl": after["kl"]}
+        report["quality"] = quality
 
     if out is not None:
         with timed(report, "save"):
@@ -174,9 +139,67 @@ def _check_method(scheme: Scheme, method: str) -> None:
         raise ValueError("AWQ is for W4A16 schemes (W4A16_ASYM by default)")
 
 
-def _run_method(model, scheme, method, linears, batches, device, **opts):
-    """Dispatch to one algorithm; each writes dequantized weights back into the model."""
+def _run_method(model, scheme, method, linears, batches, device, *, damp, block_size, actorder,
+                smoothquant, progress, partial_last_group):
+    """One algorithm over the model; each writes dequantized weights back into the model.
+    Returns (qweights by full Linear name, per-Linear info)."""
+    from functools import partial
+
+    from . import awq, gptq, pipeline, rtn, smoothquant as sq, sparsegpt
+
     if method == "rtn":
-        from .rtn import quantize_linears_rtn
-        return quantize_linears_rtn(linears, scheme, device=device)
-    raise NotImplementedError(method)
+        return rtn.quantize_linears_rtn(linears, scheme, device, partial_last_group)
+    if method == "magnitude":
+        return sparsegpt.magnitude_linears(linears, scheme, device)
+    gptq_opts = dict(blocksize=block_size, dampening=damp, actorder="desc" if actorder else None)
+    layer_fn = {
+        "gptq": partial(gptq.gptq_layer, **gptq_opts),
+        "awq": awq.awq,
+        "awq+gptq": partial(awq.awq, gptq=gptq_opts),
+        "sparsegpt": partial(sparsegpt.sparsegpt_method, blocksize=block_size, percdamp=damp),
+    }[method]
+    if smoothquant is not None:
+        layer_fn = pipeline.chain(partial(sq.smoothquant_layer, alpha=smoothquant), layer_fn)
+    res = pipeline.compress_sequential(model, batches, scheme, layer_fn, device=device,
+                                       partial_last_group=partial_last_group, progress=progress)
+    return res.qweights, res.infos
+
+
+def load_checkpoint_dequantized(path, dtype=torch.bfloat16):
+    """A compressed-tensors checkpoint (ours or llm-compressor's) loaded by transformers with
+    its weights decompressed to `dtype`; returns (model, activation QuantArgs or None, ignore)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from .checkpoint import quant_args_from_dict, read_quantization_config
+
+    qc = read_quantization_config(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
+    model.eval()
+    groups = list(qc.get("config_groups", {}).values())
+    acts = groups[0].get("input_activations") if groups else None
+    return model, (quant_args_from_dict(acts) if acts else None), tuple(qc.get("ignore") or ())
+
+
+def evaluate_checkpoint(checkpoint, base_model="smollm2-135m", *, eval_dataset="canterbury+code",
+                        eval_windows=16, eval_seq_len=512, device=None, cache_dir=None,
+                        progress=True) -> dict:
+    """Perplexity and KL (against `base_model`) of a saved checkpoint on held-out text, with
+    the checkpoint's dynamic activation quantization simulated."""
+    from . import data, evaluate, models
+
+    base, tokenizer = models.load_model(base_model, cache_dir=cache_dir)
+    sets = {}
+    for src in eval_dataset.split("+"):
+        w = data.eval_windows(tokenizer, src, eval_windows, eval_seq_len, cache_dir=cache_dir)
+        sets[src] = (w, evaluate.reference(base, w, progress=progress))
+    del base
+    model, act_args, ignore = load_checkpoint_dequantized(checkpoint)
+    out = {"checkpoint": str(checkpoint), "base_model": str(base_model),
+           "windows": eval_windows, "seq_len": eval_seq_len}
+    for src, (w, ref) in sets.items():
+        r = evaluate.evaluate(model, w, ref=ref, act_args=act_args, ignore=ignore,
+                              progress=progress)
+        out[src] = {"ppl_before": ref.ppl, "ppl": r["ppl"], "kl": r["kl"]}
+    return out

@@ -76,7 +76,7 @@ def quantization_config(scheme: Scheme, ignore: list[str], sparsity: dict | None
             "sparsity_config": sparsity or {}, "transform_config": {}}
 
 
-def _args_from_dict(d: dict) -> QuantArgs:
+def quant_args_from_dict(d: dict) -> QuantArgs:
     strategy = d.get("strategy") or ("group" if d.get("group_size") else "tensor")
     return QuantArgs(int(d["num_bits"]), d["type"], bool(d["symmetric"]), strategy,
                      d.get("group_size") if strategy == "group" else None, bool(d.get("dynamic")))
@@ -409,7 +409,7 @@ def load_quantized_weights(ckpt_dir) -> dict[str, QuantizedWeight]:
     groups = list(qc["config_groups"].values())
     if len(groups) != 1:
         raise ValueError(f"{ckpt_dir}: expected one config group, found {len(groups)}")
-    args = _args_from_dict(groups[0]["weights"])
+    args = quant_args_from_dict(groups[0]["weights"])
     fmt = qc["format"]
     sparse = (qc.get("sparsity_config") or {}).get("format") == "sparse-24-bitmask"
     t = _load_tensors(ckpt_dir)

@@ -41,15 +41,14 @@ def format_report(r: dict) -> str:
     """A terminal table of the report's headline numbers."""
     lines = [f"tritonpress: {r['model']} -> {r['scheme']} ({r['method']})"]
     q = r.get("quality") or {}
-    if q:
-        rows = [("", "uncompressed", "compressed", "change")]
-        for name in q.get("baseline", {}):
-            b, c = q["baseline"][name], q["compressed"].get(name)
-            ch = f"{100 * (c / b - 1):+.2f}%" if (b and c is not None and "ppl" in name) else ""
-            rows.append((name, _fmt(b, 3), _fmt(c, 3), ch))
-        if "kl" in q.get("compressed", {}):
-            rows.append(("mean KL (nats/token)", "0", _fmt(q["compressed"]["kl"], 5), ""))
-        w = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    srcs = [k for k, v in q.items() if isinstance(v, dict)]
+    if srcs:
+        rows = [("held-out text", "ppl before", "ppl after", "change", "mean KL")]
+        for src in srcs:
+            b, a = q[src]["ppl_before"], q[src]["ppl"]
+            rows.append((f"{src} ({q['windows']}x{q['seq_len']})", _fmt(b, 3), _fmt(a, 3),
+                         f"{100 * (a / b - 1):+.2f}%", _fmt(q[src]["kl"], 5)))
+        w = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             lines.append("  " + "  ".join(str(c).ljust(w[i]) for i, c in enumerate(row)))
     s = r.get("seconds", {})
