@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tritonpress.kernels.awq_search import (awq_grid_errors, awq_grid_errors_ref,
-                                            awq_grid_errors_triton, fake_quant_ref)
+                                            awq_grid_errors_triton)
 from tritonpress.kernels.quant import quantize_weight_ref, dequantize_ref
 from tritonpress.schemes import QuantArgs
 
@@ -26,7 +26,7 @@ def _case(T=67, N=40, K=192, C=5, dtype=torch.float32, outliers=True):
 def test_kernel_matches_reference_odd_shapes(symmetric, scale_dtype):
     x, w, s = _case()
     args = QuantArgs(4, "int", symmetric, "group", 64)
-    ref = awq_grid_errors_ref(x, w, s, args, scale_dtype)
+    ref = awq_grid_errors_ref(x, w, s, args, scale_dtype, form="direct")
     got = awq_grid_errors_triton(x, w, s, args, scale_dtype)
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=0)
 
@@ -68,13 +68,17 @@ def test_activation_aware_scales_beat_rtn_on_outlier_channels():
     assert e[1] < 0.8 * e[0]
 
 
-def test_reference_matches_explicit_fake_quant_and_chunking():
-    x, w, s = _case(T=50, C=2)
+def test_reference_matches_kernels_quant_and_its_other_forms():
+    x, w, s = _case(T=300, C=3)
     args = QuantArgs(4, "int", False, "group", 64)
-    want = torch.stack([((x / si) @ fake_quant_ref(w * si, args, torch.float32).T - x @ w.T)
-                        .pow(2).sum() for si in s])
-    got = awq_grid_errors_ref(x, w, s, args, torch.float32, chunk_tokens=16)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    want = []
+    for si in s:   # quantize_weight_ref is the project's RTN: the search must agree with it
+        q, sc, zp = quantize_weight_ref(w * si, args, torch.bfloat16)
+        want.append(((x / si) @ dequantize_ref(q, sc, zp).T - x @ w.T).pow(2).sum())
+    want = torch.stack(want)
+    for form, chunk in (("direct", 64), ("gram", 128), ("auto", 4096)):
+        got = awq_grid_errors_ref(x, w, s, args, torch.bfloat16, chunk_tokens=chunk, form=form)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=0)
 
 
 def test_dispatch_uses_reference_on_cpu_and_bad_inputs_are_named():

@@ -18,7 +18,8 @@ X and W tiles run together and share them through L2. Each program writes its pa
 torch adds them (deterministic, unlike float atomics).
 
 `awq_grid_errors_ref` computes the first form literally (Y once, candidates' quantized weights
-through `kernels.quant`), in token chunks to bound memory. `awq_grid_errors` dispatches:
+with `kernels.quant`'s qparams), in token chunks to bound memory, or through X^T X when tokens
+outnumber in-features (cheaper on the CPU; same sum). `awq_grid_errors` dispatches:
 Triton on CUDA tensors, the reference on CPU.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from ..schemes import QuantArgs
 from .dispatch import use_triton, interpreting
-from .quant import dequantize_ref, quantize_ref, weight_qparams_ref
+from .quant import group_view, qparams_from_minmax
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds fp32 |x| < 2**22 to nearest even
 
@@ -51,24 +52,47 @@ def _check(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantAr
 # ----------------------------------------------------------------------------- reference
 
 def fake_quant_ref(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Round-to-nearest quantize-dequantize of w [N, K] (fp32 out), min/max qparams."""
-    scale, zp = weight_qparams_ref(w, args, scale_dtype)
-    return dequantize_ref(quantize_ref(w, scale, zp, args), scale, zp)
+    """Round-to-nearest quantize-dequantize of w [N, K] (fp32 out): min/max qparams from
+    `kernels.quant`, then quantize_ref / dequantize_ref's formulas on the group view."""
+    g = group_view(w.float(), args.group_size)                # [N, ngroups, group]
+    scale, zp = qparams_from_minmax(g.amin(-1), g.amax(-1), args, scale_dtype)
+    scale = scale.unsqueeze(-1)
+    zp = torch.zeros_like(scale) if zp is None else zp.unsqueeze(-1)
+    q = (torch.round(g / scale) + zp).clamp(args.qmin, args.qmax)
+    return ((q - zp) * scale).view(w.shape)
 
 
 def awq_grid_errors_ref(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantArgs,
-                        scale_dtype: torch.dtype = torch.bfloat16,
-                        chunk_tokens: int = 4096) -> torch.Tensor:
-    """err [C] fp32: sum of squared output errors per candidate (definition in module doc)."""
+                        scale_dtype: torch.dtype = torch.bfloat16, chunk_tokens: int = 4096,
+                        form: str = "auto") -> torch.Tensor:
+    """err [C] fp32: sum of squared output errors per candidate (definition in module doc).
+
+    form "direct": the definition, token chunk by chunk, Y = X W^T computed once;
+    "gram": sum_n D_n (X^T X) D_n^T with D = Q(W diag(s)) diag(1/s) - W, the same sum in
+    N K^2 instead of T N K per candidate; "auto" takes gram when tokens outnumber in-features
+    (the CPU path)."""
     _check(x, w, scales, args)
+    if form == "auto":
+        form = "gram" if x.shape[0] > x.shape[1] else "direct"
+    if form not in ("direct", "gram"):
+        raise ValueError(f"form={form!r}: use 'auto', 'direct' or 'gram'")
     wf = w.float()
-    y = x.float() @ wf.T                           # float output, computed once
     errs = torch.zeros(scales.shape[0], dtype=torch.float64, device=x.device)
+    if form == "gram":
+        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        for t0 in range(0, x.shape[0], chunk_tokens):
+            xc = x[t0:t0 + chunk_tokens].float()
+            H.addmm_(xc.T, xc)
+        for c, s in enumerate(scales.float()):
+            D = fake_quant_ref(wf * s, args, scale_dtype) / s - wf
+            errs[c] = float(((D @ H) * D).sum())
+        return errs.float()
+    y = x.float() @ wf.T                           # float output, computed once
     for c, s in enumerate(scales.float()):
         wq = fake_quant_ref(wf * s, args, scale_dtype)
         for t0 in range(0, x.shape[0], chunk_tokens):
             xs = x[t0:t0 + chunk_tokens].float() / s
-            errs[c] += (xs @ wq.T - y[t0:t0 + chunk_tokens]).pow(2).sum(dtype=torch.float64)
+            errs[c] += float((xs @ wq.T - y[t0:t0 + chunk_tokens]).pow(2).sum())
     return errs.float()
 
 
