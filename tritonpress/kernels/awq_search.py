@@ -170,6 +170,19 @@ _SCALE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+def _gpu_config(group: int, x_bytes: int, w_bytes: int, smem: int = 140 * 1024):
+    """(BLOCK_M, BLOCK_N, warps, stages). The weight tile is re-quantized for every m tile, so
+    a tall BLOCK_M amortizes that ALU work over more tensor-core work; the pipelined x and w
+    tiles must fit in shared memory on an A100 (164 KB) as well as an H100 (228 KB)."""
+    bm, bn, stages = 128, (128 if group <= 64 else 64), 3
+    per_stage = lambda: (bm * x_bytes + bn * w_bytes) * group
+    while per_stage() * stages > smem and stages > 2:
+        stages -= 1
+    while per_stage() * stages > smem and bm > 32:
+        bm //= 2
+    return bm, bn, 8 if bm * bn >= 128 * 64 else 4, stages
+
+
 def awq_grid_errors_triton(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
                            args: QuantArgs, scale_dtype: torch.dtype = torch.bfloat16,
                            block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
@@ -190,8 +203,9 @@ def awq_grid_errors_triton(x: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
     # The interpreter multiplies bf16 wrongly: run the dot in fp32 there. On a GPU the dot takes
     # the activations' dtype (bf16/fp16 tensor cores); fp32 inputs get tf32.
     dot_dtype = tl.float32 if interp or x.dtype == torch.float32 else _TL_DTYPES[x.dtype]
-    block_m = block_m or (128 if interp else 128)
-    block_n = block_n or (64 if interp or g > 128 else 128)
+    bm, bn, warps, stages = (128, 64, 4, 1) if interp else _gpu_config(g, x.element_size(),
+                                                                        w.element_size())
+    block_m, block_n = block_m or bm, block_n or bn
     grid = (C, triton.cdiv(N, block_n), triton.cdiv(T, block_m))
     part = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=x.device)
     _awq_err_kernel[grid](
@@ -200,7 +214,7 @@ def awq_grid_errors_triton(x: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
         float(args.qmin), float(args.qmax), float(torch.finfo(scale_dtype).eps),
         GROUP=g, BLOCK_M=block_m, BLOCK_N=block_n, SYMMETRIC=args.symmetric,
         SCALE_KIND=_SCALE_KIND[scale_dtype], DOT_DTYPE=dot_dtype,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
+        num_warps=warps, num_stages=stages)
     return part.view(C, -1).double().sum(1).float()
 
 
