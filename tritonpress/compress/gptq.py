@@ -78,7 +78,7 @@ def sweep_block(W1, Hinv1, scale1, zp1, args):
 
 def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: float = 10.0):
     """Upper Cholesky factor of (H + frac * mean(|diag H|) * I)^-1, raising frac x10 from
-    `dampening` up to `max_dampening` until both factorizations succeed.
+    `dampening` (0 -> 1e-4) up to `max_dampening` until both factorizations succeed.
 
     Returns (U or None, frac used or None, fractions that failed)."""
     diag_mean = H.diagonal().abs().mean()
@@ -95,7 +95,7 @@ def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: fl
             if info == 0 and torch.isfinite(U).all():
                 return U, frac, failed
         failed.append(frac)
-        frac *= 10
+        frac = frac * 10 if frac > 0 else 1e-4
     return None, None, failed
 
 
@@ -157,6 +157,14 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
     Q = torch.zeros_like(W)
     Losses = torch.zeros(rows, device=W.device)
     seen = torch.zeros(scale.shape[1], dtype=torch.bool, device=W.device)
+    if _FUSED_SWEEP and not actorder and use_triton(W, Hinv) and args.strategy in ("group", "channel") \
+            and (not dynamic or blocksize % args.group_size == 0):
+        # the whole sweep in the fused kernels (kernels/gptq_sweep.py); the loop below is skipped
+        from ..kernels.gptq_sweep import gptq_solve
+        Q, scale, zp, Losses = gptq_solve(W, Hinv, args, None if dynamic else scale,
+                                          None if dynamic else zp, scale_dtype=scale_dtype,
+                                          blocksize=blocksize)
+        bounds = bounds[-1:]
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         if dynamic and not seen[gcol[i1]]:
             g = int(gcol[i1])

@@ -1,0 +1,175 @@
+"""GPTQ against a direct column-by-column OBS reference, and its edge cases."""
+import pytest
+import torch
+
+from tritonpress.compress.gptq import _sweep_block_ref, gptq_quantize, inverse_cholesky
+from tritonpress.compress.rtn import expand, group_index, group_qparams, rtn_quantize
+from tritonpress.kernels.quant import dequantize_ref, quantize_ref, quantize_weight_ref
+from tritonpress.schemes import get_scheme
+
+SCHEMES = [("W4A16", 40), ("W4A16_ASYM", 40), ("W8A8_INT8", None), ("W8A8_FP8", None)]
+
+
+def _args(name, group=None):
+    return get_scheme(name, group_size=group).weights
+
+
+def correlated_hessian(cols, n=1500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(cols, cols, generator=g) / cols ** 0.5
+    X = torch.randn(n, cols, generator=g) @ A + 0.2 * torch.randn(n, cols, generator=g)
+    X[:, 3] *= 20   # an outlier channel, as real activations have
+    return 2 / n * X.T @ X
+
+
+def obs_reference(W, H, args, damp=0.01, actorder=False, dynamic=False):
+    """Unblocked OBS in float64: quantize column i, update all later columns with the
+    explicit inverse, then remove column i from the inverse (OBQ's formula, no Cholesky)."""
+    W = W.double().clone()
+    rows, cols = W.shape
+    gidx = group_index(cols, args)
+    scale, zp = group_qparams(W.float(), args, torch.float32, gidx)
+    perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(cols)
+    W, H, gcol = W[:, perm], H.double()[perm][:, perm], gidx[perm]
+    Hinv = torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(cols, dtype=H.dtype))
+    seen = set()
+    for i in range(cols):
+        g = int(gcol[i])
+        if dynamic and g not in seen:
+            s, z = group_qparams(W[:, gcol == g].float(), args, torch.float32,
+                                 torch.zeros(int((gcol == g).sum()), dtype=torch.long))
+            scale[:, g:g + 1], seen = s, seen | {g}
+            if zp is not None:
+                zp[:, g:g + 1] = z
+        w = W[:, i:i + 1].float()
+        z = None if zp is None else zp[:, g:g + 1]
+        q = dequantize_ref(quantize_ref(w, scale[:, g:g + 1], z, args), scale[:, g:g + 1], z)
+        err = (W[:, i] - q[:, 0].double()) / Hinv[i, i]
+        W[:, i:] -= err[:, None] * Hinv[i, i:][None]
+        W[:, i] = q[:, 0].double()
+        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]
+    return W[:, torch.argsort(perm)].float()
+
+
+def out_err(W, Q, H):
+    E = W.float() - Q.float()
+    return float((E @ H * E).sum())
+
+
+@pytest.mark.parametrize("name,group", SCHEMES)
+@pytest.mark.parametrize("actorder,scales", [(None, "static"), ("desc", "static"),
+                                             (None, "dynamic"), ("desc", "dynamic")])
+def test_blocked_sweep_matches_unblocked_obs(name, group, actorder, scales):
+    # 200 columns: not a multiple of the 64-column block; groups of 40 straddle blocks
+    args = _args(name, group)
+    W = torch.randn(37, 200)
+    H = correlated_hessian(200)
+    qw, Q, info = gptq_quantize(W, H, args, torch.float32, blocksize=64, actorder=actorder,
+                                group_scales=scales)
+    ref = obs_reference(W, H, args, actorder=bool(actorder), dynamic=scales == "dynamic")
+    # dynamic scales come from float64 vs float32 weights: equal up to an ulp, not bit-exact
+    same = torch.isclose(Q, ref, rtol=1e-4, atol=1e-7).float().mean()
+    assert same > 0.97, f"only {same:.3f} of the values agree with the OBS reference"
+    assert out_err(W, Q, H) == pytest.approx(out_err(W, ref, H), rel=0.02)
+    assert torch.equal(qw.dequantize(), Q)            # the integers returned are the ones chosen
+    assert info["fallback"] is None and info["dampening"] == 0.01
+
+
+@pytest.mark.parametrize("name,group", SCHEMES)
+def test_gptq_output_error_below_rtn(name, group):
+    args = _args(name, group)
+    W = torch.randn(64, 160)
+    H = correlated_hessian(160, seed=1)
+    _, rtn = rtn_quantize(W, args, torch.float32)
+    for scales in ("static", "dynamic"):
+        _, Q, info = gptq_quantize(W, H, args, torch.float32, group_scales=scales)
+        assert out_err(W, Q, H) < 0.8 * out_err(W, rtn, H)
+        assert info["output_err"] == pytest.approx(out_err(W, Q, H), rel=1e-4)
+
+
+def test_sweep_block_contract():
+    # the pieces the fused kernel must return, checked on one block by hand
+    args = _args("W4A16", 8)
+    W1 = torch.randn(5, 8)
+    U = torch.linalg.cholesky(torch.linalg.inv(correlated_hessian(8)), upper=True)
+    scale = torch.full((5, 8), 0.3)
+    Q1, Err1, L1 = _sweep_block_ref(W1.clone(), U, scale, None, args)
+    w0 = W1[:, 0]
+    q0 = torch.clamp(torch.round(w0 / 0.3), -8, 7) * 0.3
+    assert torch.allclose(Q1[:, 0], q0)
+    assert torch.allclose(Err1[:, 0], (w0 - q0) / U[0, 0])
+    assert torch.allclose(L1[:, 0], (w0 - q0) ** 2 / U[0, 0] ** 2)
+    w1 = W1[:, 1] - Err1[:, 0] * U[0, 1]    # column 1 sees column 0's error
+    assert torch.allclose(Q1[:, 1], torch.clamp(torch.round(w1 / 0.3), -8, 7) * 0.3)
+
+
+@pytest.mark.parametrize("name,group", SCHEMES)
+def test_actorder_keeps_original_columns_and_groups(name, group):
+    # With a diagonal Hessian nothing propagates: GPTQ in any order must give RTN exactly,
+    # in the original column order, with the original group scales.
+    args = _args(name, group)
+    W = torch.randn(24, 120)
+    H = torch.diag(torch.rand(120) + 0.1)
+    rq, rdeq = rtn_quantize(W, args, torch.bfloat16)
+    qw, Q, _ = gptq_quantize(W, H, args, torch.bfloat16, actorder="desc", group_scales="static")
+    assert torch.equal(qw.q.float(), rq.q.float()) and torch.equal(Q, rdeq)
+    assert torch.equal(qw.scale, rq.scale) and qw.scale.dtype == torch.bfloat16
+    # correlated: still plain group-wise scales on the original groups, decoding to Q
+    H = correlated_hessian(120)
+    qw, Q, _ = gptq_quantize(W, H, args, torch.bfloat16, actorder="desc")
+    assert torch.equal(qw.scale, rq.scale)
+    assert torch.equal(qw.dequantize(), Q)
+
+
+def test_rtn_matches_reference_quantizer():
+    for name, group in [("W4A16", 32), ("W4A16_ASYM", 32), ("W8A8_INT8", None), ("W8A8_FP8", None)]:
+        args = _args(name, group)
+        W = torch.randn(16, 96, dtype=torch.bfloat16)
+        qw, deq = rtn_quantize(W, args)
+        q, s, z = quantize_weight_ref(W, args)
+        assert torch.equal(qw.q.float(), q.float()) and torch.equal(qw.scale, s)
+        assert (z is None) == (qw.zero_point is None)
+        assert torch.equal(qw.dequantize(), deq)
+
+
+def test_dead_columns_are_zero():
+    W = torch.randn(10, 64)
+    H = correlated_hessian(64)
+    H[5, :] = 0
+    H[:, 5] = 0
+    qw, Q, info = gptq_quantize(W, H, _args("W4A16", 16), torch.float32)
+    assert info["dead_columns"] == 1
+    assert (Q[:, 5] == 0).all() and (qw.q[:, 5] == 0).all()
+
+
+def test_non_pd_hessian_raises_dampening_then_falls_back():
+    W = torch.randn(8, 32)
+    H = -torch.eye(32)                      # negative definite: only a big damp fixes it
+    _, Q, info = gptq_quantize(W, H, _args("W8A8_INT8"), torch.float32)
+    assert info["dampening_failed"] == pytest.approx([0.01, 0.1, 1.0])
+    assert info["dampening"] == pytest.approx(10.0) and info["fallback"] is None
+    _, Q, info = gptq_quantize(W, H, _args("W8A8_INT8"), torch.float32, max_dampening=1.0)
+    assert info["fallback"] == "rtn" and info["dampening"] is None
+    assert torch.equal(Q, rtn_quantize(W, _args("W8A8_INT8"), torch.float32)[1])
+    # singular (rank 1) PSD Hessian with no dampening: raised until it factors
+    x = torch.randn(32, 1)
+    U, frac, failed = inverse_cholesky(x @ x.T, dampening=0.0)
+    assert U is None or failed  # 0 never works on a rank-1 matrix
+    U, frac, failed = inverse_cholesky(x @ x.T, dampening=1e-12)
+    assert frac is not None and frac > 1e-12 and failed
+    # NaN in H: straight to RTN
+    H = correlated_hessian(32)
+    H[0, 1] = float("nan")
+    assert gptq_quantize(W, H, _args("W8A8_INT8"), torch.float32)[2]["fallback"] == "rtn"
+
+
+def test_partial_last_group():
+    args = _args("W4A16", 32)
+    W = torch.randn(12, 100)
+    with pytest.raises(ValueError, match="partial_last_group"):
+        gptq_quantize(W, correlated_hessian(100), args, torch.float32)
+    qw, Q, info = gptq_quantize(W, correlated_hessian(100), args, torch.float32,
+                                partial_last_group=True)
+    assert qw.scale.shape == (12, 4)
+    gidx = group_index(100, args, True)
+    assert torch.equal(dequantize_ref(qw.q, expand(qw.scale, gidx, 12), None), Q)

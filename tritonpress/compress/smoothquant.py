@@ -1,0 +1,117 @@
+"""SmoothQuant (Xiao et al. 2023): move activation outliers into the weights before W8A8.
+
+For a norm whose output X feeds Linears W_1..W_k (input_layernorm -> q/k/v,
+post_attention_layernorm -> gate/up), per input channel j
+
+    s_j = max|X_j|^alpha / max_k max_i |W_k[i, j]|^(1 - alpha)
+    norm output X_j -> X_j / s_j        W_k[:, j] -> W_k[:, j] * s_j
+
+so X W^T is unchanged in exact arithmetic, while the per-token activation range shrinks.
+Which norm feeds which Linears is found by tensor identity in hooks, not by module names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .pipeline import LayerInputs, run_with_linear_inputs, tokens_of
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    w = getattr(mod, "weight", None)
+    return (not isinstance(mod, nn.Linear) and not list(mod.children())
+            and isinstance(w, torch.Tensor) and w.dim() == 1)
+
+
+@torch.no_grad()
+def smoothing_groups(layer: nn.Module, inputs: LayerInputs) -> list[dict]:
+    """[{norm: name in layer, linears: [names in layer], act_max: [channels] fp32}] for every
+    norm whose output is read directly by Linears, with the per-channel absmax of that output
+    over the calibration tokens (padding left out)."""
+    norms = {n: m for n, m in layer.named_modules() if _is_norm(m)}
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    produced: dict[int, tuple[torch.Tensor, str]] = {}
+    norm_of: dict[str, str] = {}
+    act_max: dict[str, torch.Tensor] = {}
+
+    def on_norm(name):
+        def hook(mod, args, out):
+            produced[id(out)] = (out, name)
+        return hook
+
+    def on_input(lead, x, mask):
+        hit = produced.get(id(x))
+        if hit is None or hit[0] is not x:
+            return
+        norm_of[lead] = hit[1]
+        amax = tokens_of(x, mask).abs().amax(0).float()
+        act_max[lead] = amax if lead not in act_max else torch.maximum(act_max[lead], amax)
+
+    handles = [m.register_forward_hook(on_norm(n)) for n, m in norms.items()]
+    handles.append(layer.register_forward_pre_hook(lambda *_: produced.clear()))
+    try:
+        groups = run_with_linear_inputs(layer, linears, inputs, on_input)
+    finally:
+        for h in handles:
+            h.remove()
+        produced.clear()
+    return [{"norm": norm_of[lead], "linears": groups[lead], "act_max": act_max[lead]}
+            for lead in groups if lead in norm_of]
+
+
+@torch.no_grad()
+def smooth(norm: nn.Module, linears: list[nn.Linear], act_max: torch.Tensor,
+           alpha: float = 0.5) -> torch.Tensor:
+    """Apply the smoothing scales in place; returns s [channels] (fp32)."""
+    w_max = torch.stack([lin.weight.abs().amax(0).float() for lin in linears]).amax(0)
+    act_max = act_max.to(w_max.device)
+    s = act_max.pow(alpha) / w_max.pow(1 - alpha)
+    s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s)).clamp_min(1e-5)
+    _divide_norm_output(norm, s)
+    for lin in linears:
+        lin.weight.data = (lin.weight.float() * s).to(lin.weight.dtype)
+    return s
+
+
+def _divide_norm_output(norm: nn.Module, s: torch.Tensor) -> None:
+    """Change the norm's affine parameters so that its output is divided by s."""
+    x = torch.randn(4, s.numel(), device=norm.weight.device, dtype=torch.float32)
+    before = norm(x.to(norm.weight.dtype)).float()
+    w = norm.weight.data.float()
+    # weight * x (Llama, Qwen, Mistral) or (1 + weight) * x (Gemma): tell them apart by output
+    saved = norm.weight.data.clone()
+    norm.weight.data.zero_()
+    bias = getattr(norm, "bias", None)
+    saved_bias = None if bias is None else bias.data.clone()
+    if bias is not None:
+        bias.data.zero_()
+    plus_one = bool(norm(x.to(saved.dtype)).abs().amax() > 0)
+    norm.weight.data = saved
+    if bias is not None:
+        bias.data = (saved_bias.float() / s).to(saved_bias.dtype)
+    norm.weight.data = (((1 + w) / s - 1) if plus_one else (w / s)).to(saved.dtype)
+    after = norm(x.to(saved.dtype)).float()
+    tol = 1e-2 if saved.dtype != torch.float32 else 1e-4
+    if not torch.allclose(after, before / s, rtol=tol, atol=tol * float(before.abs().amax())):
+        norm.weight.data = saved
+        if bias is not None:
+            bias.data = saved_bias
+        raise ValueError(f"{type(norm).__name__} is not an affine norm (weight * x or "
+                         "(1 + weight) * x): SmoothQuant cannot fold scales into it; "
+                         "run without smoothquant")
+
+
+def smoothquant_layer(layer_idx, layer, prefix, inputs, ctx, *, alpha: float = 0.5):
+    """Pipeline method function: smooth every norm -> Linears group of the layer. Quantizes
+    nothing; chain it before GPTQ or RTN: chain(partial(smoothquant_layer, alpha=0.8), gptq_layer)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"smoothquant alpha must be in [0, 1], got {alpha}")
+    infos = {}
+    modules = dict(layer.named_modules())
+    for g in smoothing_groups(layer, inputs):
+        s = smooth(modules[g["norm"]], [modules[n] for n in g["linears"]], g["act_max"], alpha)
+        for n in g["linears"]:
+            infos[f"{prefix}.{n}"] = {"smoothquant": {"alpha": alpha, "norm": f"{prefix}.{g['norm']}",
+                                                      "scale_min": float(s.min()),
+                                                      "scale_max": float(s.max())}}
+    return {}, infos
