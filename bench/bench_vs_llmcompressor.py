@@ -1,0 +1,309 @@
+"""tritonpress vs llm-compressor on one model: compress time and quality, same data.
+
+For each scheme both tools get the SAME calibration windows (saved as input_ids for
+llm-compressor, which runs in its own venv through bench/llmc_oneshot.py) and every
+checkpoint, theirs and ours, is scored on the SAME held-out windows against the bf16 model
+(perplexity and KL per text source, dynamic activation quantization simulated for W8A8).
+Our RTN checkpoint is there for reference: a calibrated method should beat it.
+
+  python bench/bench_vs_llmcompressor.py --schemes W4A16,W8A8_INT8,W8A8_FP8 --out-dir out/vs_llmc
+  python bench/bench_vs_llmcompressor.py --tiny          # CI smoke run, seconds
+
+Times: "compress" is each tool's own compression time (llm-compressor's `oneshot` call,
+tritonpress' report["seconds"]["compress"], both including calibration forwards); "process"
+is the whole subprocess (imports, load, save) in wall and CPU seconds (CPU seconds are less
+sensitive to a machine shared with other work). speedup = llm-compressor's compress seconds
+/ this row's. Results accumulate in OUT_DIR/results.json (rows replaced by scheme/tool/method),
+so schemes can be run one at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# scheme -> llm-compressor recipe (bench/llmc_oneshot.py) and our uncalibrated reference
+SCHEMES = {
+    "W4A16": dict(recipe="gptq-w4a16", reference="rtn"),
+    "W8A8_INT8": dict(recipe="gptq-w8a8", reference="rtn"),
+    "W8A8_FP8": dict(recipe="fp8", reference=None),          # our default is RTN already
+    "W8A8_FP8_24": dict(recipe="sparsegpt-fp8", reference="magnitude"),
+}
+SOURCES = ("canterbury", "code")
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _run_logged(cmd: list[str], log: Path, env=None) -> tuple[str, float, float]:
+    """Run cmd with stdout+stderr to `log`; (stdout text, wall s, CPU s of the child)."""
+    cpu0, t0 = _child_cpu(), time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    wall, cpu = time.perf_counter() - t0, _child_cpu() - cpu0
+    text = log.read_text(errors="replace")
+    if proc.returncode:
+        tail = "\n".join(text.splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); "
+                           f"log {log}:\n{tail}")
+    return text, wall, cpu
+
+
+def _last_json(text: str, key: str) -> dict:
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and key in line:
+            return json.loads(line)
+    raise RuntimeError(f"no JSON line with {key!r} in the output")
+
+
+def run_llmc(llmc_python: str, model_dir: Path, calib: Path, recipe: str, group_size: int,
+             out: Path, logs: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [llmc_python, str(ROOT / "bench" / "llmc_oneshot.py"), "--model", str(model_dir),
+           "--calib", str(calib), "--recipe", recipe, "--group-size", str(group_size),
+           "--out", str(out)]
+    text, wall, cpu = _run_logged(cmd, logs / f"{out.name}.log")
+    res = _last_json(text, '"seconds"')
+    return {"compress_s": res["seconds"], "process_s": wall, "process_cpu_s": cpu}
+
+
+def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: Path) -> dict:
+    """tritonpress compress() in a fresh process, like llm-compressor (same imports/load cost)."""
+    shutil.rmtree(out, ignore_errors=True)
+    job = dict(model=model, scheme=scheme, out=str(out), method=method, **opts)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    text, wall, cpu = _run_logged(cmd, logs / f"{out.name}.log")
+    res = _last_json(text, '"worker"')
+    return {"compress_s": res["seconds"]["compress"], "process_s": wall, "process_cpu_s": cpu,
+            "seconds": res["seconds"]}
+
+
+def worker(job: dict) -> None:
+    from tritonpress.compress.api import compress
+    report = compress(job.pop("model"), job.pop("scheme"), job.pop("out"),
+                      evaluate_quality=False, progress=False, **job)
+    print(json.dumps({"worker": True, "seconds": report["seconds"]}), flush=True)
+
+
+# ----------------------------------------------------------------------------- quality
+
+class Scorer:
+    """api.evaluate_checkpoint, with the base model's reference distributions computed once
+    and shared by every checkpoint (the same windows, references and evaluate() calls)."""
+
+    def __init__(self, base_model: str, windows: int, seq_len: int, sources=SOURCES):
+        from tritonpress.compress import data, evaluate, models
+        base, tokenizer = models.load_model(base_model)
+        self.windows, self.seq_len, self.sets = windows, seq_len, {}
+        for src in sources:
+            w = data.eval_windows(tokenizer, src, windows, seq_len)
+            self.sets[src] = (w, evaluate.reference(base, w, progress=False))
+        del base
+
+    def score(self, checkpoint: Path) -> dict:
+        from tritonpress.compress import evaluate
+        from tritonpress.compress.api import load_checkpoint_dequantized
+        model, act_args, ignore = load_checkpoint_dequantized(checkpoint)
+        out = {}
+        for src, (w, ref) in self.sets.items():
+            r = evaluate.evaluate(model, w, ref=ref, act_args=act_args, ignore=ignore,
+                                  progress=False)
+            out[src] = {"ppl_before": ref.ppl, "ppl": r["ppl"], "kl": r["kl"]}
+        return out
+
+
+# ----------------------------------------------------------------------------- table
+
+COLUMNS = ("scheme", "tool", "method", "compress s", "speedup", "process s", "process cpu s",
+           *(f"ppl {s}" for s in SOURCES), *(f"KL {s}" for s in SOURCES))
+
+
+def _f(x, nd):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = [COLUMNS]
+    for r in rows:
+        q = r.get("quality") or {}
+        lines.append((r["scheme"], r["tool"], r["method"], _f(r.get("compress_s"), 1),
+                      _f(r.get("speedup"), 2) + ("x" if r.get("speedup") else ""),
+                      _f(r.get("process_s"), 1), _f(r.get("process_cpu_s"), 1),
+                      *(_f(q.get(s, {}).get("ppl"), 3) for s in SOURCES),
+                      *(_f(q.get(s, {}).get("kl"), 5) for s in SOURCES)))
+    w = [max(len(str(l[i])) for l in lines) for i in range(len(COLUMNS))]
+    fmt = lambda l: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(l)) + " |"  # noqa: E731
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|",
+                      *map(fmt, lines[1:])])
+
+
+def save(rows: list[dict], meta: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, path)
+
+
+def upsert(rows: list[dict], row: dict) -> None:
+    key = (row["scheme"], row["tool"], row["method"])
+    rows[:] = [r for r in rows if (r["scheme"], r["tool"], r["method"]) != key] + [row]
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="built-in name or local HF dir")
+    ap.add_argument("--schemes", default="W4A16,W8A8_INT8,W8A8_FP8",
+                    help=f"comma list of {', '.join(SCHEMES)}")
+    ap.add_argument("--group-size", type=int, default=64,
+                    help="W4A16 group (SmolLM2's hidden 576 is not a multiple of 128)")
+    ap.add_argument("--num-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--actorder", action="store_true",
+                    help="also run our GPTQ with act order (llm-compressor's default is static "
+                         "act order)")
+    ap.add_argument("--no-reference", action="store_true", help="skip our RTN reference rows")
+    ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
+    ap.add_argument("--out-dir", default=str(ROOT / "out" / "bench_vs_llmc"))
+    ap.add_argument("--delete-checkpoints", action="store_true",
+                    help="remove each checkpoint once scored (kept by default, in OUT_DIR/checkpoints)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="CI size: 8 x 64 calibration, 2 x 64 eval; llm-compressor skipped if "
+                         "its python is missing")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.num_samples, args.seq_len, args.eval_windows, args.eval_seq_len = 8, 64, 2, 64
+    args.schemes = [s.strip().upper() for s in args.schemes.split(",") if s.strip()]
+    bad = [s for s in args.schemes if s not in SCHEMES]
+    if bad:
+        ap.error(f"unknown scheme(s) {bad}: choose from {', '.join(SCHEMES)}")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return []
+    from tritonpress.compress import data, models
+
+    out_dir = Path(args.out_dir).resolve()
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    ckpts = out_dir / "checkpoints"
+    model_dir = (models.smollm2_checkpoint() if args.model.lower() in models.BUILTIN_MODELS
+                 else Path(args.model).expanduser().resolve())
+    use_llmc = not args.skip_llmc
+    if use_llmc and not Path(args.llmc_python).exists():
+        if not args.tiny:
+            raise SystemExit(f"llm-compressor's python {args.llmc_python} not found: run "
+                             "`make llmc-env`, pass --llmc-python, or --skip-llmc")
+        print(f"[bench] {args.llmc_python} missing: llm-compressor skipped (--tiny)")
+        use_llmc = False
+
+    # the calibration windows, exactly as compress() makes them (same source, sizes, seed)
+    tokenizer = models.load_model(model_dir)[1]
+    batches = data.calibration_batches(tokenizer, "canterbury", args.num_samples, args.seq_len,
+                                       seed=args.seed)
+    calib = out_dir / "calib_input_ids.pt"
+    torch.save(torch.cat([b["input_ids"] for b in batches]), calib)
+
+    results = out_dir / "results.json"
+    rows = json.loads(results.read_text())["rows"] if results.exists() else []
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.node()}",
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "model": str(args.model), "group_size": args.group_size,
+            "calibration": f"canterbury {args.num_samples} x {args.seq_len} seed {args.seed}",
+            "eval": f"{'+'.join(SOURCES)} {args.eval_windows} x {args.eval_seq_len} each"}
+    opts = dict(dataset="canterbury", num_samples=args.num_samples, seq_len=args.seq_len,
+                seed=args.seed)
+    t0 = time.perf_counter()
+    scorer = Scorer(str(model_dir), args.eval_windows, args.eval_seq_len)
+    print(f"[bench] reference distributions: {time.perf_counter() - t0:.0f}s", flush=True)
+    bf16 = {"scheme": "-", "tool": "bf16", "method": "-",
+            "quality": {s: {"ppl": scorer.sets[s][1].ppl, "kl": 0.0} for s in SOURCES}}
+    upsert(rows, bf16)
+
+    def record(scheme, tool, method, timing, ckpt, llmc_s):
+        t = time.perf_counter()
+        row = {"scheme": scheme, "tool": tool, "method": method, **timing,
+               "load_avg": os.getloadavg()[0], "size_bytes": _dir_size(ckpt),
+               "checkpoint": str(ckpt)}
+        try:
+            row["quality"] = scorer.score(ckpt)
+        except Exception as e:  # keep the timing and the checkpoint; rescore it by hand
+            row["quality"], row["eval_error"] = {}, f"{type(e).__name__}: {e}"
+            print(f"[bench] scoring {ckpt} failed: {row['eval_error']}", flush=True)
+        row["eval_s"] = time.perf_counter() - t
+        if llmc_s and tool == "tritonpress":
+            row["speedup"] = llmc_s / row["compress_s"]
+        upsert(rows, row)
+        save(rows, meta, results)
+        print(f"[bench] {scheme} {tool} {method}: compress {row['compress_s']:.1f}s, "
+              f"process {row['process_s']:.1f}s, eval {row['eval_s']:.0f}s, "
+              f"KL {[row['quality'].get(s, {}).get('kl') for s in SOURCES]}", flush=True)
+        if args.delete_checkpoints and "eval_error" not in row:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+    from tritonpress.compress.api import DEFAULT_METHOD
+    for scheme in args.schemes:
+        spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
+        llmc_s = None
+        if use_llmc:
+            out = ckpts / f"{scheme}-llmc"
+            timing = run_llmc(args.llmc_python, model_dir, calib, spec["recipe"],
+                              args.group_size, out, out_dir / "logs")
+            llmc_s = timing["compress_s"]
+            method = spec["recipe"] + (" (static actorder)" if "gptq" in spec["recipe"] else "")
+            record(scheme, "llm-compressor", method, timing, out, None)
+        runs = [(DEFAULT_METHOD[scheme], {})]
+        if args.actorder and DEFAULT_METHOD[scheme] == "gptq":
+            runs.append(("gptq+actorder", {"actorder": True}))
+        if spec["reference"] and not args.no_reference:
+            runs.append((spec["reference"], {}))
+        for name, extra in runs:
+            out = ckpts / f"{scheme}-tp-{name.replace('+', '-')}"
+            timing = run_ours(args.model, scheme, name.split("+")[0], out,
+                              dict(opts, group_size=gs, **extra), out_dir / "logs")
+            record(scheme, "tritonpress", name, timing, out, llmc_s)
+
+    meta["seconds_total"] = round(time.perf_counter() - t0, 1)
+    save(rows, meta, results)
+    order = {s: i for i, s in enumerate(["-", *SCHEMES])}
+    rows.sort(key=lambda r: order.get(r["scheme"], 99))
+    print(f"\n{meta['model']}: calibration {meta['calibration']}; eval {meta['eval']}; "
+          f"{meta['machine']}, torch threads {meta['torch_threads']}")
+    print(table(rows))
+    print(f"results: {results}")
+    return rows
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+if __name__ == "__main__":
+    main()
