@@ -7,7 +7,7 @@ from tritonpress.compress.rtn import expand, group_index, group_qparams, rtn_qua
 from tritonpress.kernels.quant import dequantize_ref, quantize_ref, quantize_weight_ref
 from tritonpress.schemes import get_scheme
 
-SCHEMES = [("W4A16", 40), ("W4A16_ASYM", 40), ("W8A8_INT8", None), ("W8A8_FP8", None)]
+SCHEMES = [("W4A16", 24), ("W4A16_ASYM", 24), ("W8A8_INT8", None), ("W8A8_FP8", None)]
 
 
 def _args(name, group=None):
@@ -60,11 +60,11 @@ def out_err(W, Q, H):
 @pytest.mark.parametrize("actorder,scales", [(None, "static"), ("desc", "static"),
                                              (None, "dynamic"), ("desc", "dynamic")])
 def test_blocked_sweep_matches_unblocked_obs(name, group, actorder, scales):
-    # 200 columns: not a multiple of the 64-column block; groups of 40 straddle blocks
+    # 120 columns: not a multiple of the 32-column block; groups of 24 straddle blocks
     args = _args(name, group)
-    W = torch.randn(37, 200)
-    H = correlated_hessian(200)
-    qw, Q, info = gptq_quantize(W, H, args, torch.float32, blocksize=64, actorder=actorder,
+    W = torch.randn(37, 120)
+    H = correlated_hessian(120)
+    qw, Q, info = gptq_quantize(W, H, args, torch.float32, blocksize=32, actorder=actorder,
                                 group_scales=scales)
     ref = obs_reference(W, H, args, actorder=bool(actorder), dynamic=scales == "dynamic")
     # dynamic scales come from float64 vs float32 weights: equal up to an ulp, not bit-exact
@@ -78,8 +78,8 @@ def test_blocked_sweep_matches_unblocked_obs(name, group, actorder, scales):
 @pytest.mark.parametrize("name,group", SCHEMES)
 def test_gptq_output_error_below_rtn(name, group):
     args = _args(name, group)
-    W = torch.randn(64, 160)
-    H = correlated_hessian(160, seed=1)
+    W = torch.randn(64, 144)
+    H = correlated_hessian(144, seed=1)
     _, rtn = rtn_quantize(W, args, torch.float32)
     for scales in ("static", "dynamic"):
         _, Q, info = gptq_quantize(W, H, args, torch.float32, group_scales=scales)

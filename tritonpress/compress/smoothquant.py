@@ -77,7 +77,7 @@ def _divide_norm_output(norm: nn.Module, s: torch.Tensor) -> None:
     """Change the norm's affine parameters so that its output is divided by s."""
     x = torch.randn(4, s.numel(), device=norm.weight.device, dtype=torch.float32)
     before = norm(x.to(norm.weight.dtype)).float()
-    w = norm.weight.data.float()
+    w = norm.weight.data.float().clone()
     # weight * x (Llama, Qwen, Mistral) or (1 + weight) * x (Gemma): tell them apart by output
     saved = norm.weight.data.clone()
     norm.weight.data.zero_()

@@ -1,0 +1,162 @@
+"""The sequential calibration pipeline on a tiny random Llama, and SmoothQuant."""
+from functools import partial
+
+import pytest
+import torch
+
+from tritonpress.compress import pipeline
+from tritonpress.compress.gptq import gptq_layer
+from tritonpress.compress.models import tiny_llama
+from tritonpress.compress.pipeline import (LayerInputs, capture_layer_inputs, capture_module_io,
+                                           chain, collect_hessians, compress_sequential,
+                                           find_decoder_layers, identity_method, target_linears)
+from tritonpress.compress.rtn import rtn_layer
+from tritonpress.compress.smoothquant import smoothquant_layer
+from tritonpress.schemes import get_scheme
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
+    return m
+
+
+def make_batches(seed=0, vocab=300):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0                                        # left padding in one row
+    return [{"input_ids": ids, "attention_mask": mask},
+            {"input_ids": torch.randint(2, vocab, (1, 17), generator=g)}]
+
+
+def layer_inputs(model, batches, idx=0):
+    hidden, kwargs, masks = capture_layer_inputs(model, batches, CPU, CPU)
+    inputs = LayerInputs(hidden, kwargs[0], masks, CPU, CPU)
+    layers, prefix = find_decoder_layers(model)
+    for i in range(idx):
+        inputs = inputs.with_hidden(inputs.run(layers[i]), kwargs[i + 1])
+    return inputs, layers[idx], f"{prefix}.{idx}"
+
+
+def test_identity_method_reproduces_the_forward(model):
+    batches = make_batches()
+    res = compress_sequential(model, batches, get_scheme("W8A8_INT8"), identity_method,
+                              progress=False)
+    assert res.qweights == {} and len(res.seconds_per_layer) == 2
+    with torch.no_grad():
+        for b, h in zip(batches, res.final.hidden):
+            ref = model.model(**b).last_hidden_state
+            torch.testing.assert_close(model.model.norm(h), ref, rtol=0, atol=0)
+
+
+def test_shared_hessians_computed_once(model, monkeypatch):
+    calls = []
+    real = pipeline.accumulate_hessian
+    monkeypatch.setattr(pipeline, "accumulate_hessian",
+                        lambda H, x, n, mask=None: calls.append(x.shape) or real(H, x, n, mask))
+    batches = make_batches()
+    inputs, layer, prefix = layer_inputs(model, batches)
+    linears = target_linears(layer, prefix, None, ())
+    hs = collect_hessians(layer, linears, inputs)
+    a = prefix + ".self_attn."
+    m = prefix + ".mlp."
+    assert hs[a + "q_proj"] is hs[a + "k_proj"] is hs[a + "v_proj"]
+    assert hs[m + "gate_proj"] is hs[m + "up_proj"]
+    assert len({id(h) for h in hs.values()}) == 4          # qkv, o, gate/up, down
+    assert len(calls) == 4 * len(batches)                  # each accumulated once per batch
+    # and it is 2/n sum x x^T over the real tokens
+    io = capture_module_io(layer, {"q": layer.self_attn.q_proj}, inputs)
+    x = torch.cat([pipeline.tokens_of(xi, mi) for (xi, _), mi in zip(io["q"], inputs.token_masks)])
+    assert hs[a + "q_proj"].n == x.shape[0] == 24 + 17 + 17
+    torch.testing.assert_close(hs[a + "q_proj"].H, 2 / x.shape[0] * x.T @ x)
+
+
+def test_padding_tokens_do_not_change_the_hessian(model):
+    b1 = make_batches()
+    b2 = make_batches()
+    b2[0]["input_ids"][1, :7] = 1 + b2[0]["input_ids"][1, :7] % 50   # only masked tokens differ
+    h1 = collect_hessians(*_args(model, b1))
+    h2 = collect_hessians(*_args(model, b2))
+    for name in h1:
+        torch.testing.assert_close(h1[name].H, h2[name].H, rtol=1e-5, atol=1e-6)
+    # while changing a real token does change it
+    b2[0]["input_ids"][1, 10] += 1
+    h3 = collect_hessians(*_args(model, b2))
+    assert not torch.allclose(h1[next(iter(h1))].H, h3[next(iter(h3))].H)
+
+
+def _args(model, batches, idx=1):
+    inputs, layer, prefix = layer_inputs(model, batches, idx)
+    return layer, target_linears(layer, prefix, None, ()), inputs
+
+
+def test_gptq_pipeline_writes_back_what_it_returns():
+    m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
+    batches = make_batches()
+    scheme = get_scheme("W4A16", group_size=32)
+    res = compress_sequential(m, batches, scheme, partial(gptq_layer, actorder="desc"),
+                              progress=False)
+    assert len(res.qweights) == 14
+    mods = dict(m.named_modules())
+    for name, qw in res.qweights.items():
+        torch.testing.assert_close(mods[name].weight.data, qw.dequantize(torch.float32),
+                                   rtol=0, atol=0)
+        info = res.infos[name]
+        assert info["fallback"] is None and info["tokens"] == 58
+    assert res.infos["model.layers.0.self_attn.k_proj"]["hessian_shared_with"] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+
+
+def test_gptq_beats_rtn_on_the_layer_outputs():
+    batches = make_batches() + make_batches(1)
+    scheme = get_scheme("W4A16", group_size=16)
+    ref, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
+    out = {}
+    for name, fn in [("rtn", rtn_layer), ("gptq", gptq_layer), ("none", identity_method)]:
+        m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
+        out[name] = compress_sequential(m, batches, scheme, fn, progress=False).final.hidden
+    err = {k: sum(float((h - r).pow(2).sum()) for h, r in zip(v, out["none"]))
+           for k, v in out.items() if k != "none"}
+    assert err["gptq"] < 0.8 * err["rtn"], err
+
+
+def test_group_size_not_dividing_in_features(model):
+    scheme = get_scheme("W4A16", group_size=64)          # intermediate 160 = 2.5 groups
+    with pytest.raises(ValueError, match=r"down_proj.*partial_last_group") as e:
+        compress_sequential(model, make_batches(), scheme, identity_method, progress=False)
+    assert "ignore=['down_proj']" in str(e.value)
+    m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
+    res = compress_sequential(m, make_batches(), scheme, gptq_layer, partial_last_group=True,
+                              progress=False)
+    assert res.qweights["model.layers.1.mlp.down_proj"].scale.shape == (64, 3)
+    res = compress_sequential(m, make_batches(), scheme, rtn_layer, ignore=["down_proj"],
+                              progress=False)
+    assert not any("down_proj" in k for k in res.qweights)
+
+
+def test_smoothquant_is_a_no_op_in_float():
+    m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
+    with torch.no_grad():   # outlier channels, so the scales are far from 1
+        m.model.embed_tokens.weight[:, 5] *= 30
+        m.model.layers[0].mlp.up_proj.weight[:, 7] *= 10
+    batches = make_batches()
+    with torch.no_grad():
+        before = [m(**b).logits for b in batches]
+    norm_before = m.model.layers[0].input_layernorm.weight.clone()
+    res = compress_sequential(m, batches, get_scheme("W8A8_INT8"),
+                              chain(partial(smoothquant_layer, alpha=0.5), identity_method),
+                              progress=False)
+    info = res.infos["model.layers.0.self_attn.q_proj"]["smoothquant"]
+    assert info["norm"] == "model.layers.0.input_layernorm"
+    assert res.infos["model.layers.1.mlp.up_proj"]["smoothquant"]["norm"] == \
+        "model.layers.1.post_attention_layernorm"
+    assert "model.layers.0.self_attn.o_proj" not in res.infos     # o_proj reads no norm
+    assert info["scale_max"] / info["scale_min"] > 2
+    assert not torch.allclose(norm_before, m.model.layers[0].input_layernorm.weight)
+    with torch.no_grad():
+        for b, y in zip(batches, before):
+            torch.testing.assert_close(m(**b).logits, y, rtol=1e-4, atol=1e-4)
