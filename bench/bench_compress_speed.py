@@ -222,7 +222,9 @@ def run(out_dir: str, shape: str, samples: int, seq_len: int, schemes: list[str]
     out = Path(out_dir)
     work = out / "_work"
     work.mkdir(parents=True, exist_ok=True)
-    calib = write_calibration_text(work / "calib.txt", int(samples * seq_len * 1.3 / 0.9) + 4 * seq_len)
+    # 90% of each document is the calibration split; 30% spare for the random offset
+    n_chars = int(samples * seq_len * 1.3 / 0.9) + 4 * seq_len
+    calib = write_calibration_text(work / "calib.txt", n_chars)
     t = time.perf_counter()
     model_dir = build_model(work / f"model-{shape}", shape)
     build_s = round(time.perf_counter() - t, 1)
@@ -248,15 +250,18 @@ def run(out_dir: str, shape: str, samples: int, seq_len: int, schemes: list[str]
         rows.append(row)
         print(f"  {scheme:<12} tritonpress {_cell(row)}", flush=True)
         if llmc_python and (budget_s is None or time.time() - t_start < budget_s):
-            left = llmc_timeout if budget_s is None else max(30.0, budget_s - (time.time() - t_start))
-            r = run_llmc(llmc_python, scheme, model_dir, work / "calib_ids.pt", min(llmc_timeout, left))
+            left = llmc_timeout if budget_s is None else \
+                max(30.0, budget_s - (time.time() - t_start))
+            r = run_llmc(llmc_python, scheme, model_dir, work / "calib_ids.pt",
+                         min(llmc_timeout, left))
             rows.append(r)
             print(f"  {scheme:<12} llm-compressor {_cell(r)}", flush=True)
 
     ours = {r["scheme"]: r for r in rows if r["tool"] == "tritonpress"}
     for r in rows:
-        if r["tool"] == "llm-compressor" and r.get("seconds") and ours.get(r["scheme"], {}).get("seconds"):
-            ours[r["scheme"]]["speedup_vs_llmc"] = round(r["seconds"] / ours[r["scheme"]]["seconds"], 2)
+        mine = ours.get(r["scheme"], {})
+        if r["tool"] == "llm-compressor" and r.get("seconds") and mine.get("seconds"):
+            mine["speedup_vs_llmc"] = round(r["seconds"] / mine["seconds"], 2)
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 capability=list(torch.cuda.get_device_capability()) if device == "cuda" else None,
                 torch=torch.__version__, python=platform.python_version(),
@@ -342,7 +347,8 @@ def main(argv=None):
     p.add_argument("--shape", choices=list(SHAPES), default=None)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--schemes", default=",".join(SCHEMES), help="comma list of " + ", ".join(SCHEMES))
+    p.add_argument("--schemes", default=",".join(SCHEMES),
+                   help="comma list of " + ", ".join(SCHEMES))
     p.add_argument("--llmc-python", default=None,
                    help="python with llmcompressor (default: this one if it has it, else "
                         ".venv-llmc/bin/python if present)")
