@@ -68,11 +68,16 @@ def qps_claims(q: dict) -> list[tuple[str, str, str]]:
     for c in q["crossovers"]:
         if c["loser"] == "W4A16" and c["winner"] in W8A8:
             if c["status"] == "crosses":
-                ev = (f"{c['winner']} is faster than W4A16 at every measured M >= {c['m']} "
-                      f"(log-interpolated crossover M ≈ {c['m_interp']}, between {c['between']})")
+                verdict = f"M = {c['m']} (interpolated ≈ {c['m_interp']})"
+                ev = (f"{c['winner']} is faster than W4A16 at every measured M >= {c['m']} and "
+                      f"slower at M = {c['between'][0]}; the log speed ratio crosses zero at "
+                      f"M ≈ {c['m_interp']}")
+            elif c["status"] == "ahead at every measured M":
+                verdict, ev = f"M = {c['m']} (faster everywhere)", c["status"]
             else:
-                ev = c["status"]
-            rows.append((f"Crossover: {c['winner']} overtakes W4A16", c["status"], ev))
+                verdict, ev = "none", c["status"]
+            rows.append((f"Crossover: batch size from which {c['winner']} is faster than W4A16",
+                         verdict, ev))
 
     mh = [m for m in MID_HIGH_M if ("W8A8-FP8", m) in t and ("W8A8-INT8", m) in t]
     ok = [m for m in mh if t[("W8A8-FP8", m)] <= t[("W8A8-INT8", m)]]

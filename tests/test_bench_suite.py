@@ -69,8 +69,8 @@ def test_layer_shapes_are_llama3_8b(qps):
 
 def test_qps_cpu_reduced_mode(qps, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITONPRESS_GEMM_BACKEND", "torch")   # run() sets it; restore after
-    qps.main([str(tmp_path), "--cpu", "--ms", "1,4,16"])
-    r = json.loads((tmp_path / "qps.json").read_text())
+    qps.main([str(tmp_path / "qps"), "--cpu", "--ms", "1,4,16"])
+    r = json.loads((tmp_path / "qps" / "qps.json").read_text())
     assert set(r) >= {"info", "ms", "schemes", "checks", "results", "crossovers", "fastest"}
     assert r["ms"] == [1, 4, 16] and r["info"]["mode"] == "cpu-reference"
     assert r["schemes"] == ["bf16", "W4A16", "W8A8-INT8", "W8A8-FP8", "2:4-FP8"]
@@ -94,7 +94,11 @@ def test_qps_cpu_reduced_mode(qps, tmp_path, monkeypatch):
                                "ahead only below the largest M") for c in r["crossovers"])
     assert set(r["fastest"]) == {"1", "4", "16"}
     if qps.plots.available():
-        assert _is_png(tmp_path / "qps.png")
+        assert _is_png(tmp_path / "qps" / "qps.png")
+    # the claims summary reads it, and says CPU numbers are no evidence
+    text = _load("summarize").summarize(str(tmp_path))
+    assert "not evidence" in text and "W8A8-FP8 is faster than W4A16" in text
+    assert (tmp_path / "SUMMARY.md").read_text() == text
 
 
 def test_compress_speed_small(tmp_path):
