@@ -1,0 +1,153 @@
+"""Quality of a (compressed) model on held-out windows: perplexity, and KL to the original.
+
+  ppl = exp(mean over windows and positions t of -log p(x[t+1] | x[:t+1]))
+  kl  = mean over the same positions of KL(p_ref || p_model)
+      = sum_v p_ref(v) * (log p_ref(v) - log p_model(v))
+
+KL needs the original model's next-token distributions: `reference()` runs it once and keeps
+its log-probs on the CPU (fp16: 16 windows x 511 x 49152 vocab = 0.8 GB for SmolLM2).
+W8A8 schemes also quantize each Linear's input per token at inference: `act_args` simulates
+that (quantize -> dequantize the input) so the numbers match what vLLM would compute.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.quant import quantize_per_token_ref
+from ..schemes import QuantArgs
+
+
+@dataclass
+class Ref:
+    """The uncompressed model's next-token log-probs, one [seq_len - 1, vocab] per window."""
+    logprobs: list[torch.Tensor]
+    ppl: float
+
+
+def _as_windows(windows) -> torch.Tensor:
+    """Accept a [n, L] LongTensor, a list of 1-D tensors, or a list of {input_ids} batches."""
+    if isinstance(windows, torch.Tensor):
+        x = windows
+    elif windows and isinstance(windows[0], dict):
+        x = torch.cat([b["input_ids"] for b in windows])
+    else:
+        x = torch.stack(list(windows)) if len(windows) else torch.empty(0, 0, dtype=torch.long)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] < 2:
+        raise ValueError(f"windows must be [num_windows, seq_len >= 2] token ids, got {tuple(x.shape)}")
+    return x.long()
+
+
+def _check_fits(model: nn.Module, x: torch.Tensor) -> None:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if int(x.max()) >= vocab or int(x.min()) < 0:
+        raise ValueError(f"token ids span [{int(x.min())}, {int(x.max())}] but the model's vocab "
+                         f"is {vocab}: were the windows made with this model's tokenizer?")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and x.shape[1] > max_pos:
+        raise ValueError(f"windows of {x.shape[1]} tokens exceed the model's "
+                         f"max_position_embeddings ({max_pos}): use shorter windows")
+
+
+def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[L - 1, vocab] fp32 log-probs of the next token at positions 0..L-2."""
+    device = model.get_output_embeddings().weight.device
+    logits = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False).logits[0, :-1]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _windows_iter(x: torch.Tensor, progress: bool, desc: str):
+    if not progress:
+        return x
+    from tqdm.auto import tqdm
+    return tqdm(x, desc=desc, leave=False)
+
+
+@torch.no_grad()
+def reference(model: nn.Module, windows, dtype: torch.dtype = torch.float16,
+              progress: bool = False) -> Ref:
+    """Run the uncompressed model once; keep its log-probs (in `dtype`, on the CPU)."""
+    x = _as_windows(windows)
+    _check_fits(model, x)
+    logprobs, nll, count = [], 0.0, 0
+    for ids in _windows_iter(x, progress, "reference"):
+        lp = _logprobs(model, ids)
+        nll -= lp.gather(-1, ids[1:].to(lp.device).unsqueeze(-1)).sum().item()
+        count += len(ids) - 1
+        logprobs.append(lp.to("cpu", dtype))
+    return Ref(logprobs, math.exp(nll / count))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows, ref: Ref | None = None, act_args: QuantArgs | None = None,
+             ignore: tuple[str, ...] | list[str] = (), progress: bool = True) -> dict:
+    """{"ppl", "nll", "kl" (None without ref), "tokens"} of `model` on the windows."""
+    x = _as_windows(windows)
+    _check_fits(model, x)
+    if ref is not None and (len(ref.logprobs) != len(x) or ref.logprobs[0].shape[0] != x.shape[1] - 1):
+        raise ValueError(f"ref was computed on {len(ref.logprobs)} windows of "
+                         f"{ref.logprobs[0].shape[0] + 1} tokens, not on these {tuple(x.shape)}")
+    nll, kl, count = 0.0, 0.0, 0
+    sim = simulate_activation_quant(model, act_args, ignore) if act_args else contextlib.nullcontext()
+    with sim:
+        for i, ids in enumerate(_windows_iter(x, progress, "evaluate")):
+            lp = _logprobs(model, ids)
+            nll -= lp.gather(-1, ids[1:].to(lp.device).unsqueeze(-1)).sum().item()
+            if ref is not None:
+                # renormalize: rounding to fp16 leaves sum(p_ref) != 1, which biases KL to
+                # first order; a proper distribution keeps the error second order
+                lp_ref = F.log_softmax(ref.logprobs[i].to(lp.device, torch.float32), dim=-1)
+                kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
+            count += len(ids) - 1
+    return {"ppl": math.exp(nll / count), "nll": nll / count,
+            "kl": kl / count if ref is not None else None, "tokens": count}
+
+
+# ----------------------------------------------------------------------------- activations
+
+def matches(name: str, patterns) -> bool:
+    """compressed-tensors ignore entries: a full module name, its last part, or "re:<regex>"."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def fake_quant_per_token(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Quantize each token's (row's) values with its own scale, then dequantize: x_hat."""
+    q, scale = quantize_per_token_ref(x, args)
+    return (q.float() * scale).to(x.dtype)
+
+
+@contextlib.contextmanager
+def simulate_activation_quant(model: nn.Module, act_args: QuantArgs,
+                              ignore: tuple[str, ...] | list[str] = ()):
+    """Within the block, every nn.Linear but lm_head and those in `ignore` sees its input
+    quantized per token (yields how many Linears are hooked)."""
+    if act_args.strategy != "token":
+        raise ValueError(f"activation quantization is simulated per token (dynamic); "
+                         f"got strategy {act_args.strategy!r}")
+    if act_args.type == "int" and not act_args.symmetric:
+        raise ValueError("dynamic per-token activations are symmetric; asymmetric ones are not "
+                         "supported by the W8A8 kernels either")
+
+    def hook(module, inputs):
+        return (fake_quant_per_token(inputs[0], act_args), *inputs[1:])
+
+    lm_head = model.get_output_embeddings()
+    handles = [m.register_forward_pre_hook(hook) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and m is not lm_head and not matches(name, ignore)]
+    try:
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()
