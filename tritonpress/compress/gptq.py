@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import warnings
 
 import torch
 
@@ -216,6 +217,11 @@ def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
                                       group_scales=group_scales,
                                       partial_last_group=ctx.partial_last_group)
         lin.weight.data = deq.to(lin.weight.dtype)
+        if info["fallback"] or info["dampening_failed"]:
+            what = ("fell back to RTN" if info["fallback"] else
+                    f"needed dampening {info['dampening']:g}")
+            warnings.warn(f"GPTQ {name}: Hessian not positive definite with dampening "
+                          f"{info['dampening_failed']}; {what}", stacklevel=2)
         info.update(tokens=st.n, hessian_shared_with=[m for m in st.members if m != name])
         qweights[name] = QuantizedWeight(qw.q.cpu(), qw.scale.cpu(),
                                          None if qw.zero_point is None else qw.zero_point.cpu(),

@@ -8,7 +8,7 @@ architecture is hard-coded):
      layer, since sliding-window models give layers different masks); the last catcher raises
      to stop the forward. No decoder layer runs.
   2. For each layer in order, on the compute device (one decoder layer there at a time):
-     ``names = method_fn(layer_idx, layer, prefix, inputs, ctx)`` collects what it needs with
+     ``qweights, infos = method_fn(layer_idx, layer, prefix, inputs, ctx)`` collects what it needs with
      hooks (``collect_hessians``, ``LinearInputHooks``, ``capture_module_io``), compresses the
      Linears in ``ctx.linears`` and writes their dequantized weights back into the layer;
      then the batches go through the compressed layer to give the next layer's inputs.
@@ -533,9 +533,12 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         home = next(layer.parameters()).device
         layer.to(device)
         lp = f"{prefix}.{i}"
-        ctx = LayerContext(model, scheme, device, i, lp, target_linears(layer, lp, targets, ignore),
-                           next(layer.parameters()).dtype, partial_last_group,
-                           dict(options or {}), infos)
+        linears = target_linears(layer, lp, targets, ignore)
+        # scales are stored in the weights' dtype (bf16 model -> bf16 scales)
+        scale_dtype = next(iter(linears.values())).weight.dtype if linears else \
+            next(layer.parameters()).dtype
+        ctx = LayerContext(model, scheme, device, i, lp, linears, scale_dtype,
+                           partial_last_group, dict(options or {}), infos)
         qw, info = method_fn(i, layer, lp, inputs, ctx)
         qweights.update(qw)
         for k, v in info.items():
