@@ -70,7 +70,7 @@ def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
         i2 = min(i1 + blocksize, cols)
         Q1, Err1 = prune24_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale)
         W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)    # the lazy trailing update
         losses += Err1.square().sum(1)
     return W, losses
 
@@ -221,7 +221,7 @@ def magnitude_linears(linears: dict, scheme, device=None):
         w = lin.weight.data if device is None else lin.weight.data.to(device)
         qw = magnitude_24(w, args=scheme.weights, scale_dtype=lin.weight.dtype)
         lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
-        qweights[name] = qw
+        qweights[name] = QuantizedWeight(qw.q.cpu(), qw.scale.cpu(), None, qw.args)
         infos[name] = {"method": "magnitude"}
     return qweights, infos
 

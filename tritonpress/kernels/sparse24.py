@@ -114,7 +114,7 @@ def _prune24_block_kernel(W, Hinv, S, Q, E, rows, n, stride_w, stride_h, stride_
     work = tl.load(W + r[:, None] * stride_w + cols[None, :], mask=tile_mask, other=0.0)
     work = work.to(tl.float32)
     err_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    s = 1.0
+    s = tl.full([BLOCK_M], 1.0, tl.float32)
     if QUANT:
         s = tl.load(S + r, mask=r < rows, other=1.0)
     for g in range(0, n, 4):
