@@ -5,7 +5,8 @@ import functools
 import pytest
 import torch
 
-from tritonpress.compress.sparsegpt import (FP8_CHANNEL, hessian_loss, hessian_loss_rows,
+from tritonpress.compress.sparsegpt import (FP8_CHANNEL, check_24_shapes, hessian_loss,
+                                            hessian_loss_rows,
                                             inverse_hessian_cholesky, magnitude_24,
                                             magnitude_linears, sparsegpt_24, sparsegpt_method,
                                             undampened_loss_rows)
@@ -137,6 +138,15 @@ def test_bad_input_is_rejected_with_the_fix():
         sparsegpt_24(torch.full((4, 32), float("nan")), H)
     with pytest.raises(ValueError, match="not positive definite"):
         sparsegpt_24(torch.randn(4, 32), torch.full((32, 32), float("nan")))
+
+
+def test_layers_that_cannot_be_24_are_named():
+    lins = {"model.layers.0.mlp.down_proj": torch.nn.Linear(30, 8),
+            "model.layers.0.mlp.up_proj": torch.nn.Linear(32, 8)}
+    with pytest.raises(ValueError, match=r"down_proj \(30\).*ignore=\['down_proj'\]"):
+        check_24_shapes(lins)
+    with pytest.raises(ValueError, match="down_proj"):
+        magnitude_linears(lins, get_scheme("W8A8_FP8_24"))
 
 
 # ----------------------------------------------------------------------------- in the pipeline

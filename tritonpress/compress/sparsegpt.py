@@ -162,6 +162,7 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     interact). Dequantized weights go back into the layer."""
     from .pipeline import collect_hessians
 
+    check_24_shapes(ctx.linears)
     blocksize = blocksize or ctx.options.get("block_size", 128)
     percdamp = ctx.options.get("damp", 0.01) if percdamp is None else percdamp
     hessians = collect_hessians(layer, ctx.linears, inputs)
@@ -216,6 +217,7 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
 @torch.no_grad()
 def magnitude_linears(linears: dict, scheme, device=None):
     """The data-free baseline over a model's Linears: (qweights, infos), weights written back."""
+    check_24_shapes(linears)
     qweights, infos = {}, {}
     for name, lin in linears.items():
         w = lin.weight.data if device is None else lin.weight.data.to(device)
@@ -227,6 +229,17 @@ def magnitude_linears(linears: dict, scheme, device=None):
 
 
 # ----------------------------------------------------------------------------- plumbing
+
+
+def check_24_shapes(linears: dict) -> None:
+    """Every Linear to prune needs in-features divisible by 4 (call before calibrating)."""
+    bad = {n: m.in_features for n, m in linears.items() if m.in_features % 4}
+    if bad:
+        shown = ", ".join(f"{n} ({k})" for n, k in list(bad.items())[:6])
+        names = sorted({n.split(".")[-1] for n in bad})
+        raise ValueError(f"2:4 sparsity needs in-features divisible by 4, these Linears have "
+                         f"other sizes: {shown}{' ...' if len(bad) > 6 else ''}. Leave them "
+                         f"dense: ignore={names}")
 
 
 def _check(W, H, args, blocksize):
