@@ -7,8 +7,8 @@
 # Environment (all optional):
 #   PYTHON=python3       the interpreter (needs torch with CUDA, triton, transformers)
 #   WHEELS=.whl          a folder of wheels for what that python lacks (matplotlib,
-#                        pytest-benchmark, hypothesis, compressed-tensors, gguf, ...): they are
-#                        installed offline into a venv over the system packages first
+#                        pytest-benchmark, hypothesis, compressed-tensors, gguf, ...; made by
+#                        bench/fetch_wheels.sh): installed offline first, beside the system's
 #   TP_DEADLINE=450      seconds for the whole run; a step gets min(its budget, time left)
 #   TP_ONLY=qps,compress run only these steps (names in the summary table)
 #   LLMC_PYTHON=PATH     a python with llmcompressor: compress speed is compared against it
@@ -34,19 +34,15 @@ SUMMARY=()
 # ---------------------------------------------------------------- wheels for what is missing
 WHEELS=${WHEELS:-.whl}
 if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    VENV=${TMPDIR:-/tmp}/tritonpress-gpu-venv
-    echo "gpu_check: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $VENV"
-    if "$PY" -m venv --system-site-packages "$VENV" > "$OUT/logs/wheels.log" 2>&1; then
-        PY="$VENV/bin/python"
-        if ! "$PY" -m pip install -q --no-index --find-links "$WHEELS" "$WHEELS"/*.whl \
-                >> "$OUT/logs/wheels.log" 2>&1; then
-            for w in "$WHEELS"/*.whl; do   # some dependency is missing: install what we can
-                "$PY" -m pip install -q --no-index --no-deps "$w" >> "$OUT/logs/wheels.log" 2>&1 \
-                    || echo "gpu_check: could not install $(basename "$w")"
-            done
-        fi
+    # exactly these wheels (bench/fetch_wheels.sh lists their closure), in a folder put first
+    # on PYTHONPATH: no venv module needed, the system's torch/triton/transformers stay
+    SITE=${TMPDIR:-/tmp}/tritonpress-gpu-site
+    echo "gpu_check: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
+    if "$PY" -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "$WHEELS"/*.whl \
+            > "$OUT/logs/wheels.log" 2>&1; then
+        export PYTHONPATH="$SITE:$PYTHONPATH"
     else
-        echo "gpu_check: could not make a venv (see logs/wheels.log); using $PY as it is"
+        echo "gpu_check: pip could not install the wheels (logs/wheels.log); going on without"
     fi
 fi
 
