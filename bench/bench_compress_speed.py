@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -55,12 +56,12 @@ SHAPES = {   # random_llama arguments (2 decoder layers each)
     "tiny": dict(hidden=128, intermediate=256, heads=4, kv_heads=2, vocab=512),
 }
 # scheme -> (our default method, llm-compressor recipe in bench/llmc_oneshot.py)
-SCHEMES = {
+SCHEMES = {   # in the order they run: the costliest calibrated methods first
     "W4A16": ("gptq", "gptq-w4a16"),
-    "W8A8_INT8": ("gptq", "gptq-w8a8"),
-    "W8A8_FP8": ("rtn", "fp8"),
     "W8A8_FP8_24": ("sparsegpt", "sparsegpt-fp8"),
+    "W8A8_INT8": ("gptq", "gptq-w8a8"),
     "W4A16_ASYM": ("awq", "awq-w4a16-asym"),
+    "W8A8_FP8": ("rtn", "fp8"),
 }
 GIB = 2 ** 30
 
@@ -107,12 +108,16 @@ def build_model(model_dir: Path, shape: str, seed: int = 0) -> Path:
     from tritonpress.compress.models import byte_tokenizer, random_llama
     if (model_dir / "config.json").is_file():
         return model_dir
-    model = random_llama(**SHAPES[shape], layers=2, seed=seed, max_positions=4096)
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # random numbers are faster there
+    model = random_llama(**SHAPES[shape], layers=2, seed=seed, max_positions=4096, device=device)
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     byte_tokenizer().save_pretrained(tmp)
     os.replace(tmp, model_dir)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return model_dir
 
 
@@ -233,53 +238,77 @@ def run(out_dir: str, shape: str, samples: int, seq_len: int, schemes: list[str]
                                                                  samples, seq_len, seed=0)])
     torch.save(ids, work / "calib_ids.pt")
 
-    rows, skipped = [], []
-    for scheme in schemes:
-        if budget_s is not None and time.time() - t_start > budget_s:
-            skipped.append(scheme)
-            print(f"  {scheme}: skipped (budget of {budget_s:.0f} s spent)", flush=True)
-            continue
-        try:
-            w = warm_up(scheme, calib, device) if warm else None
-            row = run_ours(scheme, model_dir, calib, work / f"ckpt-{scheme}", samples, seq_len,
-                           device)
-            row["warmup_s"] = w
-        except Exception as e:
-            row = dict(tool="tritonpress", scheme=scheme, method=SCHEMES[scheme][0],
-                       error=f"{type(e).__name__}: {e}"[:300])
-        rows.append(row)
-        print(f"  {scheme:<12} tritonpress {_cell(row)}", flush=True)
-        if llmc_python and (budget_s is None or time.time() - t_start < budget_s):
-            left = llmc_timeout if budget_s is None else \
-                max(30.0, budget_s - (time.time() - t_start))
-            r = run_llmc(llmc_python, scheme, model_dir, work / "calib_ids.pt",
-                         min(llmc_timeout, left))
-            rows.append(r)
-            print(f"  {scheme:<12} llm-compressor {_cell(r)}", flush=True)
-
-    ours = {r["scheme"]: r for r in rows if r["tool"] == "tritonpress"}
-    for r in rows:
-        mine = ours.get(r["scheme"], {})
-        if r["tool"] == "llm-compressor" and r.get("seconds") and mine.get("seconds"):
-            mine["speedup_vs_llmc"] = round(r["seconds"] / mine["seconds"], 2)
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 capability=list(torch.cuda.get_device_capability()) if device == "cuda" else None,
                 torch=torch.__version__, python=platform.python_version(),
                 date=datetime.date.today().isoformat(), shape=shape, layers=2,
                 model=SHAPES[shape], samples=samples, seq_len=seq_len, build_model_s=build_s,
                 llmc_python=llmc_python, llmc=llmc_version(llmc_python) if llmc_python else None,
-                skipped=skipped, warm_up=warm, seconds=round(time.time() - t_start, 1))
+                warm_up=warm)
     for mod in ("triton", "transformers"):
         try:
             info[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    result = dict(info=info, results=rows)
     path = out / "compress_speed.json"
-    path.write_text(json.dumps(result, indent=1))
+    rows, skipped = [], []
+    previous = signal.signal(signal.SIGTERM, _stop)   # `timeout` ends us: keep what we have
+    try:
+        for scheme in schemes:
+            if budget_s is not None and time.time() - t_start > budget_s:
+                skipped.append(scheme)
+                print(f"  {scheme}: skipped (budget of {budget_s:.0f} s spent)", flush=True)
+                continue
+            try:
+                w = warm_up(scheme, calib, device) if warm else None
+                row = run_ours(scheme, model_dir, calib, work / f"ckpt-{scheme}", samples,
+                               seq_len, device)
+                row["warmup_s"] = w
+            except Exception as e:
+                row = dict(tool="tritonpress", scheme=scheme, method=SCHEMES[scheme][0],
+                           error=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+            print(f"  {scheme:<12} tritonpress {_cell(row)}", flush=True)
+            if llmc_python and (budget_s is None or time.time() - t_start < budget_s):
+                left = llmc_timeout if budget_s is None else \
+                    max(30.0, budget_s - (time.time() - t_start))
+                r = run_llmc(llmc_python, scheme, model_dir, work / "calib_ids.pt",
+                             min(llmc_timeout, left))
+                rows.append(r)
+                print(f"  {scheme:<12} llm-compressor {_cell(r)}", flush=True)
+            assemble(info, rows, skipped, t_start, path)   # a later kill keeps these rows
+    except Stopped:
+        print("  stopped (SIGTERM): reporting what was measured", flush=True)
+        done = {r["scheme"] for r in rows}
+        skipped += [s for s in schemes if s not in done and s not in skipped]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    result = assemble(info, rows, skipped, t_start, path)
     print_table(result)
     png = plot(result, out / "compress_speed.png")
     print(f"\nwrote {path}" + (f" and {png}" if png else " (no plot: matplotlib is not installed)"))
+    return result
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (not an Exception: the per-scheme handlers must not swallow it)."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+def assemble(info: dict, rows: list[dict], skipped: list[str], t_start: float, path: Path):
+    """The result so far, with llm-compressor's seconds / ours per scheme; written to path."""
+    rows = [dict(r) for r in rows]
+    ours = {r["scheme"]: r for r in rows if r["tool"] == "tritonpress"}
+    for r in rows:
+        mine = ours.get(r["scheme"], {})
+        if r["tool"] == "llm-compressor" and r.get("seconds") and mine.get("seconds"):
+            mine["speedup_vs_llmc"] = round(r["seconds"] / mine["seconds"], 2)
+    result = dict(info=dict(info, skipped=list(skipped), seconds=round(time.time() - t_start, 1)),
+                  results=rows)
+    path.write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -261,41 +262,6 @@ def run(out_dir: str, cpu: bool, separate: bool = False, ms: list[int] | None = 
             checks[s] = dict(error=f"{type(e).__name__}: {e}"[:300])
     runnable = [s for s in schemes if "error" not in checks[s]]
 
-    records, rows, skipped = [], {}, []
-    for m in measure_order(ms):
-        if budget_s is not None and time.time() - t_start > budget_s:
-            skipped.append(m)
-            continue
-        xs_sets = [inputs(m) for _ in range(n_sets)]
-        rows[m] = {}
-        for s in runnable:
-            def fn(j, s=s):
-                return forward(s, sets[j][s], xs_sets[j])
-            try:
-                for j in range(n_sets):          # compile, autotune, first-use allocations
-                    fn(j)
-                t = time_cpu(fn, n_sets) if cpu else time_gpu(fn, n_sets)
-                rows[m][s] = t
-                records.append(dict(scheme=s, m=m, ms=t, kernels=kernels_used(s, sets[0][s],
-                                                                               xs_sets[0])))
-            except Exception as e:
-                rows[m][s] = None
-                records.append(dict(scheme=s, m=m, ms=None, error=f"{type(e).__name__}: {e}"[:300]))
-        print(f"  M={m:<5} " + "  ".join(f"{s} {rows[m][s]:.4f}" if rows[m].get(s) else f"{s} -"
-                                         for s in runnable), flush=True)
-        if not cpu:
-            del xs_sets
-            torch.cuda.empty_cache()
-    for r in records:
-        base = rows[r["m"]].get("bf16")
-        r["tokens_per_s"] = r["m"] / (LAYERS * r["ms"] / 1e3) if r["ms"] else None
-        r["speedup"] = base / r["ms"] if r["ms"] and base else None
-    records.sort(key=lambda r: (r["m"], schemes.index(r["scheme"])))
-    measured = [m for m in ms if m in rows]
-    crossovers = [crossover(rows, w, l, measured) for w, l in CROSSOVERS]
-    fastest = {m: min((t, s) for s, t in rows[m].items() if t and s in SCHEMES)[1]
-               for m in measured if any(rows[m].get(s) for s in SCHEMES)}
-
     info = dict(device="cpu" if cpu else torch.cuda.get_device_name(),
                 capability=None if cpu else list(torch.cuda.get_device_capability()),
                 torch=torch.__version__, python=platform.python_version(),
@@ -303,23 +269,84 @@ def run(out_dir: str, cpu: bool, separate: bool = False, ms: list[int] | None = 
                 mode="cpu-reference" if cpu else "gpu", layer="tiny" if cpu else "llama-3-8b",
                 config=cfg, shapes=[dict(name=nm, n=n, k=k) for nm, n, k in shapes],
                 fused=not separate, layers_for_tokens_per_s=LAYERS,
-                seconds=round(time.time() - t_start, 1), skipped_m=sorted(skipped),
                 cslt=(not cpu and gemm.cslt_available()))
     try:
         import triton
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    result = dict(info=info, ms=measured, schemes=schemes, checks=checks, results=records,
-                  crossovers=crossovers, fastest=fastest)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "qps.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    records, rows, skipped, stopped = [], {}, [], False
+    previous = signal.signal(signal.SIGTERM, _stop)   # `timeout` ends us: keep what we have
+    try:
+        for m in measure_order(ms):
+            if stopped or (budget_s is not None and time.time() - t_start > budget_s):
+                skipped.append(m)
+                continue
+            xs_sets = [inputs(m) for _ in range(n_sets)]
+            row, recs = {}, []
+            for s in runnable:
+                def fn(j, s=s):
+                    return forward(s, sets[j][s], xs_sets[j])
+                try:
+                    for j in range(n_sets):          # compile, autotune, first-use allocations
+                        fn(j)
+                    t = time_cpu(fn, n_sets) if cpu else time_gpu(fn, n_sets)
+                    row[s] = t
+                    recs.append(dict(scheme=s, m=m, ms=t,
+                                     kernels=kernels_used(s, sets[0][s], xs_sets[0])))
+                except Exception as e:
+                    row[s] = None
+                    recs.append(dict(scheme=s, m=m, ms=None,
+                                     error=f"{type(e).__name__}: {e}"[:300]))
+            rows[m] = row
+            records += recs
+            print(f"  M={m:<5} " + "  ".join(f"{s} {row[s]:.4f}" if row.get(s) else f"{s} -"
+                                             for s in runnable), flush=True)
+            # after every M, so a run killed later still leaves its numbers
+            result = assemble(info, ms, schemes, checks, records, rows, skipped, t_start, path)
+            if not cpu:
+                del xs_sets
+                torch.cuda.empty_cache()
+    except Stopped:
+        print("  stopped (SIGTERM): reporting what was measured", flush=True)
+        skipped += [m for m in ms if m not in rows and m not in skipped]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    result = assemble(info, ms, schemes, checks, records, rows, skipped, t_start, path)
     print_tables(result)
     png = plot(result, os.path.join(out_dir, "qps.png"))
-    print(f"\n{info['device']}: {info['seconds']} s; wrote {path}"
+    print(f"\n{info['device']}: {result['info']['seconds']} s; wrote {path}"
           + (f" and {png}" if png else " (no plot: matplotlib is not installed)"))
+    return result
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (not an Exception: the per-scheme handlers must not swallow it)."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+def assemble(info, ms, schemes, checks, records, rows, skipped, t_start, path) -> dict:
+    """The result from the rows measured so far: derived columns, crossovers; written to path."""
+    recs = []
+    for r in records:
+        base = rows[r["m"]].get("bf16")
+        recs.append(dict(r, tokens_per_s=r["m"] / (LAYERS * r["ms"] / 1e3) if r["ms"] else None,
+                         speedup=base / r["ms"] if r["ms"] and base else None))
+    recs.sort(key=lambda r: (r["m"], schemes.index(r["scheme"])))
+    measured = [m for m in ms if m in rows]
+    crossovers = [crossover(rows, w, l, measured) for w, l in CROSSOVERS]
+    fastest = {m: min((t, s) for s, t in rows[m].items() if t and s in SCHEMES)[1]
+               for m in measured if any(rows[m].get(s) for s in SCHEMES)}
+    info = dict(info, seconds=round(time.time() - t_start, 1), skipped_m=sorted(skipped))
+    result = dict(info=info, ms=measured, schemes=schemes, checks=checks, results=recs,
+                  crossovers=crossovers, fastest=fastest)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
     return result
 
 

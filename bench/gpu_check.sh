@@ -124,13 +124,13 @@ step qps 75 "$PY" bench/bench_qps.py "$OUT/qps" --budget 55
 
 LLMC_ARGS=(--skip-llmc)
 [ -n "${LLMC_PYTHON:-}" ] && LLMC_ARGS=(--llmc-python "$LLMC_PYTHON" --llmc-timeout 120)
-step compress 100 "$PY" bench/bench_compress_speed.py "$OUT/compress" --budget 70 "${LLMC_ARGS[@]}"
+step compress 110 "$PY" bench/bench_compress_speed.py "$OUT/compress" --budget 80 "${LLMC_ARGS[@]}"
 
 if has pytest; then
     TIMEOUT_ARGS=()
     has pytest_timeout && TIMEOUT_ARGS=(--timeout 60)
     # the files whose code path differs on a GPU first (pytest drops the repeats)
-    step tests 100 "$PY" -m pytest -q -p no:cacheprovider -rfE "${TIMEOUT_ARGS[@]}" \
+    step tests 90 "$PY" -m pytest -q -p no:cacheprovider -rfE "${TIMEOUT_ARGS[@]}" \
         --junitxml "$OUT/tests.xml" --continue-on-collection-errors \
         tests/test_gemm.py tests/test_kernels_quant.py tests/test_kernels_hessian.py \
         tests/test_kernels_gptq_sweep.py tests/test_kernels_awq.py tests/test_kernels_sparse24.py \
