@@ -393,9 +393,9 @@ def print_tables(result: dict):
                 cells.append(f"{t_ms[s][j]:>{w}.4f} {x:>8}")
         print(f"{m:>5} " + "".join(cells) + f"   {result['fastest'].get(m, '-')}")
     print(f"\ntokens/s, {info['layers_for_tokens_per_s']} layers' linears")
-    print(f"{'M':>5} " + "".join(f"{s:>{w}.{w}s}" for s in schemes))
+    print(f"{'M':>5} " + "".join(f"{s:>{w + 1}}" for s in schemes))
     for j, m in enumerate(ms):
-        print(f"{m:>5} " + "".join(f"{tok[s][j]:>{w}.4g}" if tok[s][j] else f"{'-':>{w}}"
+        print(f"{m:>5} " + "".join(f"{tok[s][j]:>{w + 1}.4g}" if tok[s][j] else f"{'-':>{w + 1}}"
                                    for s in schemes))
     used = {}
     for r in result["results"]:
