@@ -195,7 +195,8 @@ def bench_layers(shapes, tokens, device, py, reps):
         del H, W
     headers = ["out x in", "ours joint fp8 ms", "ours float 2:4 ms", "llmc ms", "speedup",
                "loss ours 2:4", "loss llmc 2:4", "loss ours 2:4+fp8"]
-    return results, table(headers, rows)
+    notes = [f"{r['shape']}: {r['note']}" for r in results if r["note"]]
+    return results, "\n".join([table(headers, rows)] + notes)
 
 
 # ----------------------------------------------------------------------------- 2. end to end
@@ -246,6 +247,8 @@ def bench_e2e(cfg, samples, seq_len, device, py):
     txt = table(["run", "seconds", "peak GPU GiB"], rows)
     if res["speedup_warm"]:
         txt += f"\nspeedup (warm): {res['speedup_warm']:.1f}x"
+    if res["note"]:
+        txt += f"\n{res['note']}"
     return res, txt
 
 
