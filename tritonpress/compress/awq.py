@@ -332,7 +332,7 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
         for b in m.balance:
             infos.setdefault(full[b], {}).update(
                 smooth=full[m.smooth], ratio=ratio,
-                search_gain=float(errs.min()) / rtn if rtn > 0 else 1.0)
+                search_gain=min(float(errs.min()), rtn) / rtn if rtn > 0 else 1.0)
     t_search = time.perf_counter() - t0
 
     if gptq:
