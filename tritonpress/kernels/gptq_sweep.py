@@ -41,7 +41,7 @@ from .dispatch import interpreting, use_triton
 # Measured on CPU by emulating the operand rounding (bench/bench_gptq_gpu.py --precision-study):
 # see that script's output / the lead's report. tf32x3 keeps fp32 accuracy on tensor cores.
 TRAILING_PRECISION = "tf32x3"
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16x3")
 
 _SCALE_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
                  torch.bfloat16: tl.bfloat16}
@@ -116,8 +116,12 @@ def trailing_update_ref(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         ah, bh = round_tf32(A), round_tf32(B)
         al, bl = round_tf32(A - ah), round_tf32(B - bh)
         return C.sub_(ah @ bh + (ah @ bl + al @ bh))
-    if precision == "bf16":
-        return C.sub_(A.bfloat16().float() @ B.bfloat16().float())
+    if precision in ("bf16", "bf16x3"):
+        ah, bh = A.bfloat16().float(), B.bfloat16().float()
+        if precision == "bf16":
+            return C.sub_(ah @ bh)
+        al, bl = (A - ah).bfloat16().float(), (B - bh).bfloat16().float()
+        return C.sub_(ah @ bh + (ah @ bl + al @ bh))
     raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}, bf16")
 
 
@@ -412,7 +416,7 @@ def sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
 def gptq_solve(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
                scale: torch.Tensor | None = None, zp: torch.Tensor | None = None, *,
                scale_dtype: torch.dtype = torch.bfloat16, blocksize: int = 128,
-               outer: int = 1024, precision: str = TRAILING_PRECISION):
+               outer: int | None = None, precision: str = TRAILING_PRECISION):
     """GPTQ sweep of a whole weight W [rows, cols] (columns in order) given U = Hinv, the upper
     Cholesky factor of the dampened H^-1.
 
@@ -420,7 +424,10 @@ def gptq_solve(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
     storage dtype; zp fp32 or None), or scale=None with group strategy: computed when the sweep
     reaches each group, from the updated weights (needs blocksize % group_size == 0).
     Returns (Q dequantized fp32 [rows, cols], scale, zp, losses [rows]: half the sum of
-    (w - q)^2 / U_ii^2, the paper's loss). W is not modified."""
+    (w - q)^2 / U_ii^2, the paper's loss). W is not modified.
+    outer: super-block width for the two-level update (default: the multiple of blocksize
+    nearest 1024 from below)."""
+    outer = outer or blocksize * max(1, 1024 // blocksize)
     if use_triton(W, Hinv):
         return gptq_solve_triton(W, Hinv, args, scale, zp, scale_dtype=scale_dtype,
                                  blocksize=blocksize, outer=outer, precision=precision)
