@@ -75,7 +75,11 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloa
             "download the model elsewhere and pass its directory.")
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises several kinds for a missing/bad tokenizer
+        raise ValueError(f"{path}: could not load its tokenizer ({e}); save the tokenizer "
+                         "beside the model (tokenizer.save_pretrained(dir))") from e
     model.to(device).eval()
     check_has_linear_layers(model)
     return model, tokenizer
