@@ -233,6 +233,10 @@ def test_unknown_source_goes_to_datasets_with_clear_error():
         pass
     with pytest.raises(ModuleNotFoundError, match="datasets.*not installed.*canterbury, code"):
         data.load_texts("wikitext:wikitext-2-raw-v1")
+    with pytest.raises(ModuleNotFoundError, match="datasets"):
+        data.load_texts("allenai/c4")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load_texts("./no/such/folder")
 
 
 def test_cache_root_env(monkeypatch, tmp_path):

@@ -49,7 +49,7 @@ def load_texts(source: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     elif name in BUILTIN_SOURCES:
         folder = builtin_texts_dir(cache_dir) / name
         texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(folder.iterdir())]
-    elif name.endswith((".txt", ".jsonl")) or os.sep in name:
+    elif name.endswith((".txt", ".jsonl")) or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such file or folder: {name}")
     else:
         texts = _load_dataset(name)
