@@ -92,7 +92,7 @@ def _configs():
 
 # Autotuning launches the kernel several times: restore H between trials (read-modify-write).
 _xtx_tuned = triton.autotune(_configs(), key=["n_feat", "HAS_ROWS", "UPCAST"],
-                             restore_value=["h_ptr"])(_xtx_kernel)
+                             restore_value=["h_ptr"], cache_results=True)(_xtx_kernel)
 _TUNED_BLOCK = 128
 
 
