@@ -113,17 +113,19 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
                 quality[src] = {"ppl_before": ref.ppl, "ppl": after["ppl"], "kl": after["kl"]}
         report["quality"] = quality
 
-    if out is not None:
+    from .distributed import barrier, is_main
+    if out is not None and is_main():     # under torchrun only rank 0 writes
         with timed(report, "save"):
             path = checkpoint.save_checkpoint(model, tokenizer, qweights, scheme, out,
                                               overwrite=overwrite, sparse_format=sparse_format)
         report["out"] = str(path)
         report["size_bytes"] = dir_size(path)
+    barrier()
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     report["memory"] = peak_memory(device)
-    if json_path:
+    if json_path and is_main():
         save_json(report, json_path)
-    elif out is not None:
+    elif out is not None and is_main():
         save_json(report, Path(out).parent / (Path(out).name + ".report.json"))
     if print_report:
         print(format_report(report))
@@ -152,6 +154,10 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
     if method == "magnitude":
         return sparsegpt.magnitude_linears(linears, scheme, device)
     gptq_opts = dict(blocksize=block_size, dampening=damp, actorder="desc" if actorder else None)
+    from . import distributed
+    if distributed.active():     # torchrun: batches split over ranks, Hessians all-reduced
+        return distributed.run_method(model, batches, scheme, method, device, gptq_opts=gptq_opts,
+                                      partial_last_group=partial_last_group, progress=progress)
     layer_fn = {
         "gptq": partial(gptq.gptq_layer, **gptq_opts),
         "awq": awq.awq,
