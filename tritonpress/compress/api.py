@@ -46,11 +46,16 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
              smoothquant=None, sparse_format="dense", eval_dataset="canterbury+code",
              eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=0, progress=True, json_path=None,
-             partial_last_group=False,
+             partial_last_group=False, resume_dir=None, spill_dir=None,
              print_report=False) -> dict:
     """Compress `model` (a built-in name, a local HF directory, or a loaded model with
     `tokenizer` attached as model.tokenizer) with `scheme`, write a compressed-tensors
-    checkpoint to `out` (if given) and return a report dict."""
+    checkpoint to `out` (if given) and return a report dict.
+
+    resume_dir: save each finished decoder layer's state there and, on a rerun with the same
+    inputs, restore finished layers instead of recomputing them (resume.py).
+    spill_dir: keep the cached calibration activations in files there instead of in memory.
+    Under torchrun (an initialised process group) GPTQ runs over the ranks (distributed.py)."""
     from . import checkpoint, data, evaluate, models
 
     t_start = time.perf_counter()
@@ -96,12 +101,14 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     with timed(report, "compress"):
         batches = None
         if method != "rtn" and method != "magnitude":
-            batches = data.calibration_batches(tokenizer, dataset, num_samples, seq_len, seed=seed,
-                                               cache_dir=cache_dir)
+            batches = data.calibration_batches(
+                tokenizer, dataset, num_samples, seq_len, seed=seed, cache_dir=cache_dir,
+                max_positions=getattr(model.config, "max_position_embeddings", None))
         qweights, layer_info = _run_method(model, scheme, method, linears, batches, device,
                                            damp=damp, block_size=block_size, actorder=actorder,
                                            smoothquant=smoothquant, progress=progress,
-                                           partial_last_group=partial_last_group)
+                                           partial_last_group=partial_last_group,
+                                           resume_dir=resume_dir, spill_dir=spill_dir)
     report["layers"] = layer_info
 
     if evaluate_quality:
@@ -142,7 +149,7 @@ def _check_method(scheme: Scheme, method: str) -> None:
 
 
 def _run_method(model, scheme, method, linears, batches, device, *, damp, block_size, actorder,
-                smoothquant, progress, partial_last_group):
+                smoothquant, progress, partial_last_group, resume_dir=None, spill_dir=None):
     """One algorithm over the model; each writes dequantized weights back into the model.
     Returns (qweights by full Linear name, per-Linear info)."""
     from functools import partial
@@ -154,10 +161,17 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
     if method == "magnitude":
         return sparsegpt.magnitude_linears(linears, scheme, device)
     gptq_opts = dict(blocksize=block_size, dampening=damp, actorder="desc" if actorder else None)
-    from . import distributed
+    from . import distributed, resume
+    wrap = None
+    if resume_dir is not None:   # per-layer state; finished layers are restored, not redone
+        fp = resume.fingerprint(model, scheme, method, batches, dict(
+            gptq_opts, smoothquant=smoothquant, partial_last_group=partial_last_group))
+        state = resume.ResumeState(resume_dir, fp, write=distributed.is_main())
+        wrap = lambda fn: resume.resumable(fn, state)  # noqa: E731
     if distributed.active():     # torchrun: batches split over ranks, Hessians all-reduced
         return distributed.run_method(model, batches, scheme, method, device, gptq_opts=gptq_opts,
-                                      partial_last_group=partial_last_group, progress=progress)
+                                      partial_last_group=partial_last_group, progress=progress,
+                                      wrap=wrap, spill_dir=spill_dir, smoothquant=smoothquant)
     layer_fn = {
         "gptq": partial(gptq.gptq_layer, **gptq_opts),
         "awq": awq.awq,
@@ -166,8 +180,11 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
     }[method]
     if smoothquant is not None:
         layer_fn = pipeline.chain(partial(sq.smoothquant_layer, alpha=smoothquant), layer_fn)
+    if wrap is not None:
+        layer_fn = wrap(layer_fn)
     res = pipeline.compress_sequential(model, batches, scheme, layer_fn, device=device,
-                                       partial_last_group=partial_last_group, progress=progress)
+                                       partial_last_group=partial_last_group, progress=progress,
+                                       spill_dir=spill_dir)
     return res.qweights, res.infos
 
 

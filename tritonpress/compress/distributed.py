@@ -169,15 +169,20 @@ def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: 
 
 
 def run_method(model, batches, scheme, method: str, device, *, gptq_opts: dict,
-               partial_last_group: bool = False, progress: bool = True, spill_dir=None):
+               partial_last_group: bool = False, progress: bool = True, wrap=None,
+               spill_dir=None, smoothquant=None):
     """api._run_method's contract when a process group is active: (qweights, infos), the same
     on every rank."""
     if method != "gptq":
         raise ValueError(f"method {method} does not run on several processes yet: use gptq, "
                          "or run it in a single process (python, not torchrun)")
+    if smoothquant is not None:
+        raise ValueError("SmoothQuant does not run on several processes yet: drop --smoothquant "
+                         "or run in a single process (python, not torchrun)")
     fn = partial(gptq_layer_distributed, **gptq_opts)
-    kw = {} if spill_dir is None else {"spill_dir": spill_dir}
+    if wrap is not None:                 # resume.resumable
+        fn = wrap(fn)
     res = compress_sequential(model, split_batches(list(batches)), scheme, fn,
                               device=local_device(device), partial_last_group=partial_last_group,
-                              progress=progress and is_main(), **kw)
+                              progress=progress and is_main(), spill_dir=spill_dir)
     return res.qweights, res.infos

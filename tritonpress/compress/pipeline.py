@@ -40,7 +40,10 @@ Public interface (stable; other methods plug in here):
 from __future__ import annotations
 
 import re
+import shutil
+from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -65,6 +68,7 @@ class LayerInputs:
     device: torch.device                       # where the layer computes
     storage: torch.device                      # where hidden states are kept between layers
     current_mask: torch.Tensor | None = field(default=None, repr=False)
+    spill_dir: str | None = None               # keep hidden states in files there (DiskTensors)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -84,7 +88,7 @@ class LayerInputs:
     def run(self, layer: nn.Module, keep: bool = True) -> list[torch.Tensor]:
         """Replay every batch through `layer`; outputs (hidden states) kept on the storage
         device, or dropped when keep=False (statistics-only passes)."""
-        outs = []
+        outs = [] if self.spill_dir is None or not keep else DiskTensors(self.spill_dir)
         try:
             for i in range(len(self)):
                 h, kw, self.current_mask = self.batch(i)
@@ -92,6 +96,9 @@ class LayerInputs:
                 if isinstance(y, (tuple, list)):   # older transformers return (hidden, ...)
                     y = y[0]
                 if keep:
+                    if not torch.isfinite(y).all():
+                        raise FloatingPointError(f"NaN or Inf in the layer's output on "
+                                                 f"calibration batch {i}")
                     outs.append(y.to(self.storage))
         finally:
             self.current_mask = None
@@ -99,7 +106,39 @@ class LayerInputs:
 
     def with_hidden(self, hidden: list[torch.Tensor], kwargs: list[dict] | None = None):
         return LayerInputs(hidden, self.kwargs if kwargs is None else kwargs,
-                           self.token_masks, self.device, self.storage)
+                           self.token_masks, self.device, self.storage, spill_dir=self.spill_dir)
+
+
+class DiskTensors(Sequence):
+    """A list of tensors kept in files under `folder` (torch.save), read back memory-mapped on
+    access: cached activations spill to disk instead of RAM. Files go when the list does."""
+
+    def __init__(self, folder, tensors: Iterable[torch.Tensor] = ()):
+        import tempfile
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="activations-", dir=folder))
+        self.paths: list[Path] = []
+        for t in tensors:
+            self.append(t)
+
+    def append(self, t: torch.Tensor) -> None:
+        p = self.dir / f"{len(self.paths)}.pt"
+        torch.save(t.detach().cpu().contiguous(), p)
+        self.paths.append(p)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return torch.load(self.paths[i], mmap=True, weights_only=True)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.paths = []
+
+    __del__ = close
 
 
 def _to(obj, device):
@@ -501,11 +540,12 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
                         device=None, targets: Iterable[str] | None = None,
                         ignore: Iterable[str] | None = None, offload: bool = True,
                         partial_last_group: bool = False, options: dict | None = None,
-                        progress: bool = True) -> SequentialResult:
+                        progress: bool = True, spill_dir=None) -> SequentialResult:
     """Calibrate `model` layer by layer with `method_fn` (see the module docstring).
 
     device: where each decoder layer computes (default: the first parameter's device).
     offload: keep cached hidden states on CPU between layers (else on `device`).
+    spill_dir: keep them in files in that folder instead (DiskTensors; memory-mapped reads).
     Layers go back to where they were after their turn; the model is changed in place."""
     import time
 
@@ -521,7 +561,13 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
     if not batches:
         raise ValueError("no calibration batches")
     hidden, kwargs, masks = capture_layer_inputs(model, batches, device, storage)
-    inputs = LayerInputs(hidden, kwargs[0], masks, device, storage)
+    for j, h in enumerate(hidden):
+        if not torch.isfinite(h).all():
+            raise FloatingPointError(f"NaN or Inf in the embeddings' output on calibration batch "
+                                     f"{j}: check the embedding weights and the token ids")
+    if spill_dir is not None:
+        hidden = DiskTensors(spill_dir, hidden)
+    inputs = LayerInputs(hidden, kwargs[0], masks, device, storage, spill_dir=spill_dir)
 
     qweights, infos, times = {}, {}, []
     name = getattr(method_fn, "__name__", getattr(getattr(method_fn, "func", None), "__name__",
@@ -543,8 +589,17 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         qweights.update(qw)
         for k, v in info.items():
             infos.setdefault(k, {}).update(v)
-        out = inputs.run(layer)
+        try:
+            out = inputs.run(layer)
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"decoder layer {lp} after compression: {e}. The activations overflow: compute "
+                "in a wider dtype (float32 instead of float16), check the weights, or leave this "
+                "layer's Linears out (ignore=...)") from None
+        prev = inputs.hidden
         inputs = inputs.with_hidden(out, kwargs[i + 1] if i + 1 < len(layers) else kwargs[i])
+        if isinstance(prev, DiskTensors):
+            prev.close()           # this layer's inputs are done with: free the disk now
         layer.to(home)
         times.append(time.perf_counter() - t0)
         bar.set_postfix(layer=i, s=f"{times[-1]:.1f}")
