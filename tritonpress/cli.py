@@ -48,6 +48,10 @@ def main(argv=None) -> int:
     c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])
     c.add_argument("--no-eval", action="store_true", help="skip perplexity/KL")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--resume-dir", default=None,
+                   help="save per-layer state there; rerun with it to resume after a crash")
+    c.add_argument("--spill-dir", default=None,
+                   help="keep cached calibration activations in files there, not in memory")
     c.add_argument("--json", default=None, help="write the report here (default: OUT.report.json)")
 
     e = sub.add_parser("eval", help="perplexity and KL of a checkpoint against its base model")
@@ -72,6 +76,8 @@ def main(argv=None) -> int:
             return 0
         if args.cmd == "compress":
             from .compress.api import compress
+            from .compress.distributed import init_from_env
+            init_from_env()          # torchrun: GPTQ over the ranks
             compress(args.model, args.scheme, args.out, method=args.method, dataset=args.dataset,
                      num_samples=args.num_samples, seq_len=args.seq_len,
                      group_size=args.group_size, symmetric=False if args.asym else None,
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
                      eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
                      evaluate_quality=not args.no_eval, device=args.device,
                      overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
-                     progress=not args.no_progress, json_path=args.json, print_report=True)
+                     progress=not args.no_progress, json_path=args.json, print_report=True,
+                     resume_dir=args.resume_dir, spill_dir=args.spill_dir)
             return 0
         if args.cmd == "eval":
             from .compress.api import evaluate_checkpoint
