@@ -45,8 +45,11 @@ print(json.dumps({"params": nparams, "cpu_rss": peak_cpu_bytes(), "import_rss": 
 
 
 def run_case(case: dict, timeout: float) -> dict:
-    out = subprocess.run([sys.executable, "-c", CASE, json.dumps(case)], capture_output=True,
-                         text=True, timeout=timeout)
+    try:
+        out = subprocess.run([sys.executable, "-c", CASE, json.dumps(case)],
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,10 +62,11 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-demo", action="store_true", help="skip the demo model (slow on CPU)")
     a = p.parse_args(argv)
     spill = tempfile.mkdtemp(prefix="tp-spill-")
-    cases = [("demo SmolLM2-135M", {"model": "demo"}),
-             ("demo SmolLM2-135M, spill", {"model": "demo", "spill": spill})]
+    cases = [] if a.no_demo else [("demo SmolLM2-135M", {"model": "demo"}),
+                                  ("demo SmolLM2-135M, spill", {"model": "demo", "spill": spill})]
     for layers in (1, 2, 4):
         cases.append((f"Llama-3-8B ratios 1/4 width, {layers} layers",
                       {"model": "random", "shape": [1024, 3584, layers]}))
@@ -85,7 +89,7 @@ def main(argv=None):
         gpu = "-" if r["gpu"] is None else f"{r['gpu'] / 2**30:.2f}"
         print(f"| {name} | {r['params'] / 1e6:.0f} | {a.samples * a.seq_len} | "
               f"{r['cpu_rss'] / 2**30:.2f} | {gpu} | {r['seconds']:.0f} |", flush=True)
-    print(f"\nRSS includes ~{rows[0].get('import_rss', 0) / 2**30:.2f} GiB of imports "
+    print(f"\nRSS includes ~{max(r.get('import_rss', 0) for r in rows) / 2**30:.2f} GiB of imports "
           "(torch, transformers). The weights stay on CPU; one decoder layer and its batch's "
           "activations are on the device at a time.")
     if a.json:
