@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) bench/run_cpu.py
+	$(PY) bench/bench_vs_llmcompressor.py --tiny --out-dir out/bench_tiny
 
 # llm-compressor, the baseline, in its own environment (it pins its own transformers).
 llmc-env: .venv-llmc/.installed

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
+from .gemm_w8a8 import grouped_tile
 
 
 @dataclass
@@ -111,15 +112,7 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_KEY, stride_xm, 
     MASK: tl.constexpr = (1 << BITS) - 1
     SCALE_PER_TILE: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
 
-    # grouped tile order: GROUP_M row tiles share each column tile of W while it is in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -51,13 +51,9 @@ def _e4m3_bits_to_f32(bits):
 
 
 @triton.jit
-def _scaled_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, M_KEY,
-                      stride_am, stride_bn, stride_ym,
-                      HAS_SA: tl.constexpr, INT_ACC: tl.constexpr, B_FP8_BITS: tl.constexpr,
-                      UPCAST: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP_M row tiles share each
+    column tile of the weight while it is in L2."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * num_n)
@@ -65,6 +61,17 @@ def _scaled_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, M_KEY,
     size_m = min(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
     pid_n = (pid % (GROUP_M * num_n)) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _scaled_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, M_KEY,
+                      stride_am, stride_bn, stride_ym,
+                      HAS_SA: tl.constexpr, INT_ACC: tl.constexpr, B_FP8_BITS: tl.constexpr,
+                      UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
