@@ -17,9 +17,12 @@ Per mapping (smoothing layer -> balance Linears reading its output), in one deco
          err(r) = sum_balance || X diag(1/s) Q(W diag(s))^T - X W^T ||^2
      evaluated by a fused kernel (kernels/awq_search.py), plus s = 1 (round-to-nearest);
   3. apply the best s: smoothing layer / s, balance Linears' input columns * s.
-Then every Linear of the layer is quantized (group-wise int4; asymmetric by default), with the
-original AWQ's clipping search if asked: per group, shrink [min, max] by f in a grid and keep
-the f minimising that group's share of the output error, || X_g (Q_f(W_g) - W_g)^T ||^2.
+Then every Linear of the layer is quantized (group-wise int4; asymmetric by default), after the
+original AWQ's clipping search (llm-compressor has none): per group, shrink [min, max] by f in
+a grid and keep the f minimising that group's share of the output error,
+|| X_g (Q_f(W_g) - W_g)^T ||^2. On by default: on SmolLM2-135M (W4A16_ASYM g64, 64 x 512
+calibration tokens, 16 x 512 held-out) it lowered KL to the float model from 0.166 to 0.135
+(RTN: 0.322).
 Quantized-dequantized weights go back into the layer; QuantizedWeights are returned.
 
 `awq(...)` is the pipeline method (bind options with functools.partial); the steps are
@@ -291,10 +294,10 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs,
 
 @torch.no_grad()
 def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 20,
-        duo_scaling: bool = True, clip: bool = False, search_tokens: int = 8192,
+        duo_scaling: bool = True, clip: bool = True, search_tokens: int = 8192,
         seed: int = 0, gptq: bool | dict = False):
-    """Pipeline method: AWQ scale search and application on one decoder layer, then clipping
-    (if `clip`) and quantization of every Linear in ctx.linears.
+    """Pipeline method: AWQ scale search and application on one decoder layer, then the
+    clipping search (unless clip=False) and quantization of every Linear in ctx.linears.
 
     mappings: (smoothing, balance) patterns (default DEFAULT_MAPPINGS, resolved per layer);
     search_tokens: tokens sampled from the calibration set for the searches;
