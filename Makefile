@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench llmc-env
+.PHONY: setup demo test bench llmc-env ct012-check
 setup: $(VENV)/.installed
 
 # With CUDA we use the torch that is there (system site packages); without it, the CPU build.
@@ -31,4 +31,15 @@ llmc-env: .venv-llmc/.installed
 	python3 -m venv .venv-llmc
 	.venv-llmc/bin/python -m pip install -q torch==2.13.0
 	.venv-llmc/bin/python -m pip install -q llmcompressor==0.14.0.1
+	touch $@
+
+# The legacy 2:4 bitmask form, read by compressed-tensors 0.12.2 (vLLM <= 0.19.0) in its own env.
+ct012-check: setup .venv-ct012/.installed
+	rm -rf out/ct012 && PYTHONPATH=. $(PY) tests/test_checkpoint.py write out/ct012
+	PYTHONPATH=. .venv-ct012/bin/python tests/test_checkpoint.py verify out/ct012
+.venv-ct012/.installed:
+	python3 -m venv .venv-ct012
+	.venv-ct012/bin/python -m pip install -q torch==2.13.0
+	.venv-ct012/bin/python -m pip install -q compressed-tensors==0.12.2 transformers==4.57.1 \
+	  accelerate==1.15.0 triton==3.9.0 safetensors pytest==9.2.0
 	touch $@
