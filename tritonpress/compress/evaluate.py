@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..kernels.quant import quantize_per_token_ref
 from ..schemes import QuantArgs
+from .pipeline import matches
 
 
 @dataclass
@@ -110,17 +110,6 @@ def evaluate(model: nn.Module, windows, ref: Ref | None = None, act_args: QuantA
 
 
 # ----------------------------------------------------------------------------- activations
-
-def matches(name: str, patterns) -> bool:
-    """compressed-tensors ignore entries: a full module name, its last part, or "re:<regex>"."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.match(p[3:], name):
-                return True
-        elif name == p or name.endswith("." + p):
-            return True
-    return False
-
 
 def fake_quant_per_token(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Quantize each token's (row's) values with its own scale, then dequantize: x_hat."""

@@ -17,7 +17,6 @@ first reaches a group ("dynamic", as the paper); see DEFAULT_GROUP_SCALES.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 import warnings
 
@@ -29,52 +28,12 @@ from ..schemes import QuantArgs
 from .pipeline import collect_hessians
 from .qweight import QuantizedWeight
 from .rtn import expand, group_index, group_qparams, rtn_quantize
+# The in-block column sweep (quantize, error, update the later columns) with its contract and
+# torch reference lives beside its fused kernel; sweep_block picks one by device.
+from ..kernels.gptq_sweep import sweep_block, sweep_block_ref as _sweep_block_ref  # noqa: F401
 
 # Measured on SmolLM2-135M (W4A16 g64, 128 x 512 calibration tokens); see the lead's report.
 DEFAULT_GROUP_SCALES = "static"
-
-
-def _sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
-                     zp1: torch.Tensor | None, args: QuantArgs):
-    """Quantize the columns of one block in order, with OBS error feedback inside the block.
-
-    Contract (the fused kernel in kernels/gptq_sweep.py keeps it):
-      W1      [rows, B] fp32, the block's current weights; overwritten (scratch)
-      Hinv1   [B, B] fp32, the block's diagonal block of the upper Cholesky factor of H^-1
-      scale1  [rows, B] fp32, the scale of each column's group (values already rounded to the
-              scale storage dtype); zp1 the same for zero points (fp32) or None (symmetric)
-      args    the weight QuantArgs (int: round-half-even + clamp; float: e4m3 RNE)
-    Returns (Q1, Err1, Losses1), each [rows, B] fp32:
-      Q1      the dequantized values chosen, (q - zp) * scale
-      Err1    (w - q) / Hinv1[i, i], the scaled errors the caller propagates to later columns
-      Losses1 (w - q)^2 / Hinv1[i, i]^2 (the paper's loss is half their sum)
-    where w is column i after the updates from columns < i of the block.
-    """
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
-    Losses1 = torch.zeros_like(W1)
-    for i in range(W1.shape[1]):
-        w = W1[:, i:i + 1]
-        d = Hinv1[i, i]
-        z = None if zp1 is None else zp1[:, i:i + 1]
-        q = dequantize_ref(quantize_ref(w, scale1[:, i:i + 1], z, args), scale1[:, i:i + 1], z)
-        Q1[:, i:i + 1] = q
-        Losses1[:, i:i + 1] = (w - q) ** 2 / d ** 2
-        err = (w - q) / d
-        W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
-        Err1[:, i:i + 1] = err
-    return Q1, Err1, Losses1
-
-
-_FUSED_SWEEP = importlib.util.find_spec("tritonpress.kernels.gptq_sweep") is not None
-
-
-def sweep_block(W1, Hinv1, scale1, zp1, args):
-    """_sweep_block_ref's contract; the fused Triton kernel on CUDA tensors."""
-    if _FUSED_SWEEP and use_triton(W1, Hinv1):
-        from ..kernels.gptq_sweep import sweep_block as fused
-        return fused(W1, Hinv1, scale1, zp1, args)
-    return _sweep_block_ref(W1, Hinv1, scale1, zp1, args)
 
 
 def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: float = 10.0):
@@ -158,7 +117,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
     Q = torch.zeros_like(W)
     Losses = torch.zeros(rows, device=W.device)
     seen = torch.zeros(scale.shape[1], dtype=torch.bool, device=W.device)
-    if _FUSED_SWEEP and not actorder and use_triton(W, Hinv) and args.strategy in ("group", "channel") \
+    if not actorder and use_triton(W, Hinv) and args.strategy in ("group", "channel") \
             and (not dynamic or blocksize % args.group_size == 0):
         # the whole sweep in the fused kernels (kernels/gptq_sweep.py); the loop below is skipped
         from ..kernels.gptq_sweep import gptq_solve

@@ -3,7 +3,7 @@ for a whole block of columns without leaving the chip; plus the layer-level solv
 drives it with two-level lazy updates on tensor cores.
 
 1. sweep_block(W1, Hinv1, scale1, zp1, args) -> (Q1, Err1, Losses1): the contract of
-   compress/gptq.py `_sweep_block_ref` (see there): per column i of the block
+   `sweep_block_ref` (see there): per column i of the block
        q = dequant(quant(w_i)),  err = (w_i - q) / Hinv1[i, i],  W1[:, i:] -= err * Hinv1[i, i:]
    Rows are independent inside a block, so one program owns a tile of rows and keeps the
    tile's whole block in registers for the B sequential column steps. Every op is rounded as
@@ -53,7 +53,20 @@ _SCALE_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
 
 def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
                     zp1: torch.Tensor | None, args: QuantArgs):
-    """The block sweep in torch, same contract and op order as compress/gptq.py's."""
+    """Quantize the columns of one block in order, with OBS error feedback inside the block.
+
+    Contract (the fused kernel keeps it, bit for bit):
+      W1      [rows, B] fp32, the block's current weights (not modified)
+      Hinv1   [B, B] fp32, the block's diagonal block of the upper Cholesky factor of H^-1
+      scale1  [rows, B] fp32, the scale of each column's group (values already rounded to the
+              scale storage dtype); zp1 the same for zero points (fp32) or None (symmetric)
+      args    the weight QuantArgs (int: round-half-even + clamp; float: e4m3 RNE)
+    Returns (Q1, Err1, Losses1), each [rows, B] fp32:
+      Q1      the dequantized values chosen, (q - zp) * scale
+      Err1    (w - q) / Hinv1[i, i], the scaled errors the caller propagates to later columns
+      Losses1 (w - q)^2 / Hinv1[i, i]^2 (the paper's loss is half their sum)
+    where w is column i after the updates from columns < i of the block.
+    """
     from .quant import dequantize_ref, quantize_ref
     W1 = W1.float().clone()
     Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
@@ -403,7 +416,7 @@ def gptq_solve_triton(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
 
 def sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
                 zp1: torch.Tensor | None, args: QuantArgs):
-    """compress/gptq.py's in-block sweep contract; the fused kernel on CUDA tensors."""
+    """sweep_block_ref's contract; the fused kernel on CUDA tensors."""
     rows, n = W1.shape
     if Hinv1.shape != (n, n):
         raise ValueError(f"Hinv block must be [{n}, {n}] for a block of {n} columns, "
