@@ -52,9 +52,9 @@ def _child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _run_logged(cmd: list[str], log: Path, env=None) -> tuple[str, float, float]:
-    """Run cmd with stdout+stderr to `log`; (stdout text, wall s, CPU s of the child)."""
-    cpu0, t0 = _child_cpu(), time.perf_counter()
+def _run_logged(cmd: list[str], log: Path, env=None) -> tuple[str, float, float, float]:
+    """Run cmd with stdout+stderr to `log`; (stdout text, wall s, CPU s of the child, load average at the start)."""
+    load, cpu0, t0 = os.getloadavg()[0], _child_cpu(), time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     wall, cpu = time.perf_counter() - t0, _child_cpu() - cpu0
@@ -63,7 +63,7 @@ def _run_logged(cmd: list[str], log: Path, env=None) -> tuple[str, float, float]
         tail = "\n".join(text.splitlines()[-25:])
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); "
                            f"log {log}:\n{tail}")
-    return text, wall, cpu
+    return text, wall, cpu, load
 
 
 def _last_json(text: str, key: str) -> dict:
@@ -80,9 +80,10 @@ def run_llmc(llmc_python: str, model_dir: Path, calib: Path, recipe: str, group_
     cmd = [llmc_python, str(ROOT / "bench" / "llmc_oneshot.py"), "--model", str(model_dir),
            "--calib", str(calib), "--recipe", recipe, "--group-size", str(group_size),
            "--out", str(out)]
-    text, wall, cpu = _run_logged(cmd, logs / f"{out.name}.log")
+    text, wall, cpu, load = _run_logged(cmd, logs / f"{out.name}.log")
     res = _last_json(text, '"seconds"')
-    return {"compress_s": res["seconds"], "process_s": wall, "process_cpu_s": cpu}
+    return {"compress_s": res["seconds"], "process_s": wall, "process_cpu_s": cpu,
+            "load_avg_start": load}
 
 
 def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: Path) -> dict:
@@ -90,10 +91,10 @@ def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: 
     shutil.rmtree(out, ignore_errors=True)
     job = dict(model=model, scheme=scheme, out=str(out), method=method, **opts)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    text, wall, cpu = _run_logged(cmd, logs / f"{out.name}.log")
+    text, wall, cpu, load = _run_logged(cmd, logs / f"{out.name}.log")
     res = _last_json(text, '"worker"')
     return {"compress_s": res["seconds"]["compress"], "process_s": wall, "process_cpu_s": cpu,
-            "seconds": res["seconds"]}
+            "load_avg_start": load, "seconds": res["seconds"]}
 
 
 def worker(job: dict) -> None:
@@ -107,15 +108,26 @@ def worker(job: dict) -> None:
 
 class Scorer:
     """api.evaluate_checkpoint, with the base model's reference distributions computed once
-    and shared by every checkpoint (the same windows, references and evaluate() calls)."""
+    and shared by every checkpoint (the same windows, references and evaluate() calls).
+    `cache` (a folder) keeps the references between runs; they are reused only for the same
+    windows."""
 
-    def __init__(self, base_model: str, windows: int, seq_len: int, sources=SOURCES):
+    def __init__(self, base_model: str, windows: int, seq_len: int, sources=SOURCES, cache=None):
         from tritonpress.compress import data, evaluate, models
         base, tokenizer = models.load_model(base_model)
         self.windows, self.seq_len, self.sets = windows, seq_len, {}
         for src in sources:
             w = data.eval_windows(tokenizer, src, windows, seq_len)
-            self.sets[src] = (w, evaluate.reference(base, w, progress=False))
+            path = cache and Path(cache) / f"ref-{src}-{windows}x{seq_len}.pt"
+            if path and path.exists():
+                w_saved, ref = torch.load(path, weights_only=False)
+                if torch.equal(w_saved, w):
+                    self.sets[src] = (w, ref)
+                    continue
+            ref = evaluate.reference(base, w, progress=False)
+            if path:
+                torch.save((w, ref), path)
+            self.sets[src] = (w, ref)
         del base
 
     def score(self, checkpoint: Path) -> dict:
@@ -140,7 +152,16 @@ def _f(x, nd):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def add_speedups(rows: list[dict]) -> None:
+    """speedup = llm-compressor's compress seconds / the row's, same scheme."""
+    llmc = {r["scheme"]: r["compress_s"] for r in rows if r["tool"] == "llm-compressor"}
+    for r in rows:
+        r["speedup"] = (llmc[r["scheme"]] / r["compress_s"]
+                        if r["scheme"] in llmc and r.get("compress_s") else None)
+
+
 def table(rows: list[dict]) -> str:
+    add_speedups(rows)
     lines = [COLUMNS]
     for r in rows:
         q = r.get("quality") or {}
@@ -185,6 +206,7 @@ def parse(argv=None):
                          "act order)")
     ap.add_argument("--no-reference", action="store_true", help="skip our RTN reference rows")
     ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true", help="only llm-compressor's rows")
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     ap.add_argument("--out-dir", default=str(ROOT / "out" / "bench_vs_llmc"))
     ap.add_argument("--delete-checkpoints", action="store_true",
@@ -241,16 +263,17 @@ def main(argv=None) -> list[dict]:
     opts = dict(dataset="canterbury", num_samples=args.num_samples, seq_len=args.seq_len,
                 seed=args.seed)
     t0 = time.perf_counter()
-    scorer = Scorer(str(model_dir), args.eval_windows, args.eval_seq_len)
+    scorer = Scorer(str(model_dir), args.eval_windows, args.eval_seq_len, cache=out_dir)
     print(f"[bench] reference distributions: {time.perf_counter() - t0:.0f}s", flush=True)
     bf16 = {"scheme": "-", "tool": "bf16", "method": "-",
             "quality": {s: {"ppl": scorer.sets[s][1].ppl, "kl": 0.0} for s in SOURCES}}
     upsert(rows, bf16)
 
-    def record(scheme, tool, method, timing, ckpt, llmc_s):
+    def record(scheme, tool, method, timing, ckpt):
         t = time.perf_counter()
         row = {"scheme": scheme, "tool": tool, "method": method, **timing,
-               "load_avg": os.getloadavg()[0], "size_bytes": _dir_size(ckpt),
+               "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "load_avg_end": os.getloadavg()[0], "size_bytes": _dir_size(ckpt),
                "checkpoint": str(ckpt)}
         try:
             row["quality"] = scorer.score(ckpt)
@@ -258,8 +281,6 @@ def main(argv=None) -> list[dict]:
             row["quality"], row["eval_error"] = {}, f"{type(e).__name__}: {e}"
             print(f"[bench] scoring {ckpt} failed: {row['eval_error']}", flush=True)
         row["eval_s"] = time.perf_counter() - t
-        if llmc_s and tool == "tritonpress":
-            row["speedup"] = llmc_s / row["compress_s"]
         upsert(rows, row)
         save(rows, meta, results)
         print(f"[bench] {scheme} {tool} {method}: compress {row['compress_s']:.1f}s, "
@@ -271,29 +292,28 @@ def main(argv=None) -> list[dict]:
     from tritonpress.compress.api import DEFAULT_METHOD
     for scheme in args.schemes:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
-        llmc_s = None
-        if use_llmc:
-            out = ckpts / f"{scheme}-llmc"
-            timing = run_llmc(args.llmc_python, model_dir, calib, spec["recipe"],
-                              args.group_size, out, out_dir / "logs")
-            llmc_s = timing["compress_s"]
-            method = spec["recipe"] + (" (static actorder)" if "gptq" in spec["recipe"] else "")
-            record(scheme, "llm-compressor", method, timing, out, None)
-        runs = [(DEFAULT_METHOD[scheme], {})]
-        if args.actorder and DEFAULT_METHOD[scheme] == "gptq":
+        runs = [] if args.skip_ours else [(DEFAULT_METHOD[scheme], {})]
+        if args.actorder and runs and DEFAULT_METHOD[scheme] == "gptq":
             runs.append(("gptq+actorder", {"actorder": True}))
-        if spec["reference"] and not args.no_reference:
+        if spec["reference"] and runs and not args.no_reference:
             runs.append((spec["reference"], {}))
         for name, extra in runs:
             out = ckpts / f"{scheme}-tp-{name.replace('+', '-')}"
             timing = run_ours(args.model, scheme, name.split("+")[0], out,
                               dict(opts, group_size=gs, **extra), out_dir / "logs")
-            record(scheme, "tritonpress", name, timing, out, llmc_s)
+            record(scheme, "tritonpress", name, timing, out)
+        if use_llmc:
+            out = ckpts / f"{scheme}-llmc"
+            timing = run_llmc(args.llmc_python, model_dir, calib, spec["recipe"],
+                              args.group_size, out, out_dir / "logs")
+            method = spec["recipe"] + (" (static actorder)" if "gptq" in spec["recipe"] else "")
+            record(scheme, "llm-compressor", method, timing, out)
 
     meta["seconds_total"] = round(time.perf_counter() - t0, 1)
-    save(rows, meta, results)
     order = {s: i for i, s in enumerate(["-", *SCHEMES])}
-    rows.sort(key=lambda r: order.get(r["scheme"], 99))
+    rows.sort(key=lambda r: (order.get(r["scheme"], 99), r["tool"] != "llm-compressor"))
+    add_speedups(rows)
+    save(rows, meta, results)
     print(f"\n{meta['model']}: calibration {meta['calibration']}; eval {meta['eval']}; "
           f"{meta['machine']}, torch threads {meta['torch_threads']}")
     print(table(rows))
