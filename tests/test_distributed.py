@@ -69,15 +69,15 @@ def _worker(r, world, port, model_name, out, text, kw):
 
 def run_one_rank(model_name, out, text, **kw):
     """A process group of one rank in this process (what torchrun --nproc_per_node 1 gives)."""
-    import tempfile
-
     import torch.distributed as dist
-    with tempfile.NamedTemporaryFile() as f:
-        dist.init_process_group("gloo", init_method=f"file://{f.name}", rank=0, world_size=1)
-        try:
-            return run_compress(model_name, out, text, **kw)
-        finally:
-            dist.destroy_process_group()
+
+    # gloo's file store deletes its file when the group is destroyed: a path, not an open file
+    store = Path(out).parent / f"{Path(out).name}.store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        return run_compress(model_name, out, text, **kw)
+    finally:
+        dist.destroy_process_group()
 
 
 def run_distributed(model_name, out, text, world=2, **kw):
