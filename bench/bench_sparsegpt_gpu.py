@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -254,7 +253,7 @@ def bench_e2e(cfg, samples, seq_len, device, py):
 
 # ----------------------------------------------------------------------------- 3. quality
 
-def bench_quality(device, calib_samples, seq_len, eval_windows_n):
+def bench_quality(device, calib_samples, seq_len, eval_windows_n, which):
     """SmolLM2-135M: SparseGPT 2:4 + fp8 variants vs magnitude 2:4 + fp8, held-out KL / ppl."""
     from functools import partial
 
@@ -269,12 +268,18 @@ def bench_quality(device, calib_samples, seq_len, eval_windows_n):
     batches = data.calibration_batches(tok, "canterbury", calib_samples, seq_len, seed=0)
     ref = evaluate.reference(model0, windows)
     rows, results = [], []
-    variants = [("dense bf16", None), ("magnitude 2:4 + fp8", "magnitude"),
-                ("SparseGPT joint (scale: original)", partial(sparsegpt_method, mode="joint")),
-                ("SparseGPT joint (scale: sparse)",
-                 partial(sparsegpt_method, mode="joint", scale_from="sparse")),
-                ("SparseGPT prune then quantize",
-                 partial(sparsegpt_method, mode="prune_then_quantize"))]
+    variants = {"dense": ("dense bf16", None),
+                "magnitude": ("magnitude 2:4 + fp8", "magnitude"),
+                "joint": ("SparseGPT joint (2 x amax original), default",
+                          partial(sparsegpt_method, mode="joint")),
+                "joint-plain": ("SparseGPT joint (amax original)",
+                                partial(sparsegpt_method, mode="joint", headroom=1.0)),
+                "joint-sparse": ("SparseGPT joint (amax of a float sweep)",
+                                 partial(sparsegpt_method, mode="joint", scale_from="sparse",
+                                         headroom=1.0)),
+                "ptq": ("SparseGPT prune then quantize",
+                        partial(sparsegpt_method, mode="prune_then_quantize"))}
+    variants = [variants[v] for v in which]
     for name, fn in variants:
         model = copy.deepcopy(model0)
         t0 = time.perf_counter()
@@ -307,6 +312,9 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--variants", default="dense,magnitude,joint,joint-plain,joint-sparse,ptq",
+                    help="--quality: which of dense, magnitude, joint, joint-plain, "
+                         "joint-sparse, ptq")
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--llmc-layer", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -323,7 +331,8 @@ def main():
 
     if a.quality:
         samples = a.calib_samples or (128 if cuda else 32)
-        report["quality"], txt = bench_quality(device, samples, a.seq_len, a.eval_windows)
+        report["quality"], txt = bench_quality(device, samples, a.seq_len, a.eval_windows,
+                                               a.variants.split(","))
         md.append(txt)
     else:
         py = None if a.skip_llmc else llmc_python()
