@@ -7,8 +7,8 @@
 Model: a 2-layer Llama with random weights and Llama-3-8B shapes (hidden 4096, intermediate
 14336, 32 heads, 8 kv heads, vocab 32000), bf16; calibration 64 x 2048 random token ids.
 Both tools start from the same weights on the CPU and compute on the GPU one layer at a time.
-Rows: tritonpress AWQ (fused grid-search kernel, clipping search: the default), without
-clipping (llm-compressor has none), round-to-nearest
+Rows: tritonpress AWQ (fused grid-search kernel; defaults: x_mean^r scales, clipping search),
+tritonpress with llm-compressor's recipe (duo scaling, no clipping), round-to-nearest
 (no calibration: the floor any method must beat), and llm-compressor 0.14 AWQModifier
 (scheme W4A16_ASYM) - in this process when importable, else in --llmc-python's venv by
 re-running this file as a worker there. Measured per row: wall seconds of the compression
@@ -233,8 +233,8 @@ def main():
 
     rows = {}
     for name, fn in [("tritonpress AWQ", functools.partial(awq, search_tokens=a.search_tokens)),
-                     ("tritonpress AWQ no clip", functools.partial(
-                         awq, clip=False, search_tokens=a.search_tokens)),
+                     ("tritonpress AWQ, llmc recipe", functools.partial(
+                         awq, clip=False, duo_scaling=True, search_tokens=a.search_tokens)),
                      ("tritonpress RTN", rtn_layer)]:
         rows[name] = run_ours(model, state, batches, fn, eval_ids, ref, a.group_size)
         print(name, json.dumps(rows[name]), flush=True)
