@@ -3,8 +3,9 @@
 X is [tokens, in] (or [batch, seq, in]) bf16/fp16/fp32 activations; H is an fp32 [in, in]
 buffer, symmetric on entry and on exit. The Triton kernel multiplies on tensor cores (bf16 or
 fp16 products are exact in fp32, accumulation is fp32), computes only the tiles i <= j of the
-upper triangle and writes each off-diagonal tile twice (as itself and transposed), so H is
-complete after every call with half the multiply work of a full X^T X.
+upper triangle and writes each off-diagonal tile twice (as itself and transposed); a diagonal
+tile keeps its upper triangle and mirrors it. So H is complete and exactly symmetric after
+every call, with half the multiply work of a full X^T X.
 
 Masked tokens are skipped without copying X: the kernel reads token rows through an index
 list (unmasked tokens first, made by a stable argsort on the GPU) and stops at the unmasked
@@ -78,8 +79,13 @@ def _xtx_kernel(x_ptr, rows_ptr, count_ptr, h_ptr, pairs_ptr, n_feat, stride_x, 
     m2 = mi[:, None] & mj[None, :]
     p = h_ptr + offs_i[:, None].to(tl.int64) * stride_h + offs_j[None, :]
     new = beta * tl.load(p, mask=m2, other=0.0) + alpha * acc
-    tl.store(p, new, mask=m2)
-    if ti != tj:  # mirror: the transposed tile goes below the diagonal
+    if ti == tj:
+        # A diagonal tile's (i, j) and (j, i) are two different sums: keep its upper triangle
+        # and mirror it, so H is symmetric bit for bit whatever the MMA order.
+        new = tl.where(offs_i[:, None] <= offs_j[None, :], new, tl.trans(new))
+        tl.store(p, new, mask=m2)
+    else:  # the transposed tile goes below the diagonal
+        tl.store(p, new, mask=m2)
         pt = h_ptr + offs_j[:, None].to(tl.int64) * stride_h + offs_i[None, :]
         tl.store(pt, tl.trans(new), mask=mj[:, None] & mi[None, :])
 
