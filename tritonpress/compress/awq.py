@@ -41,6 +41,7 @@ from torch import nn
 from ..kernels.awq_search import awq_grid_errors
 from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
+from .fold import divide_norm_output
 from .qweight import QuantizedWeight
 
 # Llama-family mappings as (smoothing layer, balance layers) attribute names; resolved per layer
@@ -167,14 +168,17 @@ def search_scales(x_mean: torch.Tensor, x: torch.Tensor, weights: list[torch.Ten
 
 @torch.no_grad()
 def apply_scales(smooth: nn.Module, balance: list[nn.Linear], s: torch.Tensor) -> None:
-    """Fold s into the layers: smooth's output / s (rows of a Linear, a norm's weight and bias),
-    balance Linears' input columns * s. A float no-op on the model's output."""
+    """Fold s into the layers: smooth's output / s (rows of a Linear; a norm's affine
+    parameters, w * x or Gemma's (1 + w) * x: fold.divide_norm_output), balance Linears' input
+    columns * s. A float no-op on the model's output."""
     s = s.float().to(smooth.weight.device)
-    w = smooth.weight
-    col = s.view(-1, 1) if w.dim() == 2 else s
-    w.copy_((w.float() / col).to(w.dtype))
-    if getattr(smooth, "bias", None) is not None:
-        smooth.bias.copy_((smooth.bias.float() / s).to(smooth.bias.dtype))
+    if isinstance(smooth, nn.Linear):
+        w = smooth.weight
+        w.copy_((w.float() / s.view(-1, 1)).to(w.dtype))
+        if smooth.bias is not None:
+            smooth.bias.copy_((smooth.bias.float() / s).to(smooth.bias.dtype))
+    else:
+        divide_norm_output(smooth, s, hint="leave it out of the AWQ mappings")
     for lin in balance:
         lin.weight.copy_((lin.weight.float() * s.to(lin.weight.device)).to(lin.weight.dtype))
 

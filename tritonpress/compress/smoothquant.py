@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fold import divide_norm_output
 from .pipeline import LayerInputs, run_with_linear_inputs, tokens_of
 
 
@@ -67,38 +68,10 @@ def smooth(norm: nn.Module, linears: list[nn.Linear], act_max: torch.Tensor,
     act_max = act_max.to(w_max.device)
     s = act_max.pow(alpha) / w_max.pow(1 - alpha)
     s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s)).clamp_min(1e-5)
-    _divide_norm_output(norm, s)
+    divide_norm_output(norm, s, hint="run without smoothquant")
     for lin in linears:
         lin.weight.data = (lin.weight.float() * s).to(lin.weight.dtype)
     return s
-
-
-def _divide_norm_output(norm: nn.Module, s: torch.Tensor) -> None:
-    """Change the norm's affine parameters so that its output is divided by s."""
-    x = torch.randn(4, s.numel(), device=norm.weight.device, dtype=torch.float32)
-    before = norm(x.to(norm.weight.dtype)).float()
-    w = norm.weight.data.float().clone()
-    # weight * x (Llama, Qwen, Mistral) or (1 + weight) * x (Gemma): tell them apart by output
-    saved = norm.weight.data.clone()
-    norm.weight.data.zero_()
-    bias = getattr(norm, "bias", None)
-    saved_bias = None if bias is None else bias.data.clone()
-    if bias is not None:
-        bias.data.zero_()
-    plus_one = bool(norm(x.to(saved.dtype)).abs().amax() > 0)
-    norm.weight.data = saved
-    if bias is not None:
-        bias.data = (saved_bias.float() / s).to(saved_bias.dtype)
-    norm.weight.data = (((1 + w) / s - 1) if plus_one else (w / s)).to(saved.dtype)
-    after = norm(x.to(saved.dtype)).float()
-    tol = 1e-2 if saved.dtype != torch.float32 else 1e-4
-    if not torch.allclose(after, before / s, rtol=tol, atol=tol * float(before.abs().amax())):
-        norm.weight.data = saved
-        if bias is not None:
-            bias.data = saved_bias
-        raise ValueError(f"{type(norm).__name__} is not an affine norm (weight * x or "
-                         "(1 + weight) * x): SmoothQuant cannot fold scales into it; "
-                         "run without smoothquant")
 
 
 def smoothquant_layer(layer_idx, layer, prefix, inputs, ctx, *, alpha: float = 0.5):
