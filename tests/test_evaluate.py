@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritonpress.compress.evaluate import (evaluate, fake_quant_per_token, reference,
+from tritonpress.compress.evaluate import (describe_act_sim, evaluate, fake_quant_per_token,
+                                           quantize_per_token_vllm, reference,
                                            simulate_activation_quant)
 from tritonpress.compress.models import tiny_llama
 from tritonpress.schemes import PRESETS, QuantArgs
@@ -83,9 +84,9 @@ def test_accepts_calibration_style_batches(tiny):
 
 
 @pytest.mark.parametrize("args", [INT8_TOKEN, FP8_TOKEN], ids=["int8", "fp8"])
-def test_fake_quant_per_token(args):
+def test_fake_quant_per_token_compressed_tensors(args):
     x = torch.randn(5, 33) * torch.logspace(-2, 2, 5)[:, None]  # rows of very different scale
-    xq = fake_quant_per_token(x, args)
+    xq = fake_quant_per_token(x, args, act_sim="compressed-tensors")
     amax = x.abs().amax(-1, keepdim=True)
     # scale = amax / 127.5 (int8) or amax / 448 (fp8): the largest value, +-127.5 steps, lands
     # on 127 (clamped from 128) or -128 (int8), or exactly on +-448 (fp8)
@@ -124,11 +125,58 @@ def test_activation_simulation_on_one_linear_is_quantize_dequantize(tiny):
     model, _ = tiny
     proj = model.model.layers[1].mlp.down_proj
     x = torch.randn(2, 3, 96)
-    with torch.no_grad(), simulate_activation_quant(model, INT8_TOKEN):
+    amax = x.abs().amax(-1, keepdim=True)
+    with torch.no_grad(), simulate_activation_quant(model, INT8_TOKEN,
+                                                         act_sim="compressed-tensors"):
         y = proj(x)
-    q = torch.clamp(torch.round(x / (x.abs().amax(-1, keepdim=True) / 127.5)), -128, 127)
-    x_hat = q * (x.abs().amax(-1, keepdim=True) / 127.5)
+    x_hat = torch.clamp(torch.round(x / (amax / 127.5)), -128, 127) * (amax / 127.5)
     assert torch.allclose(y, F.linear(x_hat, proj.weight), atol=1e-5)
+    with torch.no_grad(), simulate_activation_quant(model, INT8_TOKEN):   # vllm by default
+        y = proj(x)
+    x_hat = torch.round(x * (127 / amax)) * (amax / 127)
+    assert torch.allclose(y, F.linear(x_hat, proj.weight), atol=1e-5)
+
+
+def test_vllm_int8_per_token_matches_hand_computation():
+    # row 0: absmax 2.54 -> scale 0.02; x / scale = 127, -63.5 (ties to even: -64), 0.5 (-> 0),
+    # 1.5 (-> 2), 100.4 (-> 100); compressed-tensors would use 2.54 / 127.5 instead
+    x = torch.tensor([[2.54, -1.27, 0.01, 0.03, 2.008],
+                      [0.0, 0.0, 0.0, 0.0, 0.0],          # all zero: q 0, scale 0, no NaN
+                      [-3.0, 1.0, 0.0, 0.0, 0.0]])        # negative absmax -> -127, never -128
+    q, scale = quantize_per_token_vllm(x, INT8_TOKEN)
+    assert q.dtype == torch.int8 and scale.shape == (3, 1)
+    assert torch.equal(scale, x.abs().amax(-1, keepdim=True) / 127)
+    assert scale[0].item() == pytest.approx(0.02, rel=1e-6) and scale[1].item() == 0
+    assert q.tolist() == [[127, -64, 0, 2, 100], [0] * 5, [-127, 42, 0, 0, 0]]
+    x_hat = fake_quant_per_token(x, INT8_TOKEN)
+    assert torch.allclose(x_hat, q.float() * scale) and torch.isfinite(x_hat).all()
+    # the two conventions differ: compressed-tensors clamps the largest value (127.5 -> 127)
+    ct = fake_quant_per_token(x, INT8_TOKEN, act_sim="compressed-tensors")
+    assert x_hat[0, 0] == pytest.approx(2.54, rel=1e-6) and ct[0, 0] < x_hat[0, 0]
+
+
+def test_vllm_fp8_per_token_is_absmax_over_448_with_vllm_floor():
+    x = torch.randn(4, 40) * torch.tensor([[1e-4], [1e-2], [1.0], [300.0]])
+    q, scale = quantize_per_token_vllm(x, FP8_TOKEN)
+    amax = x.abs().amax(-1, keepdim=True)
+    assert torch.equal(scale, torch.clamp(amax / 448, min=1 / (448 * 512)))
+    assert q.dtype == torch.float8_e4m3fn
+    assert torch.equal(q.float(), (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    # above the floor (absmax >= 1/512) it is compressed-tensors' fp8 simulation exactly
+    ct, vl = (fake_quant_per_token(x[1:], FP8_TOKEN, act_sim=a)
+              for a in ("compressed-tensors", "vllm"))
+    assert torch.equal(ct, vl)
+
+
+def test_act_sim_is_checked_and_described(tiny):
+    model, windows = tiny
+    with pytest.raises(ValueError, match="vllm, compressed-tensors"):
+        evaluate(model, windows, act_args=INT8_TOKEN, act_sim="vLLM", progress=False)
+    assert describe_act_sim(INT8_TOKEN, "vllm") == \
+        "vllm: int8 per token simulated as vLLM runs it (scale = absmax / 127)"
+    assert "absmax / 127.5" in describe_act_sim(INT8_TOKEN, "compressed-tensors")
+    assert "absmax / 448" in describe_act_sim(FP8_TOKEN, "vllm")
+    assert describe_act_sim(None, "vllm") is None
 
 
 def test_activation_simulation_ignore_list_and_hooks_removed_on_error(tiny):

@@ -8,6 +8,16 @@ KL needs the original model's next-token distributions: `reference()` runs it on
 its log-probs on the CPU (fp16: 16 windows x 511 x 49152 vocab = 0.8 GB for SmolLM2).
 W8A8 schemes also quantize each Linear's input per token at inference: `act_args` simulates
 that (quantize -> dequantize the input) so the numbers match what vLLM would compute.
+
+`act_sim` picks the rounding convention of that simulation:
+  "vllm" (default)      what vLLM's kernels do. int8 (dynamic_scaled_int8_quant):
+                        scale = absmax / 127, q = round_half_even(x * (127 / absmax)) saturated
+                        to int8 (so in [-127, 127]); an all-zero row gives q = 0, scale 0.
+                        fp8 (dynamic_per_token_scaled_fp8_quant): scale = max(absmax / 448,
+                        1 / (448 * 512)), q = e4m3(clamp(x / scale, -448, 448)).
+  "compressed-tensors"  its fake quantization (kernels.quant.quantize_per_token_ref): scale =
+                        absmax / ((qmax - qmin) / 2), i.e. absmax / 127.5 for int8 (the largest
+                        value rounds to 128 and is clamped to 127) and absmax / 448 for fp8.
 """
 from __future__ import annotations
 
@@ -19,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.quant import quantize_per_token_ref
+from ..kernels.quant import FP8_DTYPE, FP8_MAX, quantize_per_token_ref
 from ..schemes import QuantArgs
 from .pipeline import matches
+
+ACT_SIMS = ("vllm", "compressed-tensors")
 
 
 @dataclass
@@ -86,15 +98,19 @@ def reference(model: nn.Module, windows, dtype: torch.dtype = torch.float16,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows, ref: Ref | None = None, act_args: QuantArgs | None = None,
-             ignore: tuple[str, ...] | list[str] = (), progress: bool = True) -> dict:
-    """{"ppl", "nll", "kl" (None without ref), "tokens"} of `model` on the windows."""
+             ignore: tuple[str, ...] | list[str] = (), progress: bool = True,
+             act_sim: str = "vllm") -> dict:
+    """{"ppl", "nll", "kl" (None without ref), "tokens"} of `model` on the windows, with
+    `act_args` activations simulated by the `act_sim` convention (see the module docstring)."""
     x = _as_windows(windows)
     _check_fits(model, x)
     if ref is not None and (len(ref.logprobs) != len(x) or ref.logprobs[0].shape[0] != x.shape[1] - 1):
         raise ValueError(f"ref was computed on {len(ref.logprobs)} windows of "
                          f"{ref.logprobs[0].shape[0] + 1} tokens, not on these {tuple(x.shape)}")
     nll, kl, count = 0.0, 0.0, 0
-    sim = simulate_activation_quant(model, act_args, ignore) if act_args else contextlib.nullcontext()
+    check_act_sim(act_sim)
+    sim = (simulate_activation_quant(model, act_args, ignore, act_sim) if act_args
+           else contextlib.nullcontext())
     with sim:
         for i, ids in enumerate(_windows_iter(x, progress, "evaluate")):
             lp = _logprobs(model, ids)
@@ -111,17 +127,62 @@ def evaluate(model: nn.Module, windows, ref: Ref | None = None, act_args: QuantA
 
 # ----------------------------------------------------------------------------- activations
 
-def fake_quant_per_token(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+def check_act_sim(act_sim: str) -> str:
+    if act_sim not in ACT_SIMS:
+        raise ValueError(f"unknown activation simulation {act_sim!r}: choose one of "
+                         f"{', '.join(ACT_SIMS)}")
+    return act_sim
+
+
+def describe_act_sim(act_args: QuantArgs | None, act_sim: str) -> str | None:
+    """One line for the report: how the activations were quantized when KL was measured."""
+    if act_args is None:
+        return None
+    kind = f"{act_args.type}{act_args.num_bits} per token"
+    if act_args.type == "float":
+        div = FP8_MAX
+    else:
+        div = act_args.qmax if act_sim == "vllm" else (act_args.qmax - act_args.qmin) / 2
+    who = "vLLM runs it" if act_sim == "vllm" else "compressed-tensors fake-quantizes it"
+    return f"{act_sim}: {kind} simulated as {who} (scale = absmax / {div:g})"
+
+
+def quantize_per_token_vllm(x: torch.Tensor, args: QuantArgs):
+    """Dynamic per-token quantization as vLLM's CUDA kernels do it: (q, scale [rows, 1] fp32).
+
+    int8 (csrc/quantization/compressed_tensors/int8_quant_kernels.cu): scale = absmax / 127,
+    q = cvt.rni.sat.s8(x * (127 / absmax)) (round half even, saturate), 0 for an all-zero row.
+    fp8 (csrc/quantization/fp8/common.cu): scale = max(absmax / 448, 1 / (448 * 512)),
+    q = e4m3(clamp(x / scale, -448, 448)), round to nearest even."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    amax = x2.abs().amax(-1, keepdim=True)
+    if args.type == "float":
+        scale = (amax / FP8_MAX).clamp(min=1.0 / (FP8_MAX * 512))
+        q = (x2 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    elif args.type == "int" and args.num_bits == 8:
+        qmax = float(args.qmax)                       # 127
+        inv = torch.where(amax == 0, torch.zeros_like(amax), qmax / amax)
+        q = torch.round(x2 * inv).clamp(args.qmin, qmax).to(torch.int8)
+        scale = amax / qmax
+    else:
+        raise ValueError(f"vLLM quantizes activations dynamically to int8 or fp8, not "
+                         f"{args.type}{args.num_bits}")
+    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
+def fake_quant_per_token(x: torch.Tensor, args: QuantArgs, act_sim: str = "vllm") -> torch.Tensor:
     """Quantize each token's (row's) values with its own scale, then dequantize: x_hat."""
-    q, scale = quantize_per_token_ref(x, args)
+    vllm = check_act_sim(act_sim) == "vllm"
+    q, scale = (quantize_per_token_vllm if vllm else quantize_per_token_ref)(x, args)
     return (q.float() * scale).to(x.dtype)
 
 
 @contextlib.contextmanager
 def simulate_activation_quant(model: nn.Module, act_args: QuantArgs,
-                              ignore: tuple[str, ...] | list[str] = ()):
+                              ignore: tuple[str, ...] | list[str] = (), act_sim: str = "vllm"):
     """Within the block, every nn.Linear but lm_head and those in `ignore` sees its input
-    quantized per token (yields how many Linears are hooked)."""
+    quantized per token by the `act_sim` convention (yields how many Linears are hooked)."""
+    check_act_sim(act_sim)
     if act_args.strategy != "token":
         raise ValueError(f"activation quantization is simulated per token (dynamic); "
                          f"got strategy {act_args.strategy!r}")
@@ -130,7 +191,7 @@ def simulate_activation_quant(model: nn.Module, act_args: QuantArgs,
                          "supported by the W8A8 kernels either")
 
     def hook(module, inputs):
-        return (fake_quant_per_token(inputs[0], act_args), *inputs[1:])
+        return (fake_quant_per_token(inputs[0], act_args, act_sim), *inputs[1:])
 
     lm_head = model.get_output_embeddings()
     handles = [m.register_forward_pre_hook(hook) for name, m in model.named_modules()
