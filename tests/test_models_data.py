@@ -73,6 +73,24 @@ def test_local_directory_roundtrip(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
+def test_resolve_dtype_reads_the_config_and_falls_back_to_bf16(tmp_path):
+    from tritonpress.compress.models import resolve_dtype
+    cfg = tmp_path / "config.json"
+    for content, want in (({"dtype": "float16"}, torch.float16),
+                          ({"torch_dtype": "float32"}, torch.float32),   # transformers < 5
+                          ({}, torch.bfloat16)):
+        cfg.write_text(json.dumps(content))
+        dtype, why = resolve_dtype("auto", tmp_path)
+        assert dtype == want and why.startswith("auto")
+    assert "names no dtype" in why
+    assert resolve_dtype("float32", tmp_path) == (torch.float32, "asked for")
+    cfg.write_text(json.dumps({"dtype": "float64"}))
+    with pytest.raises(ValueError, match="float64.*explicitly"):
+        resolve_dtype("auto", tmp_path)
+    with pytest.raises(ValueError, match="choose one of auto, bfloat16, float16, float32"):
+        resolve_dtype("fp16", tmp_path)
+
+
 def test_unknown_model_error_names_builtins():
     with pytest.raises(ValueError, match="smollm2-135m.*Hub is not reachable offline"):
         load_model("meta-llama/Llama-3-8B")

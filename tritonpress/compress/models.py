@@ -55,25 +55,61 @@ def atomic_dir(final: Path):
 
 # ----------------------------------------------------------------------------- loading
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-               cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """(model, tokenizer) for a built-in name or a local Hugging Face model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
+
+def model_path(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face directory of a built-in name (converted on first use) or a local one."""
     name = str(name_or_path)
     if name.lower() in BUILTIN_MODELS:
-        path = smollm2_checkpoint(cache_dir)
-    elif Path(name).expanduser().is_dir():
+        return smollm2_checkpoint(cache_dir)
+    if Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: point at a Hugging Face model "
                                     "directory (config.json + weights + tokenizer files)")
-    else:
-        raise ValueError(
-            f"unknown model {name!r}: not a local directory and not a built-in model "
-            f"({', '.join(BUILTIN_MODELS)}). The Hugging Face Hub is not reachable offline: "
-            "download the model elsewhere and pass its directory.")
+        return path
+    raise ValueError(
+        f"unknown model {name!r}: not a local directory and not a built-in model "
+        f"({', '.join(BUILTIN_MODELS)}). The Hugging Face Hub is not reachable offline: "
+        "download the model elsewhere and pass its directory.")
 
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", path: str | os.PathLike | None = None):
+    """(torch dtype, why) for `dtype` = auto | bfloat16 | float16 | float32 (or a torch dtype).
+
+    auto is the model's own dtype, as transformers' dtype="auto" reads it: `dtype` (or the
+    older `torch_dtype`) in the config.json at `path`; bfloat16 when the config names none."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}: choose one of {', '.join(DTYPE_CHOICES)}")
+        return dtype, "asked for"
+    name = str(dtype).lower().removeprefix("torch.")
+    if name in DTYPES:
+        return DTYPES[name], "asked for"
+    if name != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    import json
+    config = json.loads((Path(path) / "config.json").read_text()) if path is not None else {}
+    key = next((k for k in ("dtype", "torch_dtype") if config.get(k)), None)
+    if key is None:
+        return torch.bfloat16, "auto: config.json names no dtype, so bfloat16 by default"
+    own = str(config[key]).lower().removeprefix("torch.")
+    if own not in DTYPES:
+        raise ValueError(f"{path}/config.json says {key} {config[key]!r}, which tritonpress does "
+                         f"not load: pass dtype {', '.join(DTYPES)} explicitly")
+    return DTYPES[own], f"auto: the model's own ({key} in config.json)"
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto",
+               cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """(model, tokenizer) for a built-in name or a local Hugging Face model directory, in
+    `dtype` (see resolve_dtype; auto keeps the model's own dtype)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(name_or_path, cache_dir)
+    dtype, _ = resolve_dtype(dtype, path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
