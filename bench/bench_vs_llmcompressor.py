@@ -99,6 +99,7 @@ def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: 
 
 def worker(job: dict) -> None:
     from tritonpress.compress.api import compress
+    job.setdefault("dtype", "bfloat16")          # llmc_oneshot.py loads bf16 too
     report = compress(job.pop("model"), job.pop("scheme"), job.pop("out"),
                       evaluate_quality=False, progress=False, **job)
     print(json.dumps({"worker": True, "seconds": report["seconds"]}), flush=True)
@@ -114,7 +115,7 @@ class Scorer:
 
     def __init__(self, base_model: str, windows: int, seq_len: int, sources=SOURCES, cache=None):
         from tritonpress.compress import data, evaluate, models
-        base, tokenizer = models.load_model(base_model)
+        base, tokenizer = models.load_model(base_model, dtype="bfloat16")   # as llm-compressor
         self.windows, self.seq_len, self.sets = windows, seq_len, {}
         for src in sources:
             w = data.eval_windows(tokenizer, src, windows, seq_len)

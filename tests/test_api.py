@@ -68,3 +68,55 @@ def test_cli_compress_and_eval(tmp_path, text, monkeypatch, capsys):
     assert main(["compress", *args, "--scheme", "W4A16", "--group-size", "32", "--out", str(out),
                  "--dataset", text, "--num-samples", "8", "--seq-len", "32"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def _saved_tensors(ckpt):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_dtype_auto_keeps_an_fp32_model_fp32(tmp_path, text, capsys):
+    from tritonpress.compress.report import format_report
+    from tritonpress.compress.resume import fingerprint
+    model, tok = tiny_llama(seed=3)                 # fp32, saved as such
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    common = dict(method="rtn", progress=False, device="cpu", eval_dataset=text,
+                  eval_windows=2, eval_seq_len=32)
+
+    r = compress(str(base), "W8A8_INT8", str(tmp_path / "auto"), **common)
+    assert r["dtype"] == {"dtype": "float32", "why": "auto: the model's own (dtype in config.json)"}
+    t = _saved_tensors(tmp_path / "auto")
+    assert t["model.embed_tokens.weight"].dtype == torch.float32
+    assert t["model.layers.0.input_layernorm.weight"].dtype == torch.float32
+    assert t["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8   # quantized as before
+    assert torch.equal(t["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    # the report says which dtype and which activation convention the KL was measured with
+    assert r["quality"]["act_sim"].startswith("vllm: int8 per token") and "/ 127)" in \
+        r["quality"]["act_sim"]
+    text_out = format_report(r)
+    assert "dtype: float32 (auto" in text_out and "activations: vllm" in text_out
+
+    r = compress(str(base), "W8A8_INT8", str(tmp_path / "bf16"), dtype="bfloat16",
+                 act_sim="compressed-tensors", **common)
+    assert r["dtype"] == {"dtype": "bfloat16", "why": "asked for"}
+    assert "absmax / 127.5" in r["quality"]["act_sim"]
+    t = _saved_tensors(tmp_path / "bf16")
+    assert t["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert t["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    # the resume fingerprint pins parameter dtypes: an fp32 run never resumes a bf16 one
+    fp = [fingerprint(m, None, "gptq", None, {})["parameters"]
+          for m in (model, tiny_llama(seed=3)[0].to(torch.bfloat16))]
+    assert fp[0] != fp[1]
+
+    with pytest.raises(ValueError, match="auto, bfloat16, float16, float32"):
+        compress(str(base), "W8A8_INT8", None, dtype="bf16", **common)
+    with pytest.raises(ValueError, match="vllm, compressed-tensors"):
+        compress(str(base), "W8A8_INT8", None, act_sim="exact", **common)
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", str(base), "--out", str(tmp_path / "x"), "--dtype", "half"])
+    assert "float32" in capsys.readouterr().err

@@ -15,6 +15,13 @@ def _add_common(p):
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="dtype to load the model in (default auto: the model's own, from its "
+                        "config.json; bfloat16 if it names none)")
+    p.add_argument("--act-sim", default="vllm", choices=["vllm", "compressed-tensors"],
+                   help="how W8A8 activation quantization is simulated for KL/perplexity: as "
+                        "vLLM's kernels round (int8 scale absmax/127, default) or as "
+                        "compressed-tensors' fake quantization (absmax/127.5)")
     p.add_argument("--cache-dir", default=None, help="where converted models and data are cached")
     p.add_argument("--no-progress", action="store_true")
 
@@ -88,14 +95,16 @@ def main(argv=None) -> int:
                      evaluate_quality=not args.no_eval, device=args.device,
                      overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
                      progress=not args.no_progress, json_path=args.json, print_report=True,
-                     resume_dir=args.resume_dir, spill_dir=args.spill_dir)
+                     resume_dir=args.resume_dir, spill_dir=args.spill_dir, dtype=args.dtype,
+                     act_sim=args.act_sim)
             return 0
         if args.cmd == "eval":
             from .compress.api import evaluate_checkpoint
             r = evaluate_checkpoint(args.checkpoint, args.model, eval_dataset=args.eval_dataset,
                                     eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
                                     device=args.device, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, dtype=args.dtype,
+                                    act_sim=args.act_sim)
             print(json.dumps(r, indent=2))
             if args.json:
                 with open(args.json, "w") as f:

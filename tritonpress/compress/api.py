@@ -47,7 +47,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
              eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=0, progress=True, json_path=None,
              partial_last_group=False, resume_dir=None, spill_dir=None,
-             print_report=False) -> dict:
+             print_report=False, dtype="auto", act_sim="vllm") -> dict:
     """Compress `model` (a built-in name, a local HF directory, or a loaded model with
     `tokenizer` attached as model.tokenizer) with `scheme`, write a compressed-tensors
     checkpoint to `out` (if given) and return a report dict.
@@ -55,6 +55,11 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     resume_dir: save each finished decoder layer's state there and, on a rerun with the same
     inputs, restore finished layers instead of recomputing them (resume.py).
     spill_dir: keep the cached calibration activations in files there instead of in memory.
+    dtype: auto (the model's own, from its config.json; bfloat16 if it names none), bfloat16,
+    float16 or float32: the dtype the model is loaded (or, passed loaded, cast) in, and so that
+    of the checkpoint's unquantized tensors and scales. A loaded model is left as is by auto.
+    act_sim: how the scheme's dynamic activation quantization is simulated while measuring
+    quality, "vllm" (its kernels' rounding) or "compressed-tensors" (its fake quantization).
     Under torchrun (an initialised process group) GPTQ runs over the ranks (distributed.py)."""
     from . import checkpoint, data, evaluate, models
 
@@ -64,6 +69,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     _check_method(scheme, method)
+    evaluate.check_act_sim(act_sim)
+    if dtype != "auto":
+        models.resolve_dtype(dtype)          # a bad value fails here, before any loading
     if out is not None and Path(out).exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --out "
                               "or pass --overwrite (it is replaced only once the new one is complete)")
@@ -79,14 +87,24 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
                               smoothquant=smoothquant, seed=seed)}
     with timed(report, "load"):
         if isinstance(model, (str, Path)):
-            model, tokenizer = models.load_model(str(model), cache_dir=cache_dir)
+            path = models.model_path(model, cache_dir)
+            torch_dtype, why = models.resolve_dtype(dtype, path)
+            model, tokenizer = models.load_model(path, dtype=torch_dtype)
         else:
             tokenizer = getattr(model, "tokenizer", None)
+            torch_dtype, why = model.dtype, "auto: the dtype of the model passed in"
+            if dtype != "auto":
+                torch_dtype, why = models.resolve_dtype(dtype)
+                model.to(torch_dtype)
+        report["dtype"] = {"dtype": str(torch_dtype).removeprefix("torch."), "why": why}
+        if "names no dtype" in why:
+            report["notes"].append("the model's config.json names no dtype: loaded in bfloat16 "
+                                   "(pass --dtype to choose)")
         model.eval()
         check_finite(model)
         linears = all_target_linears(model, scheme)
         check_group_sizes(model, scheme, None, scheme.ignore, partial_last_group)
-    report["original_bytes"] = sum(p.numel() * 2 for p in model.parameters())
+    report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
 
     # held-out text, one set of windows per source ("canterbury+code" -> two), and the
     # uncompressed model's distributions on them for KL
@@ -113,10 +131,12 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
 
     if evaluate_quality:
         with timed(report, "eval_after"):
-            quality = {"windows": eval_windows, "seq_len": eval_seq_len}
+            quality = {"windows": eval_windows, "seq_len": eval_seq_len,
+                       "act_sim": evaluate.describe_act_sim(scheme.input_activations, act_sim)}
             for src, (w, ref) in evals.items():
                 after = evaluate.evaluate(model, w, ref=ref, act_args=scheme.input_activations,
-                                          ignore=scheme.ignore, progress=progress)
+                                          ignore=scheme.ignore, progress=progress,
+                                          act_sim=act_sim)
                 quality[src] = {"ppl_before": ref.ppl, "ppl": after["ppl"], "kl": after["kl"]}
         report["quality"] = quality
 
@@ -207,22 +227,27 @@ def load_checkpoint_dequantized(path, dtype=torch.bfloat16):
 
 def evaluate_checkpoint(checkpoint, base_model="smollm2-135m", *, eval_dataset="canterbury+code",
                         eval_windows=16, eval_seq_len=512, device=None, cache_dir=None,
-                        progress=True) -> dict:
+                        progress=True, dtype="auto", act_sim="vllm") -> dict:
     """Perplexity and KL (against `base_model`) of a saved checkpoint on held-out text, with
-    the checkpoint's dynamic activation quantization simulated."""
+    the checkpoint's dynamic activation quantization simulated by the `act_sim` convention.
+    Both models run in `dtype` (auto: the base model's own, see models.resolve_dtype)."""
     from . import data, evaluate, models
 
-    base, tokenizer = models.load_model(base_model, cache_dir=cache_dir)
+    evaluate.check_act_sim(act_sim)
+    path = models.model_path(base_model, cache_dir)
+    torch_dtype, _ = models.resolve_dtype(dtype, path)
+    base, tokenizer = models.load_model(path, dtype=torch_dtype)
     sets = {}
     for src in eval_dataset.split("+"):
         w = data.eval_windows(tokenizer, src, eval_windows, eval_seq_len, cache_dir=cache_dir)
         sets[src] = (w, evaluate.reference(base, w, progress=progress))
     del base
-    model, act_args, ignore = load_checkpoint_dequantized(checkpoint)
+    model, act_args, ignore = load_checkpoint_dequantized(checkpoint, dtype=torch_dtype)
     out = {"checkpoint": str(checkpoint), "base_model": str(base_model),
-           "windows": eval_windows, "seq_len": eval_seq_len}
+           "dtype": str(torch_dtype).removeprefix("torch."), "windows": eval_windows,
+           "seq_len": eval_seq_len, "act_sim": evaluate.describe_act_sim(act_args, act_sim)}
     for src, (w, ref) in sets.items():
         r = evaluate.evaluate(model, w, ref=ref, act_args=act_args, ignore=ignore,
-                              progress=progress)
+                              progress=progress, act_sim=act_sim)
         out[src] = {"ppl_before": ref.ppl, "ppl": r["ppl"], "kl": r["kl"]}
     return out

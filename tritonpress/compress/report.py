@@ -51,6 +51,11 @@ def format_report(r: dict) -> str:
         w = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             lines.append("  " + "  ".join(str(c).ljust(w[i]) for i, c in enumerate(row)))
+        if q.get("act_sim"):
+            lines.append(f"  activations: {q['act_sim']}")
+    dtype = (r.get("dtype") or {}).get("dtype", "bfloat16")
+    if r.get("dtype"):
+        lines.append(f"  dtype: {dtype} ({r['dtype']['why']})")
     s = r.get("seconds", {})
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))
     mem = r.get("memory", {})
@@ -58,7 +63,7 @@ def format_report(r: dict) -> str:
         lines.append("  peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()))
     if r.get("size_bytes"):
         lines.append(f"  size on disk: {r['size_bytes'] / 2**20:.1f} MiB "
-                     f"(uncompressed bf16 {r['original_bytes'] / 2**20:.1f} MiB)")
+                     f"(uncompressed {dtype} {r['original_bytes'] / 2**20:.1f} MiB)")
     if r.get("out"):
         lines.append(f"  checkpoint: {r['out']}")
     for note in r.get("notes", []):
