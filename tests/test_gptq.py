@@ -57,8 +57,8 @@ def out_err(W, Q, H):
 
 
 @pytest.mark.parametrize("name,group", SCHEMES)
-@pytest.mark.parametrize("actorder,scales", [(None, "static"), ("desc", "static"),
-                                             (None, "dynamic"), ("desc", "dynamic")])
+@pytest.mark.parametrize("actorder,scales", [(None, "static"), ("static", "static"),
+                                             (None, "dynamic"), ("static", "dynamic")])
 def test_blocked_sweep_matches_unblocked_obs(name, group, actorder, scales):
     # 120 columns: not a multiple of the 32-column block; groups of 24 straddle blocks
     args = _args(name, group)
@@ -111,14 +111,55 @@ def test_actorder_keeps_original_columns_and_groups(name, group):
     W = torch.randn(24, 120)
     H = torch.diag(torch.rand(120) + 0.1)
     rq, rdeq = rtn_quantize(W, args, torch.bfloat16)
-    qw, Q, _ = gptq_quantize(W, H, args, torch.bfloat16, actorder="desc", group_scales="static")
+    qw, Q, _ = gptq_quantize(W, H, args, torch.bfloat16, actorder="static", group_scales="static")
     assert torch.equal(qw.q.float(), rq.q.float()) and torch.equal(Q, rdeq)
     assert torch.equal(qw.scale, rq.scale) and qw.scale.dtype == torch.bfloat16
     # correlated: still plain group-wise scales on the original groups, decoding to Q
     H = correlated_hessian(120)
-    qw, Q, _ = gptq_quantize(W, H, args, torch.bfloat16, actorder="desc")
+    qw, Q, _ = gptq_quantize(W, H, args, torch.bfloat16, actorder="static")
     assert torch.equal(qw.scale, rq.scale)
     assert torch.equal(qw.dequantize(), Q)
+
+
+@pytest.mark.parametrize("name,group", SCHEMES)
+def test_static_actorder_values_lie_on_the_original_groups_grids(name, group):
+    # A correlated Hessian whose diagonal order interleaves the groups: every dequantized value
+    # of group g is scale_g * (q - zp_g) with the scale and zero point computed from the
+    # ORIGINAL weights' group g (before any update), in the original column positions.
+    args = _args(name, group)
+    rows, cols = 16, 120
+    W = torch.randn(rows, cols)
+    H = correlated_hessian(cols)
+    d = torch.rand(cols, generator=torch.Generator().manual_seed(1)) * 4 + 0.1
+    H = H * torch.outer(d, d).sqrt()              # diagonal order unrelated to column order
+    perm = torch.argsort(H.diagonal(), descending=True)
+    assert not torch.equal(perm, torch.arange(cols))
+    qw, Q, info = gptq_quantize(W, H, args, torch.float32, actorder="static")
+    assert info["actorder"] == "static" and info["fallback"] is None
+    gidx = group_index(cols, args)
+    scale, zp = group_qparams(W, args, torch.float32, gidx)
+    assert torch.equal(qw.scale, scale)
+    assert (qw.zero_point is None) == (zp is None)
+    s, z = expand(scale, gidx, rows), expand(zp, gidx, rows)
+    q = quantize_ref(Q, s, z, args)
+    assert torch.equal(dequantize_ref(q, s, z), Q)            # on the grid of its own group
+    assert q.float().min() >= args.qmin and q.float().max() <= args.qmax
+    assert torch.equal(qw.dequantize(torch.float32), Q)
+    # the order did run: not the in-order result
+    _, Q0, info0 = gptq_quantize(W, H, args, torch.float32, actorder=None)
+    assert info0["actorder"] is None and not torch.equal(Q, Q0)
+
+
+def test_actorder_spellings_and_bad_values():
+    from tritonpress.compress.gptq import check_actorder
+    for v in ("static", "STATIC", "desc", True):
+        assert check_actorder(v) == "static"
+    for v in (None, "none", "None", False):
+        assert check_actorder(v) is None
+    W, H, args = torch.randn(4, 48), correlated_hessian(48), _args("W4A16", 24)
+    for bad in ("group", "dynamic", "weight", "asc", 1.0):
+        with pytest.raises(ValueError, match=r"'static'.*None/'none'"):
+            gptq_quantize(W, H, args, torch.float32, actorder=bad)
 
 
 def test_rtn_matches_reference_quantizer():

@@ -3,7 +3,8 @@ Pre-trained Transformers"), in plain torch: the CPU path and the oracle for the 
 
 For one Linear with weight W [rows, cols] and Hessian H = 2/n sum x x^T [cols, cols]:
   1. dead inputs (H_ii == 0): H_ii = 1, W[:, i] = 0
-  2. optional activation order: columns by decreasing H_ii
+  2. activation order ("static", llm-compressor's default and compress()'s): sweep the
+     columns by decreasing H_ii
   3. dampening: H += frac * mean(diag H) * I, frac raised x10 while H is not positive definite
   4. U = upper Cholesky factor of H^-1: row i of U holds the OBS update for column i given
      that columns < i are already fixed
@@ -34,6 +35,30 @@ from ..kernels.gptq_sweep import sweep_block, sweep_block_ref as _sweep_block_re
 
 # Measured on SmolLM2-135M (W4A16 g64, 128 x 512 calibration tokens); see the lead's report.
 DEFAULT_GROUP_SCALES = "static"
+# llm-compressor 0.14's GPTQModifier default: sweep by decreasing H_ii, scales and groups on
+# the original columns (no g_idx). compress(), gptq_layer and the distributed path use it;
+# gptq_quantize itself orders only when asked (it is also the fused kernels' oracle).
+DEFAULT_ACTORDER = "static"
+
+
+def check_actorder(actorder) -> str | None:
+    """The one spelling of an actorder option: "static" or None (off).
+
+    Accepts "static", None or "none" (any case); the old spellings "desc" and True mean
+    "static", False means None. Anything else (e.g. "group", which would need a g_idx)
+    raises ValueError naming the allowed values."""
+    if actorder is None or actorder is False:
+        return None
+    if actorder is True:
+        return "static"
+    if isinstance(actorder, str):
+        key = actorder.strip().lower()
+        if key in ("static", "desc"):
+            return "static"
+        if key == "none":
+            return None
+    raise ValueError(f"actorder={actorder!r}: use 'static' (sweep columns by decreasing Hessian "
+                     "diagonal, groups on the original columns) or None/'none' (no ordering)")
 
 
 def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: float = 10.0):
@@ -67,11 +92,11 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
                   partial_last_group: bool = False):
     """GPTQ one weight [rows, cols] against its Hessian [cols, cols] (not modified).
 
-    actorder: None / "desc" (sweep columns by decreasing H_ii). group_scales: "static" or
-    "dynamic" (group strategy only; channel scales always come from the weights as given).
-    Returns (QuantizedWeight, dequantized weight [rows, cols] fp32, info dict)."""
-    if actorder not in (None, False, "desc"):
-        raise ValueError(f"actorder={actorder!r}: use None or 'desc'")
+    actorder: None (default here: columns in order) or "static" (sweep columns by decreasing
+    H_ii; see check_actorder); compress() and gptq_layer pass DEFAULT_ACTORDER. group_scales:
+    "static" or "dynamic" (group strategy only; channel scales always come from the weights as
+    given). Returns (QuantizedWeight, dequantized weight [rows, cols] fp32, info dict)."""
+    actorder = check_actorder(actorder)
     if group_scales not in ("static", "dynamic"):
         raise ValueError(f"group_scales={group_scales!r}: use 'static' or 'dynamic'")
     t0 = time.perf_counter()
@@ -83,7 +108,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
     H0 = H.float()
     H = H0.clone()
     gidx = group_index(cols, args, partial_last_group, W.device)
-    info = {"method": "gptq"}
+    info = {"method": "gptq", "actorder": actorder}
 
     dead = H.diagonal() == 0
     H[dead, dead] = 1
@@ -117,6 +142,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
     Q = torch.zeros_like(W)
     Losses = torch.zeros(rows, device=W.device)
     seen = torch.zeros(scale.shape[1], dtype=torch.bool, device=W.device)
+    # The fused solve takes the columns in order only, so activation order runs the loop below.
     if not actorder and use_triton(W, Hinv) and args.strategy in ("group", "channel") \
             and (not dynamic or blocksize % args.group_size == 0):
         # the whole sweep in the fused kernels (kernels/gptq_sweep.py); the loop below is skipped
@@ -161,11 +187,13 @@ def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> dict:
 
 
 def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
-               dampening: float = 0.01, max_dampening: float = 10.0, actorder: str | None = None,
-               group_scales: str = DEFAULT_GROUP_SCALES):
+               dampening: float = 0.01, max_dampening: float = 10.0,
+               actorder: str | None = DEFAULT_ACTORDER, group_scales: str = DEFAULT_GROUP_SCALES):
     """Pipeline method function: one Hessian per distinct Linear input of the layer (from the
     unquantized layer), then GPTQ every target Linear and write its dequantized weight back.
-    Bind options with functools.partial(gptq_layer, actorder="desc")."""
+    Static activation order by default, as llm-compressor; bind options with
+    functools.partial(gptq_layer, actorder=None)."""
+    actorder = check_actorder(actorder)
     hessians = collect_hessians(layer, ctx.linears, inputs)
     qweights, infos = {}, {}
     for name, lin in ctx.linears.items():
