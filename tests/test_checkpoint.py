@@ -147,6 +147,34 @@ def test_config_is_what_compressed_tensors_accepts(saved):
     assert (got.input_activations is None) == (want.input_activations is None)
     if want.input_activations is not None:
         assert got.input_activations.model_dump() == want.input_activations.model_dump()
+    # written without GPTQ's activation order: null, as llm-compressor writes it for RTN
+    assert group["weights"]["actorder"] is None and got.weights.actorder is None
+
+
+@pytest.mark.parametrize("name,group", [("W4A16", 32), ("W8A8_INT8", None)])
+def test_static_actorder_is_recorded_and_loads(tmp_path, name, group):
+    # GPTQ with static activation order keeps groups on the original columns: only the
+    # config's weights args change, to llm-compressor's "static"; compressed-tensors 0.19 and
+    # transformers load it (no g_idx expected) to exactly our values
+    model = tiny_llama()
+    scheme = get_scheme(name, group_size=group)
+    qw = rtn(model, scheme)
+    out = save_checkpoint(model, None, qw, scheme, tmp_path / "ckpt", actorder="static")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["actorder"] == "static"
+    cfg = QuantizationConfig.model_validate(qc)
+    assert cfg.config_groups["group_0"].weights.actorder == "static"
+    acts = cfg.config_groups["group_0"].input_activations
+    assert acts is None or acts.actorder is None
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        out, dtype=DT, quantization_config=CompressedTensorsConfig(dequantize=True),
+        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    for n, q in qw.items():
+        assert torch.equal(loaded.get_submodule(n).weight, q.dequantize(DT)), n
+    with pytest.raises(ValueError, match="None or 'static'"):
+        save_checkpoint(model, None, qw, scheme, tmp_path / "bad", actorder="group")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_packing_is_bit_identical_to_compressed_tensors(saved):

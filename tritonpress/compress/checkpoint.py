@@ -40,13 +40,18 @@ MAX_SHARD_SIZE = "5GB"
 
 # ----------------------------------------------------------------------------- config
 
-def _args_dict(a: QuantArgs, observer: str | None) -> dict:
+ACTORDERS = (None, "static")
+
+
+def _args_dict(a: QuantArgs, observer: str | None, actorder: str | None = None) -> dict:
     """QuantizationArgs as config.json holds it: the fields every compressed-tensors release
-    since 0.4 knows (vLLM validates with extra="forbid" against the version it pins)."""
+    since 0.4 knows (vLLM validates with extra="forbid" against the version it pins).
+    actorder: "static" for weights GPTQ swept in activation order (what llm-compressor writes;
+    compressed-tensors 0.19 reads it as an alias of "weight", no g_idx), else None."""
     return {"num_bits": a.num_bits, "type": a.type, "symmetric": a.symmetric,
             "group_size": a.group_size if a.strategy == "group" else None,
             "strategy": a.strategy, "block_structure": None, "dynamic": a.dynamic,
-            "actorder": None, "observer": observer, "observer_kwargs": {}}
+            "actorder": actorder, "observer": observer, "observer_kwargs": {}}
 
 
 def weight_format(scheme: Scheme) -> str:
@@ -60,13 +65,17 @@ def weight_format(scheme: Scheme) -> str:
     return "int-quantized"
 
 
-def quantization_config(scheme: Scheme, ignore: list[str], sparsity: dict | None = None) -> dict:
+def quantization_config(scheme: Scheme, ignore: list[str], sparsity: dict | None = None,
+                        actorder: str | None = None) -> dict:
     """The `quantization_config` entry of config.json (what compressed-tensors 0.19's
-    ModelCompressor.update_config writes for a one-group model)."""
+    ModelCompressor.update_config writes for a one-group model). actorder: the activation
+    order the weights were GPTQ-quantized with ("static") or None (RTN, AWQ, SparseGPT, ...)."""
+    if actorder not in ACTORDERS:
+        raise ValueError(f"actorder={actorder!r}: the checkpoint records None or 'static'")
     fmt = weight_format(scheme)
     act = scheme.input_activations
     group = {"targets": ["Linear"],
-             "weights": _args_dict(scheme.weights, "minmax"),
+             "weights": _args_dict(scheme.weights, "minmax", actorder),
              "input_activations": None if act is None else _args_dict(act, None),
              "output_activations": None,
              "format": fmt}
@@ -304,8 +313,13 @@ def _nbytes(sd: dict[str, torch.Tensor]) -> int:
 
 
 def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], scheme: Scheme,
-                    out_dir, overwrite: bool = False, sparse_format: str = "dense") -> Path:
+                    out_dir, overwrite: bool = False, sparse_format: str = "dense",
+                    actorder: str | None = None) -> Path:
     """Write a Hugging Face model directory in compressed-tensors format; return its path.
+
+    `actorder` is recorded in the weights' quantization args: "static" when GPTQ swept the
+    columns in activation order (the groups stay on the original columns, so nothing else in
+    the checkpoint changes), None otherwise.
 
     `sparse_format="sparse-24-bitmask"` stores 2:4-sparse 8-bit weights compressed (loaded by
     vLLM <= 0.19 through compressed-tensors <= 0.14); the default keeps the zeros in the
@@ -323,7 +337,7 @@ def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], sche
         sparsity = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4",
                     "targets": ["Linear"], "ignore": list(ignore),
                     "global_sparsity": _global_sparsity(model, qweights)}
-    qconfig = quantization_config(scheme, ignore, sparsity)
+    qconfig = quantization_config(scheme, ignore, sparsity, actorder)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     sd = _state_dict(model, qweights, fmt, sparse_format)
