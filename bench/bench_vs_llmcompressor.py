@@ -202,9 +202,9 @@ def parse(argv=None):
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--actorder", action="store_true",
-                    help="also run our GPTQ with act order (llm-compressor's default is static "
-                         "act order)")
+    ap.add_argument("--no-actorder", action="store_true",
+                    help="also run our GPTQ without act order (ours and llm-compressor's "
+                         "default is static act order)")
     ap.add_argument("--no-reference", action="store_true", help="skip our RTN reference rows")
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-ours", action="store_true", help="only llm-compressor's rows")
@@ -294,8 +294,8 @@ def main(argv=None) -> list[dict]:
     for scheme in args.schemes:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
         runs = [] if args.skip_ours else [(DEFAULT_METHOD[scheme], {})]
-        if args.actorder and runs and DEFAULT_METHOD[scheme] == "gptq":
-            runs.append(("gptq+actorder", {"actorder": True}))
+        if args.no_actorder and runs and DEFAULT_METHOD[scheme] == "gptq":
+            runs.append(("gptq+noactorder", {"actorder": None}))
         if spec["reference"] and runs and not args.no_reference:
             runs.append((spec["reference"], {}))
         for name, extra in runs:

@@ -45,6 +45,14 @@ def test_compress_writes_a_checkpoint_transformers_loads(tmp_path, text, scheme,
         assert torch.equal(theirs[name], p), name
     assert "lm_head" in ignore
     assert (act_args is None) == scheme.startswith("W4A16")
+    # GPTQ ran in static activation order by default (llm-compressor's); the checkpoint and
+    # the report say so, and say null for every other method
+    want = "static" if method == "gptq" else None
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["actorder"] == want
+    assert report["options"]["actorder"] == want
+    if method == "gptq":
+        assert all(i["actorder"] == "static" for i in report["layers"].values())
     if scheme == "W8A8_FP8_24":
         assert all(qw.is_24_sparse() for qw in load_quantized_weights(out).values())
 
@@ -64,6 +72,20 @@ def test_cli_compress_and_eval(tmp_path, text, monkeypatch, capsys):
     assert main(["eval", *args, "--checkpoint", str(out)]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r[text]["kl"] > 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["actorder"] == "static"     # the default
+    # --actorder none: GPTQ in column order, recorded as null
+    off = tmp_path / "w4-none"
+    assert main(["compress", *args, "--scheme", "W4A16", "--group-size", "32", "--out", str(off),
+                 "--dataset", text, "--num-samples", "8", "--seq-len", "32", "--no-eval",
+                 "--actorder", "none"]) == 0
+    assert "(gptq, actorder none)" in capsys.readouterr().out
+    qc = json.loads((off / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["actorder"] is None
+    assert json.loads((tmp_path / "w4-none.report.json").read_text())["options"]["actorder"] is None
+    with pytest.raises(SystemExit):
+        main(["compress", *args, "--out", str(tmp_path / "x"), "--actorder", "desc"])
+    assert "static" in capsys.readouterr().err
     # an existing output directory is refused with a message naming the way out
     assert main(["compress", *args, "--scheme", "W4A16", "--group-size", "32", "--out", str(out),
                  "--dataset", text, "--num-samples", "8", "--seq-len", "32"]) == 2
@@ -117,6 +139,8 @@ def test_dtype_auto_keeps_an_fp32_model_fp32(tmp_path, text, capsys):
         compress(str(base), "W8A8_INT8", None, dtype="bf16", **common)
     with pytest.raises(ValueError, match="vllm, compressed-tensors"):
         compress(str(base), "W8A8_INT8", None, act_sim="exact", **common)
+    with pytest.raises(ValueError, match=r"actorder='group': use 'static'.*None/'none'"):
+        compress(str(base), "W8A8_INT8", None, actorder="group", **common)
     with pytest.raises(SystemExit):
         main(["compress", "--model", str(base), "--out", str(tmp_path / "x"), "--dtype", "half"])
     assert "float32" in capsys.readouterr().err

@@ -8,6 +8,7 @@ Why it can be: per-batch forwards do not depend on the rank; Hessians are float6
 x x^T, all-reduced, then normalised, so the split only changes float64 summation order, which
 float32 rounding hides; each Linear's solve is deterministic whichever rank runs it.
 """
+import json
 import os
 import socket
 from pathlib import Path
@@ -134,6 +135,8 @@ def test_two_gloo_processes_match_one_process_tiny(tmp_path):
     run_one_rank("tiny", tmp_path / "one", text, **kw)
     run_distributed("tiny", tmp_path / "two", text, **kw)
     assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
+    qc = json.loads((tmp_path / "two" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["actorder"] == "static"   # the default
     # the plain path (no process group): same scales, a few integers apart
     run_compress("tiny", tmp_path / "plain", text, **kw)
     assert_close_checkpoint(tmp_path / "plain", tmp_path / "two")

@@ -2,6 +2,7 @@
 
 The checkpoint writer's own guarantees (existing directory, disk full, failure or Ctrl-C while
 writing) are tested in test_checkpoint.py; here they are checked through compress()."""
+import json
 import warnings
 from functools import partial
 from pathlib import Path
@@ -164,6 +165,12 @@ def test_resume_dir_of_another_run_is_refused(tmp_path, text):
     with pytest.raises(ValueError, match=r"holds the state of a different run \(differs in: "
                                          r"calibration, options\)"):
         run(tiny(), None, text, resume_dir=resume, seed=1, damp=0.1)
+    # the activation order is one of the options: a run in column order is not resumed
+    # from a static-order one (the default)
+    manifest = json.loads((resume / "manifest.json").read_text())
+    assert json.loads(manifest["options"])["actorder"] == "static"
+    with pytest.raises(ValueError, match=r"differs in: options\)"):
+        run(tiny(), None, text, resume_dir=resume, actorder="none")
 
 
 # ----------------------------------------------------------------------------- 3. spill to disk

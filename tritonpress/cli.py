@@ -49,7 +49,10 @@ def main(argv=None) -> int:
                    help="module names (or re:regex) to leave unquantized (default: lm_head)")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening fraction")
     c.add_argument("--block-size", type=int, default=128)
-    c.add_argument("--actorder", action="store_true", help="GPTQ activation ordering")
+    c.add_argument("--actorder", default="static", choices=["static", "none"],
+                   help="GPTQ activation order: static (default, as llm-compressor: columns swept "
+                        "by decreasing Hessian diagonal, groups kept on the original columns, "
+                        "no g_idx) or none")
     c.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant before W8A8_INT8 with strength ALPHA (e.g. 0.5)")
     c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])

@@ -17,6 +17,7 @@ from .report import dir_size, format_report, peak_memory, save_json, timed
 DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
                   "W8A8_FP8": "rtn", "W8A8_FP8_24": "sparsegpt"}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
+GPTQ_METHODS = ("gptq", "awq+gptq")      # the methods whose weights GPTQ quantizes (actorder)
 
 
 def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:
@@ -42,7 +43,7 @@ def check_finite(model: nn.Module) -> None:
 
 def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
              dataset="canterbury", num_samples=128, seq_len=512, group_size=None,
-             symmetric=None, ignore=None, damp=0.01, block_size=128, actorder=False,
+             symmetric=None, ignore=None, damp=0.01, block_size=128, actorder="static",
              smoothquant=None, sparse_format="dense", eval_dataset="canterbury+code",
              eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=0, progress=True, json_path=None,
@@ -55,6 +56,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     resume_dir: save each finished decoder layer's state there and, on a rerun with the same
     inputs, restore finished layers instead of recomputing them (resume.py).
     spill_dir: keep the cached calibration activations in files there instead of in memory.
+    actorder: GPTQ's activation order, "static" (default, as llm-compressor: columns swept by
+    decreasing Hessian diagonal, groups and scales on the original columns, no g_idx) or None
+    ("none"); the checkpoint records it for GPTQ-quantized weights (null for other methods).
     dtype: auto (the model's own, from its config.json; bfloat16 if it names none), bfloat16,
     float16 or float32: the dtype the model is loaded (or, passed loaded, cast) in, and so that
     of the checkpoint's unquantized tensors and scales. A loaded model is left as is by auto.
@@ -69,6 +73,10 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     _check_method(scheme, method)
+    from .gptq import check_actorder
+    actorder = check_actorder(actorder)          # a bad value fails here, before any loading
+    if method not in GPTQ_METHODS:
+        actorder = None                          # only GPTQ orders columns
     evaluate.check_act_sim(act_sim)
     if dtype != "auto":
         models.resolve_dtype(dtype)          # a bad value fails here, before any loading
@@ -144,7 +152,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     if out is not None and is_main():     # under torchrun only rank 0 writes
         with timed(report, "save"):
             path = checkpoint.save_checkpoint(model, tokenizer, qweights, scheme, out,
-                                              overwrite=overwrite, sparse_format=sparse_format)
+                                              overwrite=overwrite, sparse_format=sparse_format,
+                                              actorder=actorder)
         report["out"] = str(path)
         report["size_bytes"] = dir_size(path)
     barrier()
@@ -180,7 +189,7 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
         return rtn.quantize_linears_rtn(linears, scheme, device, partial_last_group)
     if method == "magnitude":
         return sparsegpt.magnitude_linears(linears, scheme, device)
-    gptq_opts = dict(blocksize=block_size, dampening=damp, actorder="desc" if actorder else None)
+    gptq_opts = dict(blocksize=block_size, dampening=damp, actorder=actorder)
     from . import distributed, resume
     wrap = None
     if resume_dir is not None:   # per-layer state; finished layers are restored, not redone

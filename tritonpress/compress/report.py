@@ -39,7 +39,10 @@ def _fmt(x, nd=4):
 
 def format_report(r: dict) -> str:
     """A terminal table of the report's headline numbers."""
-    lines = [f"tritonpress: {r['model']} -> {r['scheme']} ({r['method']})"]
+    method = r["method"]
+    if "gptq" in method:          # gptq, awq+gptq: the activation order GPTQ swept in
+        method += f", actorder {(r.get('options') or {}).get('actorder') or 'none'}"
+    lines = [f"tritonpress: {r['model']} -> {r['scheme']} ({method})"]
     q = r.get("quality") or {}
     srcs = [k for k, v in q.items() if isinstance(v, dict)]
     if srcs:
