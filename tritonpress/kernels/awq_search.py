@@ -180,7 +180,7 @@ def _gpu_config(group: int, x_bytes: int, w_bytes: int, smem: int = 140 * 1024):
         stages -= 1
     while per_stage() * stages > smem and bm > 32:
         bm //= 2
-    return bm, bn, 8 if bm * bn >= 128 * 64 else 4, stages
+    return bm, bn, 8 if bm * bn >= 128 * 64 or x_bytes == 4 else 4, stages
 
 
 def awq_grid_errors_triton(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,

@@ -47,3 +47,30 @@ def capability(device: torch.device | None = None) -> tuple[int, int] | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)
+
+
+# Shared memory one block may use (the opt-in maximum), by compute capability.
+SMEM_BYTES = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024,
+              (9, 0): 227 * 1024, (10, 0): 227 * 1024, (12, 0): 99 * 1024}
+
+
+def smem_bytes() -> int:
+    """Shared memory per block on the current CUDA device; 99 KB (what every sm80+ GPU has)
+    for a capability not in the table."""
+    return SMEM_BYTES.get(capability(), 99 * 1024)
+
+
+def fits_gpu(configs: list, smem_need, max_acc_per_thread: int | None = None) -> list:
+    """The autotune configs this GPU can run without waste: the shared memory estimate
+    smem_need(config) fits, and (if given) the BLOCK_M x BLOCK_N accumulator spread over the
+    warps holds at most max_acc_per_thread values per thread (more spills registers; the bounds
+    per kernel were measured with tests/compile_kernels.py). The smallest config when none fits."""
+    limit = smem_bytes()
+
+    def ok(c):
+        if max_acc_per_thread is not None and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+                                               > max_acc_per_thread * 32 * c.num_warps):
+            return False
+        return smem_need(c) <= limit
+    keep = [c for c in configs if ok(c)]
+    return keep or [min(configs, key=smem_need)]

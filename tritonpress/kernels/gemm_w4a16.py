@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import fits_gpu, interpreting
 from .gemm_w8a8 import grouped_tile
 
 
@@ -169,8 +169,13 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_KEY, stride_xm, 
 def _prune(configs, named_args, **kwargs):
     # prefer K tiles inside one group (scale applied per tile) when any config allows it
     g = named_args.get("GROUP_SIZE", kwargs.get("GROUP_SIZE"))
-    inside = [c for c in configs if g % c.kwargs["BLOCK_K"] == 0]
-    return inside or configs
+    configs = [c for c in configs if g % c.kwargs["BLOCK_K"] == 0] or configs
+    # per stage: the x tile and the int32 word tile (each word loaded for each of its rows);
+    # more than 64 accumulators per thread spill beside the unpacked weights (measured)
+    x = named_args["x_ptr"].element_size()
+    need = lambda c: c.num_stages * c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] * x  # noqa: E731
+                                                           + c.kwargs["BLOCK_N"] * 4)
+    return fits_gpu(configs, need, 64)
 
 
 def _cfg(bm, bn, bk, split, warps, stages):
@@ -182,11 +187,13 @@ def _cfg(bm, bn, bk, split, warps, stages):
 GEMV_CONFIGS = [_cfg(16, bn, bk, sk, 4, 4)
                 for bn, bk in ((32, 128), (64, 128), (128, 64), (64, 64)) for sk in (1, 2, 4)] + \
     [_cfg(16, 64, 128, 8, 4, 4), _cfg(16, 32, 128, 8, 4, 4)]
-# Large M: tensor-core tiles (sm80 and sm90 both fit these in shared memory).
+# Large M: tensor-core tiles; _prune keeps those that fit the GPU (the 2- and 3-stage ones are
+# for the 99 KB of shared memory of sm_86/sm_89).
 GEMM_CONFIGS = [
-    _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 3), _cfg(64, 256, 64, 1, 8, 3),
-    _cfg(128, 128, 128, 1, 8, 3), _cfg(64, 128, 64, 1, 4, 4), _cfg(128, 64, 64, 1, 4, 4),
-    _cfg(64, 64, 128, 1, 4, 4), _cfg(32, 128, 128, 1, 4, 4), _cfg(32, 64, 128, 1, 4, 4),
+    _cfg(128, 128, 64, 1, 8, 3), _cfg(64, 256, 64, 1, 8, 3), _cfg(64, 128, 64, 1, 4, 4),
+    _cfg(128, 64, 64, 1, 4, 4), _cfg(64, 64, 128, 1, 4, 4), _cfg(32, 64, 128, 1, 4, 4),
+    _cfg(128, 128, 64, 1, 8, 2), _cfg(64, 128, 64, 1, 4, 2), _cfg(64, 64, 64, 1, 4, 3),
+    _cfg(32, 64, 128, 1, 4, 2),
 ]
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import capability, fits_gpu, interpreting
 
 
 # ----------------------------------------------------------------------------- references
@@ -112,8 +112,16 @@ def _scaled_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, M_KEY,
 def _prune(configs, named_args, **kwargs):
     # no row tiles much taller than the batch: they only multiply padding
     m = named_args["M_KEY"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)]
-    return keep or configs
+    configs = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)] or configs
+    a, b = named_args["a_ptr"].element_size(), named_args["b_ptr"].element_size()
+    convert = a != b or kwargs.get("B_FP8_BITS", False)   # w8a16: B widened in registers
+    # pipelined A and B tiles, plus B's widened copy; no more than this spills (measured):
+    # 8-bit A x 8-bit B: 64 accumulators per thread before sm_90, 128 on sm_90 (wgmma);
+    # w8a16: 32 (the fp8 decode and the widened B tile need registers of their own)
+    need = lambda c: (c.num_stages * (c.kwargs["BLOCK_M"] * a + c.kwargs["BLOCK_N"] * b)  # noqa: E731
+                      + (c.kwargs["BLOCK_N"] * a if convert else 0)) * c.kwargs["BLOCK_K"]
+    cap = 32 if convert else (128 if (capability() or (0, 0)) >= (9, 0) else 64)
+    return fits_gpu(configs, need, cap)
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
@@ -122,7 +130,7 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 
 
 # 8-bit operands: BLOCK_K = 128 is 128 bytes per row. The big tiles are Hopper's (wgmma,
-# 228 KB shared memory); the 4-stage 128x128 ones suit A100 (164 KB).
+# 228 KB shared memory); _prune keeps those the GPU's shared memory and registers hold.
 CONFIGS = [
     _cfg(128, 256, 128, 8, 3), _cfg(256, 128, 128, 8, 3), _cfg(128, 128, 128, 8, 4),
     _cfg(128, 128, 64, 4, 4), _cfg(64, 128, 128, 4, 4), _cfg(128, 64, 128, 4, 4),

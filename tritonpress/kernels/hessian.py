@@ -3,9 +3,9 @@
 X is [tokens, in] (or [batch, seq, in]) bf16/fp16/fp32 activations; H is an fp32 [in, in]
 buffer, symmetric on entry and on exit. The Triton kernel multiplies on tensor cores (bf16 or
 fp16 products are exact in fp32, accumulation is fp32), computes only the tiles i <= j of the
-upper triangle and writes each off-diagonal tile twice (as itself and transposed); a diagonal
-tile keeps its upper triangle and mirrors it. So H is complete and exactly symmetric after
-every call, with half the multiply work of a full X^T X.
+upper triangle and writes each tile twice, as itself and transposed (a diagonal tile keeps its
+upper triangle and mirrors it). So H is complete and exactly symmetric after every call, with
+half the multiply work of a full X^T X.
 
 Masked tokens are skipped without copying X: the kernel reads token rows through an index
 list (unmasked tokens first, made by a stable argsort on the GPU) and stops at the unmasked
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting, use_triton
+from .dispatch import fits_gpu, interpreting, use_triton
 
 
 # ----------------------------------------------------------------------------- reference
@@ -76,30 +76,39 @@ def _xtx_kernel(x_ptr, rows_ptr, count_ptr, h_ptr, pairs_ptr, n_feat, stride_x, 
             b = b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
 
+    # The tile and its transpose; on a diagonal tile (ti == tj) the two stores overlap, and the
+    # triangle masks keep its upper half and mirror it, so H is symmetric bit for bit whatever
+    # the MMA order (off the diagonal every offs_i < offs_j and the masks are all true).
     m2 = mi[:, None] & mj[None, :]
     p = h_ptr + offs_i[:, None].to(tl.int64) * stride_h + offs_j[None, :]
     new = beta * tl.load(p, mask=m2, other=0.0) + alpha * acc
-    if ti == tj:
-        # A diagonal tile's (i, j) and (j, i) are two different sums: keep its upper triangle
-        # and mirror it, so H is symmetric bit for bit whatever the MMA order.
-        new = tl.where(offs_i[:, None] <= offs_j[None, :], new, tl.trans(new))
-        tl.store(p, new, mask=m2)
-    else:  # the transposed tile goes below the diagonal
-        tl.store(p, new, mask=m2)
-        pt = h_ptr + offs_j[:, None].to(tl.int64) * stride_h + offs_i[None, :]
-        tl.store(pt, tl.trans(new), mask=mj[:, None] & mi[None, :])
+    tl.store(p, new, mask=m2 & (offs_i[:, None] <= offs_j[None, :]))
+    pt = h_ptr + offs_j[:, None].to(tl.int64) * stride_h + offs_i[None, :]
+    tl.store(pt, tl.trans(new), mask=mj[:, None] & mi[None, :] & (offs_j[:, None] > offs_i[None, :]))
 
 
 def _configs():
-    # BLOCK stays 128 (the tile-pair list depends on it); the rest is tuned.
+    # BLOCK is fixed per input dtype (the tile-pair list depends on it); the rest is tuned.
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bk, w, s in [(64, 8, 3), (64, 8, 4), (32, 8, 4), (64, 4, 3), (128, 8, 2)]]
+            for bk, w, s in [(64, 8, 3), (64, 8, 4), (32, 8, 4), (128, 8, 2)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    x, block = named_args["x_ptr"].element_size(), kwargs["BLOCK"]
+    if x == 4:  # tf32x3 splits both operands in three: K tiles over 32 spill below sm_90
+        configs = [c for c in configs if c.kwargs["BLOCK_K"] <= 32]
+    # two pipelined [BLOCK_K, BLOCK] tiles of X per stage
+    need = lambda c: c.num_stages * 2 * c.kwargs["BLOCK_K"] * block * x  # noqa: E731
+    return fits_gpu(configs, need)
 
 
 # Autotuning launches the kernel several times: restore H between trials (read-modify-write).
 _xtx_tuned = triton.autotune(_configs(), key=["n_feat", "HAS_ROWS", "UPCAST"],
+                             prune_configs_by={"early_config_prune": _prune},
                              restore_value=["h_ptr"], cache_results=True)(_xtx_kernel)
-_TUNED_BLOCK = 128
+# 128 x 128 fp32 accumulator tiles for 16-bit X; fp32 X (tf32x3: each operand split in three)
+# spills registers at 128 on every arch, so it gets 64 x 64 tiles (measured).
+_TUNED_BLOCK = {2: 128, 4: 64}
 
 
 @functools.lru_cache(maxsize=64)
@@ -138,7 +147,7 @@ def xtx_accumulate_triton(H: torch.Tensor, x: torch.Tensor, mask: torch.Tensor |
     precision = "ieee" if interpreting() else ("tf32x3" if x2.dtype == torch.float32 else "tf32")
     kw = dict(HAS_ROWS=mask is not None, UPCAST=upcast, PRECISION=precision)
     tuned = block is None and not interpreting()
-    block = _TUNED_BLOCK if tuned else (block or 64)
+    block = _TUNED_BLOCK[x2.element_size()] if tuned else (block or 64)
     pairs = _tile_pairs(triton.cdiv(n_feat, block), 8, str(x2.device))
     args = (x2, rows, count, H, pairs, n_feat, x2.stride(0), H.stride(0), float(alpha), float(beta))
     grid = (pairs.numel() // 2,)
