@@ -18,6 +18,7 @@ first reaches a group ("dynamic", as the paper); see DEFAULT_GROUP_SCALES.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -142,14 +143,20 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
     Q = torch.zeros_like(W)
     Losses = torch.zeros(rows, device=W.device)
     seen = torch.zeros(scale.shape[1], dtype=torch.bool, device=W.device)
-    # The fused solve takes the columns in order only, so activation order runs the loop below.
-    if not actorder and use_triton(W, Hinv) and args.strategy in ("group", "channel") \
-            and (not dynamic or blocksize % args.group_size == 0):
-        # the whole sweep in the fused kernels (kernels/gptq_sweep.py); the loop below is skipped
+    # The whole sweep in the fused kernels (kernels/gptq_sweep.py) on a GPU; the loop below is
+    # then skipped. The solve takes columns in sweep order: under activation order each swept
+    # column gets its (original) group's scale, as groups of one column.
+    if use_triton(W, Hinv) and args.strategy in ("group", "channel") \
+            and (not dynamic or (not actorder and blocksize % args.group_size == 0)):
         from ..kernels.gptq_sweep import gptq_solve
-        Q, scale, zp, Losses = gptq_solve(W, Hinv, args, None if dynamic else scale,
-                                          None if dynamic else zp, scale_dtype=scale_dtype,
-                                          blocksize=blocksize)
+        if actorder and args.strategy == "group":
+            Q, _, _, Losses = gptq_solve(W, Hinv, dataclasses.replace(args, group_size=1),
+                                         expand(scale, gcol, rows), expand(zp, gcol, rows),
+                                         scale_dtype=scale_dtype, blocksize=blocksize)
+        else:
+            Q, scale, zp, Losses = gptq_solve(W, Hinv, args, None if dynamic else scale,
+                                              None if dynamic else zp, scale_dtype=scale_dtype,
+                                              blocksize=blocksize)
         bounds = bounds[-1:]
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         if dynamic and not seen[gcol[i1]]:
