@@ -42,11 +42,11 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from tritonpress.kernels import (awq_search, gemm_w4a16, gemm_w8a8, gptq_sweep,  # noqa: E402
-                                 hessian, quant, sparse24)
+                                 hessian, primitives, quant, sparse24)
 from tritonpress.kernels.dispatch import SMEM_BYTES  # noqa: E402
 from tritonpress.schemes import PRESETS  # noqa: E402
 
-MODULES = (quant, hessian, gptq_sweep, awq_search, sparse24, gemm_w4a16, gemm_w8a8)
+MODULES = (primitives, quant, hessian, gptq_sweep, awq_search, sparse24, gemm_w4a16, gemm_w8a8)
 ARCHS = (80, 89, 90)
 # Register spills accepted per kernel (bytes of spill stores + loads per thread), where a
 # measured trade says a spilling config is worth keeping. Everything else must be clean.
@@ -297,6 +297,22 @@ def run(archs=ARCHS, everything=False, only="", to_launch=None, log=print):
     return rows, failures, missing
 
 
+def summary(rows) -> str:
+    """Markdown: per kernel, compiles / max registers / max shared KB / spill bytes per arch."""
+    archs = sorted({r["arch"] for r in rows})
+    lines = ["| kernel | " + " | ".join(f"{a}: n, regs, smem KB, spill" for a in archs) + " |",
+             "|---|" + "---|" * len(archs)]
+    for k in sorted({r["kernel"] for r in rows}):
+        cells = []
+        for a in archs:
+            rs = [r for r in rows if r["kernel"] == k and r["arch"] == a and r["ok"]]
+            cells.append(f"{len(rs)}, {max(r['regs'] or 0 for r in rs)}, "
+                         f"{max(r['shared'] for r in rs) / 1024:.0f}, {sum(r['spill'] for r in rs)}"
+                         if rs else "-")
+        lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)))
@@ -315,6 +331,7 @@ def main():
         with open(opt.json, "w") as f:
             json.dump(dict(triton=triton.__version__, torch=torch.__version__, rows=rows,
                            not_launched=missing), f, indent=1)
+    print("\n" + summary(rows))
     print(f"\ntriton {triton.__version__}: {len(rows)} compiles, {len(failures)} failing, "
           f"{time.perf_counter() - t0:.0f} s; kernels never launched: {missing or 'none'}")
     sys.exit(1 if failures or missing else 0)

@@ -5,8 +5,9 @@ import triton
 import triton.language as tl
 
 from tritonpress.kernels.quant import fp8_round_ref
-from tritonpress.kernels.sparse24 import (_fp8_round, keep_2_of_4, prune24_block,
-                                          prune24_block_ref, prune24_block_triton)
+from tritonpress.kernels.primitives import e4m3_round
+from tritonpress.kernels.sparse24 import (keep_2_of_4, prune24_block, prune24_block_ref,
+                                          prune24_block_triton)
 
 
 def _hinv(n, tokens=256):
@@ -83,7 +84,7 @@ def test_bad_block_shapes_are_rejected():
 def _round_kernel(X, Y, N, B: tl.constexpr):
     o = tl.program_id(0) * B + tl.arange(0, B)
     m = o < N
-    tl.store(Y + o, _fp8_round(tl.load(X + o, mask=m)), mask=m)
+    tl.store(Y + o, e4m3_round(tl.load(X + o, mask=m)), mask=m)
 
 
 def test_fp8_round_matches_torch_cast():
@@ -94,6 +95,7 @@ def test_fp8_round_matches_torch_cast():
     y = torch.empty_like(x)
     _round_kernel[(triton.cdiv(x.numel(), 16384),)](x, y, x.numel(), B=16384)
     assert torch.equal(y, fp8_round_ref(x))
+    assert torch.equal(torch.signbit(y), torch.signbit(fp8_round_ref(x)))   # -0 stays -0
 
 
 def test_full_sweep_triton_vs_torch(monkeypatch, quant=True):

@@ -30,9 +30,9 @@ import triton.language as tl
 
 from ..schemes import QuantArgs
 from .dispatch import use_triton, interpreting
+from .primitives import qparams, rne
 from .quant import group_view, qparams_from_minmax
 
-_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + M - M rounds fp32 |x| < 2**22 to nearest even
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantArgs):
@@ -99,25 +99,11 @@ def awq_grid_errors_ref(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, 
 # ----------------------------------------------------------------------------- Triton
 
 @triton.jit
-def _rne(x):
-    return (x + _RNE_MAGIC) - _RNE_MAGIC
-
-
-@triton.jit
-def _round_to_bf16(x):
-    # fp32 -> nearest-even bf16 value, kept in fp32. The interpreter's cast truncates instead,
-    # so round on the bits (finite positive inputs: the scales).
-    b = x.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _awq_err_kernel(x_ptr, w_ptr, s_ptr, part_ptr, T, N, K,
                     stride_xt, stride_wn, stride_sc,
                     qmin, qmax, eps,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SYMMETRIC: tl.constexpr, SCALE_KIND: tl.constexpr,
+                    SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr,
                     DOT_DTYPE: tl.constexpr):
     c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -137,24 +123,14 @@ def _awq_err_kernel(x_ptr, w_ptr, s_ptr, part_ptr, T, N, K,
         s = tl.load(s_ptrs + k0)
         ws = w * s[None, :]
         # qparams of each row's group, exactly as kernels.quant.qparams_from_minmax
-        if SYMMETRIC:
-            amax = tl.max(tl.abs(ws), axis=1)
-            scale = amax / ((qmax - qmin) / 2)
-        else:
-            lo = tl.minimum(tl.min(ws, axis=1), 0.0)
-            hi = tl.maximum(tl.max(ws, axis=1), 0.0)
-            scale = (hi - lo) / (qmax - qmin)
-        scale = tl.where(scale == 0, eps, scale)
-        if SCALE_KIND == 1:
-            scale = _round_to_bf16(scale)
-        elif SCALE_KIND == 2:
-            scale = scale.to(tl.float16).to(tl.float32)
-        q = _rne(ws / scale[:, None])
+        div = (qmax - qmin) / 2 if SYMMETRIC else qmax - qmin
+        scale, zp = qparams(tl.min(ws, axis=1), tl.max(ws, axis=1), div, qmin, qmax, eps,
+                            SYMMETRIC, SCALE_DTYPE)
+        q = rne(tl.div_rn(ws, scale[:, None]))
         if SYMMETRIC:
             q = tl.minimum(tl.maximum(q, qmin), qmax)
             dq = q * scale[:, None]
         else:
-            zp = tl.minimum(tl.maximum(_rne(qmin - lo / scale), qmin), qmax)
             q = tl.minimum(tl.maximum(q + zp[:, None], qmin), qmax)
             dq = (q - zp[:, None]) * scale[:, None]
         d = dq / s[None, :] - w                      # [BLOCK_N, GROUP] weight-space error
@@ -166,7 +142,6 @@ def _awq_err_kernel(x_ptr, w_ptr, s_ptr, part_ptr, T, N, K,
     tl.store(part_ptr + pid, part)
 
 
-_SCALE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -213,7 +188,7 @@ def awq_grid_errors_triton(x: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
         x.stride(0), w.stride(0), scales.stride(0),
         float(args.qmin), float(args.qmax), float(torch.finfo(scale_dtype).eps),
         GROUP=g, BLOCK_M=block_m, BLOCK_N=block_n, SYMMETRIC=args.symmetric,
-        SCALE_KIND=_SCALE_KIND[scale_dtype], DOT_DTYPE=dot_dtype,
+        SCALE_DTYPE=_TL_DTYPES[scale_dtype], DOT_DTYPE=dot_dtype,
         num_warps=warps, num_stages=stages)
     return part.view(C, -1).double().sum(1).float()
 

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import fits_gpu, interpreting
+from .primitives import tune_bench
 from .gemm_w8a8 import grouped_tile
 
 
@@ -197,17 +198,13 @@ GEMM_CONFIGS = [
 ]
 
 
-def _tune_bench(fn, quantiles=None):   # short timings: a shape is tuned in well under a second
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-
 _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=["M_KEY", "N", "K", "GROUP_SIZE"],
                               prune_configs_by={"early_config_prune": _prune},
-                              reset_to_zero=["y_ptr"], do_bench=_tune_bench,
+                              reset_to_zero=["y_ptr"], do_bench=tune_bench,
                               cache_results=True)(_wna16_kernel)
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "GROUP_SIZE"],
                               prune_configs_by={"early_config_prune": _prune},
-                              do_bench=_tune_bench, cache_results=True)(_wna16_kernel)
+                              do_bench=tune_bench, cache_results=True)(_wna16_kernel)
 
 # Fixed configs for the interpreter (it cannot time candidates): big blocks, few programs.
 INTERPRET_GEMV = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, GROUP_M=8)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import capability, fits_gpu, interpreting
+from .primitives import e4m3_byte_to_f32, tune_bench
 
 
 # ----------------------------------------------------------------------------- references
@@ -38,17 +39,6 @@ def w8a16_ref(x: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------- Triton
-
-@triton.jit
-def _e4m3_bits_to_f32(bits):
-    # e4m3fn: sign | 4 exponent bits (bias 7) | 3 mantissa bits; exponent 0 is subnormal.
-    b = bits.to(tl.int32) & 0xFF
-    e = (b >> 3) & 0xF
-    m = b & 0x7
-    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)   # rebias 7 -> 127
-    v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)            # m * 2^-9
-    return tl.where((b & 0x80) != 0, -v, v)
-
 
 @triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -91,7 +81,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K, M_KEY,
         if UPCAST:          # interpreter: no bf16 arithmetic
             a = a.to(tl.float32)
         if B_FP8_BITS:      # w8a16: fp8 weights arrive as raw bytes
-            b = _e4m3_bits_to_f32(b).to(a.dtype)
+            b = e4m3_byte_to_f32(b).to(a.dtype)
         elif b.dtype != a.dtype:
             b = b.to(a.dtype)
         if INT_ACC:
@@ -139,13 +129,9 @@ CONFIGS = [
 ]
 
 
-def _tune_bench(fn, quantiles=None):   # short timings: a shape is tuned in well under a second
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-
 _tuned = triton.autotune(CONFIGS, key=["M_KEY", "N", "K", "HAS_SA", "INT_ACC", "B_FP8_BITS"],
                          prune_configs_by={"early_config_prune": _prune},
-                         do_bench=_tune_bench, cache_results=True)(_scaled_mm_kernel)
+                         do_bench=tune_bench, cache_results=True)(_scaled_mm_kernel)
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
 
 

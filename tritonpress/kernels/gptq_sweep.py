@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ..schemes import QuantArgs
 from .dispatch import interpreting, use_triton
+from .primitives import e4m3_round, qparams, rne
 
 # Precision of the trailing GEMM W[:, right] -= Err @ Hinv[block, right] on the GPU. Measured
 # by emulating the operand rounding in fp32 (bench_gptq_gpu.py --precision-study; 512 x 1024,
@@ -175,38 +176,6 @@ def lower_triangular_inverse(L: torch.Tensor, leaf: int = 512) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Triton
 
 @triton.jit
-def _rne(x):
-    # round half to even for |x| < 2^22: adding 1.5 * 2^23 leaves no fraction bits
-    return (x + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _round_to(x, DTYPE: tl.constexpr):
-    """fp32 -> nearest DTYPE value (RNE), as fp32; bf16 on the bits because the
-    interpreter's fp32 -> bf16 cast truncates."""
-    if DTYPE == tl.bfloat16:
-        b = x.to(tl.int32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        return b.to(tl.float32, bitcast=True)
-    elif DTYPE == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
-
-
-@triton.jit
-def _fp8_e4m3_round(x):
-    """fp32 -> nearest e4m3 value (RNE, saturating at +-448), as fp32; on the bits because
-    the interpreter's fp32 -> fp8 cast rounds wrongly."""
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    b = x.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -1048576        # keep 3 mantissa bits
-    normal = b.to(tl.float32, bitcast=True)
-    sub = (x + 24576.0) - 24576.0                          # below 2^-6: the 2^-9 grid
-    return tl.where(tl.abs(x) < 0.015625, sub, normal)
-
-
-@triton.jit
 def _sweep_kernel(W, Hinv, S, Z, Q, E, L, rows, n, col0,
                   stride_w, stride_h, stride_sr, stride_sc, stride_q, stride_e, stride_l,
                   qmin, qmax, half_range, eps,
@@ -241,16 +210,12 @@ def _sweep_kernel(W, Hinv, S, Z, Q, E, L, rows, n, col0,
             zpp = Z + r64 * stride_sr + ((col0 + c) // GDIV) * stride_sc
             if DYNAMIC:  # the caller guarantees that launches start on group starts
                 grp = (cols[None, :] >= c) & (cols[None, :] < c + GDIV)
-                lo = tl.minimum(tl.min(tl.where(grp, work, float("inf")), axis=1), 0.0)
-                hi = tl.maximum(tl.max(tl.where(grp, work, float("-inf")), axis=1), 0.0)
-                if HAS_ZP:
-                    s = tl.div_rn(hi - lo, qmax - qmin)
-                else:
-                    s = tl.div_rn(tl.maximum(-lo, hi), half_range)
-                s = _round_to(tl.where(s == 0.0, eps, s), SCALE_DTYPE)
+                lo = tl.min(tl.where(grp, work, float("inf")), axis=1)
+                hi = tl.max(tl.where(grp, work, float("-inf")), axis=1)
+                s, z = qparams(lo, hi, (qmax - qmin) if HAS_ZP else half_range, qmin, qmax, eps,
+                               not HAS_ZP, SCALE_DTYPE)
                 tl.store(sp, s, mask=rmask)
                 if HAS_ZP:
-                    z = tl.minimum(tl.maximum(_rne(qmin - tl.div_rn(lo, s)), qmin), qmax)
                     tl.store(zpp, z, mask=rmask)
             else:
                 s = tl.load(sp, mask=rmask, other=1.0).to(tl.float32)
@@ -259,10 +224,10 @@ def _sweep_kernel(W, Hinv, S, Z, Q, E, L, rows, n, col0,
 
         y = tl.div_rn(w, s)
         if FP8:
-            q = _fp8_e4m3_round(y) * s
+            q = e4m3_round(y) * s
         else:
             # clamp before rounding (the bounds are integers, so it commutes with rounding)
-            q = _rne(tl.minimum(tl.maximum(y, qmin - z), qmax - z)) * s
+            q = rne(tl.minimum(tl.maximum(y, qmin - z), qmax - z)) * s
         d = tl.load(Hinv + c * stride_h + c)
         diff = w - q
         err = tl.div_rn(diff, d)

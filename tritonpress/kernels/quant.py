@@ -157,83 +157,17 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .dispatch import use_triton  # noqa: E402
-
-_RNE_MAGIC = tl.constexpr(12582912.0)      # 1.5 * 2**23: adding it leaves no fraction bits
-_E4M3_SUB_MAGIC = tl.constexpr(24576.0)    # 1.5 * 2**14: its ulp is 2**-9, the subnormal step
-_E4M3_MIN_NORMAL = tl.constexpr(0x3C800000)  # fp32 bits of 2**-6
-
-
-@triton.jit
-def _rne(y):
-    """Round half to even; exact for |y| < 2**22."""
-    return (y + _RNE_MAGIC) - _RNE_MAGIC
-
-
-@triton.jit
-def _e4m3_round(y):
-    """fp32 -> nearest e4m3 value (RNE, saturating at +-448), as fp32; NaN stays NaN."""
-    c = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    bits = c.to(tl.int32, bitcast=True)
-    a = bits & 0x7FFFFFFF
-    # normal range: round 23 mantissa bits to 3, half to even; a carry bumps the exponent
-    normal = (a + 0x7FFFF + ((a >> 20) & 1)) & -1048576
-    # subnormal range (below 2**-6): multiples of 2**-9
-    af = a.to(tl.float32, bitcast=True)
-    sub = ((af + _E4M3_SUB_MAGIC) - _E4M3_SUB_MAGIC).to(tl.int32, bitcast=True)
-    r = tl.where(a < _E4M3_MIN_NORMAL, sub, normal) | (bits & -2147483648)  # keep the sign
-    return tl.where(y != y, y, r.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _e4m3_byte(r):
-    """float8_e4m3fn byte (as int32) of a value already on the e4m3 grid."""
-    bits = r.to(tl.int32, bitcast=True)
-    a = bits & 0x7FFFFFFF
-    normal = (((a >> 23) - 120) << 3) | ((a >> 20) & 7)   # exponent bias 127 -> 7
-    sub = (a.to(tl.float32, bitcast=True) * 512.0).to(tl.int32)
-    code = tl.where(a < _E4M3_MIN_NORMAL, sub, normal)
-    code = tl.where(r != r, 0x7F, code)
-    return code | ((bits >> 24) & 0x80)
-
-
-@triton.jit
-def _round_to_dtype(s, DTYPE: tl.constexpr):
-    """Round positive fp32 s to DTYPE (half to even), returned as fp32."""
-    if DTYPE == tl.bfloat16:
-        b = s.to(tl.int32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        s = b.to(tl.float32, bitcast=True)
-    elif DTYPE == tl.float16:
-        s = s.to(tl.float16).to(tl.float32)
-    return s
-
-
-@triton.jit
-def _qparams(lo, hi, div, qmin, qmax, eps, SYMMETRIC: tl.constexpr, SCALE_DTYPE: tl.constexpr):
-    """qparams_from_minmax on each group's min and max: (scale, zero point), fp32."""
-    lo = tl.minimum(lo, 0.0)
-    hi = tl.maximum(hi, 0.0)
-    if SYMMETRIC:
-        s = tl.div_rn(tl.maximum(-lo, hi), div)
-    else:
-        s = tl.div_rn(hi - lo, div)
-    s = _round_to_dtype(tl.where(s == 0.0, eps, s), SCALE_DTYPE)
-    if SYMMETRIC:
-        zp = tl.zeros_like(s)
-    else:
-        zp = _rne(tl.minimum(tl.maximum(qmin - tl.div_rn(lo, s), qmin), qmax))
-    return s, zp
-
+from .primitives import e4m3_byte, e4m3_round, qparams, rne  # noqa: E402
 
 @triton.jit
 def _quantize(x, s, zp, qmin, qmax, IS_FP8: tl.constexpr):
     """quantize_ref on a tile: integers, or e4m3 bytes, as int32."""
     y = tl.div_rn(x, s)
     if IS_FP8:
-        return _e4m3_byte(_e4m3_round(y))
+        return e4m3_byte(e4m3_round(y))
     # clamping before rounding equals clamping after: the bounds are integers
     y = tl.minimum(tl.maximum(y, qmin - zp), qmax - zp)
-    return (_rne(y) + zp).to(tl.int32)
+    return (rne(y) + zp).to(tl.int32)
 
 
 @triton.jit
@@ -276,7 +210,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr,
         ok = unit_ok[:, None] & (j[None, :] < group_size)
         x = tl.load(x_unit[:, None] + j[None, :], mask=ok, other=0.0).to(tl.float32)
         # padding reads 0, which min/max ignore: the range is widened to include 0 anyway
-        s, zp = _qparams(tl.min(x, 1), tl.max(x, 1), div, qmin, qmax, eps, SYMMETRIC, SCALE_DTYPE)
+        s, zp = qparams(tl.min(x, 1), tl.max(x, 1), div, qmin, qmax, eps, SYMMETRIC, SCALE_DTYPE)
         q = _quantize(x, s[:, None], zp[:, None], qmin, qmax, IS_FP8)
         _store_q(q_ptr, q, row, col0, 0, unit_ok, group_size, stride_q, G, BLOCK, PACK)
     else:
@@ -287,7 +221,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr,
             x = tl.load(x_unit[:, None] + start + j[None, :], mask=ok, other=0.0).to(tl.float32)
             lo = tl.minimum(lo, x)
             hi = tl.maximum(hi, x)
-        s, zp = _qparams(tl.min(lo, 1), tl.max(hi, 1), div, qmin, qmax, eps, SYMMETRIC, SCALE_DTYPE)
+        s, zp = qparams(tl.min(lo, 1), tl.max(hi, 1), div, qmin, qmax, eps, SYMMETRIC, SCALE_DTYPE)
         for start in range(0, group_size, BLOCK):
             ok = unit_ok[:, None] & (start + j[None, :] < group_size)
             x = tl.load(x_unit[:, None] + start + j[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -303,7 +237,7 @@ def _fp8_round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, _e4m3_round(x), mask=ok)
+    tl.store(y_ptr + offs, e4m3_round(x), mask=ok)
 
 
 @triton.jit

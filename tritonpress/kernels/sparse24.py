@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting, use_triton
+from .primitives import e4m3_round
 from .quant import fp8_round_ref
 
 # ----------------------------------------------------------------------------- reference
@@ -63,20 +64,6 @@ def prune24_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor
 
 
 @triton.jit
-def _fp8_round(x):
-    """fp32 -> nearest e4m3 value (RNE, saturating at +-448), still fp32. Done on the bits
-    because the interpreter's fp32->fp8 cast rounds wrongly."""
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    # normals: keep 3 of the 23 mantissa bits, round half to even
-    bits = x.to(tl.int32, bitcast=True)
-    bits = bits + 0x7FFFF + ((bits >> 20) & 1)
-    normal = ((bits >> 20) << 20).to(tl.float32, bitcast=True)
-    # subnormals (|x| < 2^-6) sit on the 2^-9 grid: adding 1.5 * 2^14 rounds there (RNE)
-    sub = (x + 24576.0) - 24576.0
-    return tl.where(tl.abs(x) < 0.015625, sub, normal)
-
-
-@triton.jit
 def _column(X, cols, i):
     # one column of a register tile (the others contribute exact zeros)
     return tl.sum(tl.where(cols[None, :] == i, X, 0.0), axis=1)
@@ -89,7 +76,7 @@ def _prune_column(work, err_tile, keep, i, cols, n, s, Hinv, stride_h, QUANT: tl
     w = _column(work, cols, i)
     q = tl.where(keep, w, 0.0)
     if QUANT:
-        q = _fp8_round(tl.div_rn(q, s)) * s
+        q = e4m3_round(tl.div_rn(q, s)) * s
     err = tl.div_rn(w - q, tl.load(Hinv + i * stride_h + i))
     h = tl.load(Hinv + i * stride_h + cols, mask=(cols > i) & (cols < n), other=0.0)
     work = tl.where(at, q[:, None], work - err[:, None] * h[None, :])   # column i now holds q
