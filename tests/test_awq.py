@@ -5,12 +5,12 @@ import functools
 import pytest
 import torch
 
-from tritonpress.compress.awq import (apply_scales, awq, clip_search, collect_input_stats,
+from tritonpress.compress.awq import (apply_scales, awq, collect_input_stats,
                                       find_mappings, quantize_linear, search_scales)
 from tritonpress.compress.models import tiny_llama
 from tritonpress.compress.pipeline import (LayerInputs, capture_layer_inputs,
                                            compress_sequential, find_decoder_layers)
-from tritonpress.compress.rtn import rtn_layer
+from tritonpress.compress.rtn import clip_search, group_gram, hessian_blocks, rtn_layer
 from tritonpress.kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from tritonpress.schemes import QuantArgs, get_scheme
 
@@ -118,7 +118,7 @@ def test_clip_search_matches_brute_force_per_group():
     x[:, 5] *= 0.01                # clipping it costs little and refines the rest of the group
     args = QuantArgs(4, "int", False, "group", 32)
     shrinks = (1.0, 0.9, 0.8, 0.7, 0.6)
-    lo, hi, f = clip_search(w, x, args, torch.float32, shrinks, chunk_rows=3)
+    lo, hi, f = clip_search(w, group_gram(x, 32), args, torch.float32, shrinks, chunk_rows=3)
     for r in range(8):
         for gi in range(2):
             cols = slice(gi * 32, gi * 32 + 32)
@@ -131,6 +131,8 @@ def test_clip_search_matches_brute_force_per_group():
             assert f[r, gi] == shrinks[min(range(len(shrinks)), key=errs.__getitem__)]
     assert (f[:, 0] < 1).any()                    # the outlier group gets clipped somewhere
     torch.testing.assert_close(hi, w.view(8, 2, 32).amax(-1) * f)
+    # GPTQ's Hessian blocks are the same blocks: x^T x's diagonal g x g blocks
+    torch.testing.assert_close(hessian_blocks(x.t() @ x, 32), group_gram(x, 32))
 
 
 def _logit_mse(model, ref, ids):

@@ -211,3 +211,33 @@ def test_smoothquant_on_a_gemma_model_is_a_float_noop():
     assert not torch.allclose(norm0, model.model.layers[0].input_layernorm.weight)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_on_a_gemma3_layer_smooths_the_norm_that_feeds_the_mlp():
+    # Gemma 3's post_attention_layernorm norms the attention output; gate/up read
+    # pre_feedforward_layernorm: scaling through the former would change the model.
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=160,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                           head_dim=16, sliding_window=16)
+    model = Gemma3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.pre_feedforward_layernorm):
+                norm.weight.copy_(torch.randn(64, generator=g) * 0.3)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    for layer in model.model.layers:
+        modules = dict(layer.named_modules())
+        found, skipped = find_mappings(layer)
+        assert [m.smooth for m in found] == ["input_layernorm", "self_attn.v_proj",
+                                             "pre_feedforward_layernorm", "mlp.up_proj"]
+        assert "already smoothed" in skipped["post_attention_layernorm"]
+        for m in found:
+            s = torch.rand(modules[m.balance[0]].in_features, generator=g) * 3 + 0.3
+            apply_scales(modules[m.smooth], [modules[b] for b in m.balance], s)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)

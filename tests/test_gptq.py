@@ -214,3 +214,24 @@ def test_partial_last_group():
     assert qw.scale.shape == (12, 4)
     gidx = group_index(100, args, True)
     assert torch.equal(dequantize_ref(qw.q, expand(qw.scale, gidx, 12), None), Q)
+
+
+@pytest.mark.parametrize("name", ["W4A16", "W4A16_ASYM"])
+def test_clip_search_scales_are_shrunk_ranges_and_lower_the_layer_error(name):
+    # An outlier weight on a quiet input (column 5 of X is scaled down) in every group 0:
+    # clipping it costs little output error and refines the rest of the group.
+    args = _args(name, 24)
+    W = torch.randn(40, 120) * 0.1
+    W[:, 5] = 1.5
+    H = correlated_hessian(120, seed=2)
+    H[5, :] *= 1e-3
+    H[:, 5] *= 1e-3
+    qw0, Q0, info0 = gptq_quantize(W, H, args, torch.float32, actorder="static")
+    qw, Q, info = gptq_quantize(W, H, args, torch.float32, actorder="static", clip=True)
+    full_scale, _ = group_qparams(W, args, torch.float32, group_index(120, args))
+    assert (qw.scale <= full_scale * (1 + 1e-6)).all()        # ranges only ever shrink
+    assert 0 < info["clipped_groups"] <= 1
+    assert torch.equal(qw.dequantize(), Q)
+    assert out_err(W, Q, H) < out_err(W, Q0, H)
+    _, _, info_chan = gptq_quantize(W, H, _args("W8A8_INT8"), torch.float32, clip=True)
+    assert "clipped_groups" not in info_chan                  # per channel: nothing to search

@@ -31,7 +31,6 @@ plain functions below it, usable on their own.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -43,17 +42,20 @@ from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
 from .fold import divide_norm_output
 from .qweight import QuantizedWeight
+from .rtn import clip_search, group_gram
 
 # Llama-family mappings as (smoothing layer, balance layers) attribute names; resolved per layer
 DEFAULT_MAPPINGS = (
     ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
     ("v_proj", ("o_proj",)),
+    # Gemma 2/3 norm the MLP input with pre_feedforward_layernorm (their post_attention_layernorm
+    # norms the attention output); Llama-style layers have only post_attention_layernorm
+    ("pre_feedforward_layernorm", ("gate_proj", "up_proj")),
     ("post_attention_layernorm", ("gate_proj", "up_proj")),
     ("up_proj", ("down_proj",)),
 )
 # outputs that meet in softmax(q k^T): a per-output error is the wrong target for clipping
 CLIP_SKIP = ("q_proj", "k_proj")
-CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))      # 1.0 ... 0.55, as the original
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ def find_mappings(layer: nn.Module, patterns=DEFAULT_MAPPINGS
                 skipped[sname] = f"no {'/'.join(balance_pats)} found next to it"
                 continue
             why = _incompatible(smod, [modules[b] for b in balance])
+            taken = [m.smooth for m in found if set(m.balance) & set(balance)]
+            if taken:       # the first pattern that reaches a balance group smooths it
+                why = f"{'/'.join(balance)} already smoothed by {taken[0]}"
             if why:
                 skipped[sname] = why
                 continue
@@ -184,42 +189,6 @@ def apply_scales(smooth: nn.Module, balance: list[nn.Linear], s: torch.Tensor) -
 
 
 # ----------------------------------------------------------------------------- 4. clip, quantize
-
-@torch.no_grad()
-def clip_search(w: torch.Tensor, x: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
-                shrinks=CLIP_SHRINKS, chunk_rows: int = 4096
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per group of w [N, K]: (lo, hi) [N, K/g] from shrinking the group's min/max by the
-    factor f in `shrinks` that minimises || X_g (Q_f(w_g) - w_g)^T ||^2, and the chosen f.
-
-    The error of group g only needs the g x g diagonal block of X^T X: computed once, each
-    candidate then costs one small batched matmul instead of a pass over the tokens."""
-    n, k = w.shape
-    g = args.group_size
-    ng = k // g
-    xg = x.float().view(-1, ng, g).transpose(0, 1)             # [ng, T, g]
-    hb = xg.transpose(1, 2) @ xg                               # [ng, g, g]
-    del xg
-    lo_all, hi_all, f_all = [], [], []
-    for r0 in range(0, n, chunk_rows):
-        wc = w[r0:r0 + chunk_rows].float()
-        wg = wc.view(-1, ng, g)
-        lo0, hi0 = wg.amin(-1), wg.amax(-1)
-        best = torch.full_like(lo0, math.inf)
-        best_f = torch.ones_like(lo0)
-        for f in shrinks:
-            scale, zp = qparams_from_minmax(lo0 * f, hi0 * f, args, scale_dtype)
-            d = dequantize_ref(quantize_ref(wc, scale, zp, args), scale, zp) - wc
-            d = d.view(-1, ng, g).transpose(0, 1)              # [ng, rows, g]
-            err = ((d @ hb) * d).sum(-1).T                     # [rows, ng]
-            better = err < best
-            best = torch.where(better, err, best)
-            best_f = torch.where(better, torch.full_like(best_f, f), best_f)
-        lo_all.append(lo0 * best_f)
-        hi_all.append(hi0 * best_f)
-        f_all.append(best_f)
-    return torch.cat(lo_all), torch.cat(hi_all), torch.cat(f_all)
-
 
 @torch.no_grad()
 def quantize_linear(lin: nn.Linear, args: QuantArgs, scale_dtype: torch.dtype,
@@ -353,7 +322,8 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
         lo = hi = None
         info = infos.setdefault(name, {})
         if clip and not any(_is(name, p) for p in CLIP_SKIP):
-            lo, hi, f = clip_search(lin.weight, stats[name].x, args, ctx.scale_dtype)
+            lo, hi, f = clip_search(lin.weight, group_gram(stats[name].x, args.group_size),
+                                    args, ctx.scale_dtype)
             info["clip_mean_shrink"] = float(f.mean())
         qweights[name] = quantize_linear(lin, args, ctx.scale_dtype, lo, hi, storage)
         info["method"] = "awq"

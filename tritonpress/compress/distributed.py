@@ -124,7 +124,8 @@ def _cpu_qweight(qw: QuantizedWeight) -> QuantizedWeight:
 
 def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
                            dampening: float = 0.01, max_dampening: float = 10.0,
-                           actorder: str | None = "static", group_scales: str | None = None):
+                           actorder: str | None = "static", group_scales: str | None = None,
+                           clip: bool = False):
     """gptq.gptq_layer's contract (static activation order by default), with all-reduced
     Hessians and solves dealt over the ranks."""
     from . import gptq
@@ -143,7 +144,7 @@ def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: 
         qw, deq, info = gptq.gptq_quantize(
             lin.weight.data, H, ctx.scheme.weights, ctx.scale_dtype, blocksize=blocksize,
             dampening=dampening, max_dampening=max_dampening, actorder=actorder,
-            group_scales=group_scales or gptq.DEFAULT_GROUP_SCALES,
+            group_scales=group_scales or gptq.DEFAULT_GROUP_SCALES, clip=clip,
             partial_last_group=ctx.partial_last_group)
         if info["fallback"] or info["dampening_failed"]:
             what = ("fell back to RTN" if info["fallback"] else

@@ -29,7 +29,8 @@ from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
 from .pipeline import collect_hessians
 from .qweight import QuantizedWeight
-from .rtn import expand, group_index, group_qparams, rtn_quantize
+from .rtn import (clip_search, expand, group_index, group_qparams, hessian_blocks,
+                  rtn_quantize)
 # The in-block column sweep (quantize, error, update the later columns) with its contract and
 # torch reference lives beside its fused kernel; sweep_block picks one by device.
 from ..kernels.gptq_sweep import sweep_block, sweep_block_ref as _sweep_block_ref  # noqa: F401
@@ -90,8 +91,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
                   scale_dtype: torch.dtype | None = None, *, blocksize: int = 128,
                   dampening: float = 0.01, max_dampening: float = 10.0,
                   actorder: str | None = None, group_scales: str = DEFAULT_GROUP_SCALES,
-                  partial_last_group: bool = False):
+                  partial_last_group: bool = False, clip: bool = False):
     """GPTQ one weight [rows, cols] against its Hessian [cols, cols] (not modified).
+
+    clip: static group scales from each group's range shrunk by the factor that minimises the
+    group's output error e H_gg e^T on the calibration data (rtn.clip_search, AWQ's clipping
+    search with GPTQ's own Hessian blocks) instead of the full min/max.
 
     actorder: None (default here: columns in order) or "static" (sweep columns by decreasing
     H_ii; see check_actorder); compress() and gptq_layer pass DEFAULT_ACTORDER. group_scales:
@@ -118,6 +123,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
 
     dynamic = group_scales == "dynamic" and args.strategy == "group"
     scale, zp = group_qparams(W, args, scale_dtype, gidx)
+    if clip and args.strategy == "group" and not dynamic and cols % args.group_size == 0:
+        lo, hi, f = clip_search(W, hessian_blocks(H, args.group_size), args, scale_dtype)
+        scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
+        info["clipped_groups"] = float((f < 1).float().mean())
 
     perm = torch.argsort(H.diagonal(), descending=True) if actorder else \
         torch.arange(cols, device=W.device)
@@ -195,7 +204,8 @@ def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> dict:
 
 def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
                dampening: float = 0.01, max_dampening: float = 10.0,
-               actorder: str | None = DEFAULT_ACTORDER, group_scales: str = DEFAULT_GROUP_SCALES):
+               actorder: str | None = DEFAULT_ACTORDER, group_scales: str = DEFAULT_GROUP_SCALES,
+               clip: bool = False):
     """Pipeline method function: one Hessian per distinct Linear input of the layer (from the
     unquantized layer), then GPTQ every target Linear and write its dequantized weight back.
     Static activation order by default, as llm-compressor; bind options with
@@ -208,7 +218,7 @@ def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
         qw, deq, info = gptq_quantize(lin.weight.data, st.H, ctx.scheme.weights, ctx.scale_dtype,
                                       blocksize=blocksize, dampening=dampening,
                                       max_dampening=max_dampening, actorder=actorder,
-                                      group_scales=group_scales,
+                                      group_scales=group_scales, clip=clip,
                                       partial_last_group=ctx.partial_last_group)
         lin.weight.data = deq.to(lin.weight.dtype)
         if info["fallback"] or info["dampening_failed"]:

@@ -5,6 +5,7 @@ shorter last group when `partial_last_group`), and group qparams expanded to col
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -13,6 +14,54 @@ from torch import nn
 from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs, Scheme
 from .qweight import QuantizedWeight
+
+CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))      # 1.0 ... 0.55, as AWQ's original
+
+
+def group_gram(x: torch.Tensor, g: int) -> torch.Tensor:
+    """The g x g diagonal blocks of X^T X for inputs x [tokens, K]: [K/g, g, g] fp32."""
+    xg = x.float().view(-1, x.shape[-1] // g, g).transpose(0, 1)    # [ng, T, g]
+    return xg.transpose(1, 2) @ xg
+
+
+def hessian_blocks(H: torch.Tensor, g: int) -> torch.Tensor:
+    """The g x g diagonal blocks of a Hessian [K, K]: [K/g, g, g] fp32."""
+    ng = H.shape[0] // g
+    return H.float().view(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def clip_search(w: torch.Tensor, hb: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
+                shrinks=CLIP_SHRINKS, chunk_rows: int = 4096
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of w [N, K]: (lo, hi) [N, K/g] from shrinking the group's min/max by the
+    factor f in `shrinks` that minimises e_g H_g e_g^T, e_g = Q_f(w_g) - w_g, and the chosen f.
+
+    hb [K/g, g, g]: the diagonal blocks of X^T X (group_gram, AWQ) or of GPTQ's Hessian
+    (hessian_blocks): the output error of group g on the calibration data needs only its own
+    block, so each candidate costs one small batched matmul."""
+    n, k = w.shape
+    g = args.group_size
+    ng = k // g
+    lo_all, hi_all, f_all = [], [], []
+    for r0 in range(0, n, chunk_rows):
+        wc = w[r0:r0 + chunk_rows].float()
+        wg = wc.view(-1, ng, g)
+        lo0, hi0 = wg.amin(-1), wg.amax(-1)
+        best = torch.full_like(lo0, math.inf)
+        best_f = torch.ones_like(lo0)
+        for f in shrinks:
+            scale, zp = qparams_from_minmax(lo0 * f, hi0 * f, args, scale_dtype)
+            d = dequantize_ref(quantize_ref(wc, scale, zp, args), scale, zp) - wc
+            d = d.view(-1, ng, g).transpose(0, 1)              # [ng, rows, g]
+            err = ((d @ hb) * d).sum(-1).T                     # [rows, ng]
+            better = err < best
+            best = torch.where(better, err, best)
+            best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+        lo_all.append(lo0 * best_f)
+        hi_all.append(hi0 * best_f)
+        f_all.append(best_f)
+    return torch.cat(lo_all), torch.cat(hi_all), torch.cat(f_all)
 
 
 def group_index(cols: int, args: QuantArgs, partial_last_group: bool = False,
