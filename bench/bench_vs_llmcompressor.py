@@ -146,7 +146,7 @@ class Scorer:
 # ----------------------------------------------------------------------------- table
 
 COLUMNS = ("scheme", "tool", "method", "compress s", "speedup", "process s", "process cpu s",
-           *(f"ppl {s}" for s in SOURCES), *(f"KL {s}" for s in SOURCES))
+           "zeros", *(f"ppl {s}" for s in SOURCES), *(f"KL {s}" for s in SOURCES))
 
 
 def _f(x, nd):
@@ -169,6 +169,7 @@ def table(rows: list[dict]) -> str:
         lines.append((r["scheme"], r["tool"], r["method"], _f(r.get("compress_s"), 1),
                       _f(r.get("speedup"), 2) + ("x" if r.get("speedup") else ""),
                       _f(r.get("process_s"), 1), _f(r.get("process_cpu_s"), 1),
+                      _f(r.get("zero_fraction"), 3),
                       *(_f(q.get(s, {}).get("ppl"), 3) for s in SOURCES),
                       *(_f(q.get(s, {}).get("kl"), 5) for s in SOURCES)))
     w = [max(len(str(l[i])) for l in lines) for i in range(len(COLUMNS))]
@@ -205,6 +206,9 @@ def parse(argv=None):
     ap.add_argument("--no-actorder", action="store_true",
                     help="also run our GPTQ without act order (ours and llm-compressor's "
                          "default is static act order)")
+    ap.add_argument("--variant", action="append", default=[], metavar="METHOD[:KEY=VALUE,...]",
+                    help="an extra tritonpress row for each scheme, e.g. gptq:clip=true or "
+                         "awq+gptq (values are JSON); repeatable")
     ap.add_argument("--no-reference", action="store_true", help="skip our RTN reference rows")
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-ours", action="store_true", help="only llm-compressor's rows")
@@ -275,6 +279,7 @@ def main(argv=None) -> list[dict]:
         row = {"scheme": scheme, "tool": tool, "method": method, **timing,
                "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "load_avg_end": os.getloadavg()[0], "size_bytes": _dir_size(ckpt),
+               "zero_fraction": _zero_fraction(ckpt),
                "checkpoint": str(ckpt)}
         try:
             row["quality"] = scorer.score(ckpt)
@@ -293,14 +298,19 @@ def main(argv=None) -> list[dict]:
     from tritonpress.compress.api import DEFAULT_METHOD
     for scheme in args.schemes:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
-        runs = [] if args.skip_ours else [(DEFAULT_METHOD[scheme], {})]
-        if args.no_actorder and runs and DEFAULT_METHOD[scheme] == "gptq":
-            runs.append(("gptq+noactorder", {"actorder": None}))
+        method = DEFAULT_METHOD[scheme]
+        runs = [] if args.skip_ours else [(method, method, {})]      # (row label, method, options)
+        if args.no_actorder and runs and method == "gptq":
+            runs.append(("gptq+noactorder", "gptq", {"actorder": None}))
         if spec["reference"] and runs and not args.no_reference:
-            runs.append((spec["reference"], {}))
-        for name, extra in runs:
-            out = ckpts / f"{scheme}-tp-{name.replace('+', '-')}"
-            timing = run_ours(args.model, scheme, name.split("+")[0], out,
+            runs.append((spec["reference"], spec["reference"], {}))
+        for v in args.variant:
+            m, _, kv = v.partition(":")
+            runs.append((v, m, {k: json.loads(x) for k, x in (p.split("=", 1)
+                                                              for p in kv.split(",") if p)}))
+        for name, method, extra in runs:
+            out = ckpts / f"{scheme}-tp-{''.join(c if c.isalnum() else '-' for c in name)}"
+            timing = run_ours(args.model, scheme, method, out,
                               dict(opts, group_size=gs, **extra), out_dir / "logs")
             record(scheme, "tritonpress", name, timing, out)
         if use_llmc:
@@ -320,6 +330,24 @@ def main(argv=None) -> list[dict]:
     print(table(rows))
     print(f"results: {results}")
     return rows
+
+
+def _zero_fraction(path: Path) -> float | None:
+    """Fraction of exact zeros in the decoder layers' 2-D weights (dense forms): a 2:4 row
+    must show 0.5, or the tool did not prune."""
+    from safetensors import safe_open
+    zeros = total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                if ".layers." in k and k.endswith(".weight"):
+                    t = st.get_tensor(k)
+                    if t.dim() == 2:
+                        if t.dtype == torch.float8_e4m3fn:     # +0 and -0
+                            t = t.view(torch.uint8) & 0x7F
+                        zeros += int((t == 0).sum())
+                        total += t.numel()
+    return zeros / total if total else None
 
 
 def _dir_size(path: Path) -> int:
