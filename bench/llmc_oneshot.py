@@ -28,12 +28,12 @@ def recipe_for(name: str, group_size: int):
     if name == "fp8":
         return QuantizationModifier(targets="Linear", ignore=["lm_head"], scheme="FP8_DYNAMIC")
     if name == "sparsegpt-fp8":
-        # two oneshot stages: with both modifiers in one recipe, llm-compressor 0.14 saved dense
-        # weights (0.03% zeros; measured 2026-12-02), i.e. plain FP8
+        # SparseGPT's targets are the decoder layers it walks ("Linear" matched no layer and
+        # pruned nothing: dense weights, measured 2026-12-02); lm_head stays dense
         from llmcompressor.modifiers.pruning import SparseGPTModifier
-        return [[SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets="Linear",
-                                   ignore=["lm_head"])],
-                [QuantizationModifier(targets="Linear", ignore=["lm_head"], scheme="FP8_DYNAMIC")]]
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4",
+                                  targets=[r"re:model\.layers\.\d+$"], ignore=["lm_head"]),
+                QuantizationModifier(targets="Linear", ignore=["lm_head"], scheme="FP8_DYNAMIC")]
     if name == "awq-w4a16-asym":
         from llmcompressor.modifiers.awq import AWQModifier
         return AWQModifier(targets="Linear", ignore=["lm_head"], scheme="W4A16_ASYM")
@@ -60,10 +60,9 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(args.model)
     t0 = time.perf_counter()
-    recipe = recipe_for(args.recipe, args.group_size)
-    for stage in (recipe if isinstance(recipe, list) and isinstance(recipe[0], list) else [recipe]):
-        oneshot(model=model, dataset=ds, recipe=stage, num_calibration_samples=ids.shape[0],
-                max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+    oneshot(model=model, dataset=ds, recipe=recipe_for(args.recipe, args.group_size),
+            num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1],
+            shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
     if args.out:
         model.save_pretrained(args.out, save_compressed=True)
