@@ -53,9 +53,8 @@ def main(argv=None) -> int:
                    help="GPTQ activation order: static (default, as llm-compressor: columns swept "
                         "by decreasing Hessian diagonal, groups kept on the original columns, "
                         "no g_idx) or none")
-    c.add_argument("--clip", default=None, choices=["on", "off"],
-                   help="clipping search of 4-bit group scales (default: on for AWQ, "
-                        "the library's GPTQ default for GPTQ)")
+    c.add_argument("--clip", default="on", choices=["on", "off"],
+                   help="clipping search of 4-bit group scales, AWQ's and GPTQ's (default on)")
     c.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant before W8A8_INT8 with strength ALPHA (e.g. 0.5)")
     c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
                      group_size=args.group_size, symmetric=False if args.asym else None,
                      ignore=args.ignore, damp=args.damp, block_size=args.block_size,
                      actorder=args.actorder, smoothquant=args.smoothquant,
-                     clip=None if args.clip is None else args.clip == "on",
+                     clip=args.clip == "on",
                      sparse_format=args.sparse_format, eval_dataset=args.eval_dataset,
                      eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
                      evaluate_quality=not args.no_eval, device=args.device,

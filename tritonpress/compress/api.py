@@ -17,7 +17,6 @@ from .report import dir_size, format_report, peak_memory, save_json, timed
 DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
                   "W8A8_FP8": "rtn", "W8A8_FP8_24": "sparsegpt"}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
-GPTQ_CLIP = False                           # GPTQ's group-scale clipping search by default
 GPTQ_METHODS = ("gptq", "awq+gptq")      # the methods whose weights GPTQ quantizes (actorder)
 
 
@@ -44,7 +43,7 @@ def check_finite(model: nn.Module) -> None:
 
 def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
              dataset="canterbury", num_samples=128, seq_len=512, group_size=None,
-             symmetric=None, ignore=None, damp=0.01, block_size=128, actorder="static", clip=None,
+             symmetric=None, ignore=None, damp=0.01, block_size=128, actorder="static", clip=True,
              smoothquant=None, sparse_format="dense", eval_dataset="canterbury+code",
              eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=0, progress=True, json_path=None,
@@ -60,9 +59,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     actorder: GPTQ's activation order, "static" (default, as llm-compressor: columns swept by
     decreasing Hessian diagonal, groups and scales on the original columns, no g_idx) or None
     ("none"); the checkpoint records it for GPTQ-quantized weights (null for other methods).
-    clip: the clipping search of 4-bit group scales (each group's range shrunk to minimise its
-    output error on the calibration data): None = the method's default (AWQ: on; GPTQ:
-    GPTQ_CLIP), True or False for both.
+    clip: the clipping search of 4-bit group scales, AWQ's and GPTQ's (each group's range shrunk
+    to minimise its output error on the calibration data; SmolLM2 W4A16 g64 GPTQ: mean KL
+    0.217 -> 0.128 on held-out text, README).
     dtype: auto (the model's own, from its config.json; bfloat16 if it names none), bfloat16,
     float16 or float32: the dtype the model is loaded (or, passed loaded, cast) in, and so that
     of the checkpoint's unquantized tensors and scales. A loaded model is left as is by auto.
@@ -193,8 +192,7 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
         return rtn.quantize_linears_rtn(linears, scheme, device, partial_last_group)
     if method == "magnitude":
         return sparsegpt.magnitude_linears(linears, scheme, device)
-    gptq_opts = dict(blocksize=block_size, dampening=damp, actorder=actorder,
-                     clip=GPTQ_CLIP if clip is None else clip)
+    gptq_opts = dict(blocksize=block_size, dampening=damp, actorder=actorder, clip=clip)
     from . import distributed, resume
     wrap = None
     if resume_dir is not None:   # per-layer state; finished layers are restored, not redone
@@ -208,7 +206,7 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
                                       wrap=wrap, spill_dir=spill_dir, smoothquant=smoothquant)
     layer_fn = {
         "gptq": partial(gptq.gptq_layer, **gptq_opts),
-        "awq": partial(awq.awq, clip=True if clip is None else clip),
+        "awq": partial(awq.awq, clip=clip),
         "awq+gptq": partial(awq.awq, gptq=gptq_opts),
         "sparsegpt": partial(sparsegpt.sparsegpt_method, blocksize=block_size, percdamp=damp),
     }[method]

@@ -125,7 +125,7 @@ def _cpu_qweight(qw: QuantizedWeight) -> QuantizedWeight:
 def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
                            dampening: float = 0.01, max_dampening: float = 10.0,
                            actorder: str | None = "static", group_scales: str | None = None,
-                           clip: bool = False):
+                           clip: bool = True):
     """gptq.gptq_layer's contract (static activation order by default), with all-reduced
     Hessians and solves dealt over the ranks."""
     from . import gptq

@@ -205,10 +205,10 @@ def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> dict:
 def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
                dampening: float = 0.01, max_dampening: float = 10.0,
                actorder: str | None = DEFAULT_ACTORDER, group_scales: str = DEFAULT_GROUP_SCALES,
-               clip: bool = False):
+               clip: bool = True):
     """Pipeline method function: one Hessian per distinct Linear input of the layer (from the
     unquantized layer), then GPTQ every target Linear and write its dequantized weight back.
-    Static activation order by default, as llm-compressor; bind options with
+    Static activation order and clipped group scales by default; bind options with
     functools.partial(gptq_layer, actorder=None)."""
     actorder = check_actorder(actorder)
     hessians = collect_hessians(layer, ctx.linears, inputs)
