@@ -41,6 +41,9 @@ SCHEMES = {
     "W8A8_INT8": dict(recipe="gptq-w8a8", reference="rtn"),
     "W8A8_FP8": dict(recipe="fp8", reference=None),          # our default is RTN already
     "W8A8_FP8_24": dict(recipe="sparsegpt-fp8", reference="magnitude"),
+    # a row name, not a scheme: SmoothQuant 0.8 before GPTQ in both tools
+    "W8A8_INT8+SQ": dict(recipe="smoothquant-gptq-w8a8", reference=None, scheme="W8A8_INT8",
+                         opts={"smoothquant": 0.8}),
 }
 SOURCES = ("canterbury", "code")
 
@@ -298,7 +301,7 @@ def main(argv=None) -> list[dict]:
     from tritonpress.compress.api import DEFAULT_METHOD
     for scheme in args.schemes:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
-        method = DEFAULT_METHOD[scheme]
+        method = DEFAULT_METHOD[spec.get("scheme", scheme)]
         runs = [] if args.skip_ours else [(method, method, {})]      # (row label, method, options)
         if args.no_actorder and runs and method == "gptq":
             runs.append(("gptq+noactorder", "gptq", {"actorder": None}))
@@ -310,8 +313,9 @@ def main(argv=None) -> list[dict]:
                                                               for p in kv.split(",") if p)}))
         for name, method, extra in runs:
             out = ckpts / f"{scheme}-tp-{''.join(c if c.isalnum() else '-' for c in name)}"
-            timing = run_ours(args.model, scheme, method, out,
-                              dict(opts, group_size=gs, **extra), out_dir / "logs")
+            timing = run_ours(args.model, spec.get("scheme", scheme), method, out,
+                              dict(opts, group_size=gs, **spec.get("opts", {}), **extra),
+                              out_dir / "logs")
             record(scheme, "tritonpress", name, timing, out)
         if use_llmc:
             out = ckpts / f"{scheme}-llmc"

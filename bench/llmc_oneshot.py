@@ -25,6 +25,10 @@ def recipe_for(name: str, group_size: int):
         return GPTQModifier(targets="Linear", ignore=["lm_head"], config_groups=w4)
     if name == "gptq-w8a8":
         return GPTQModifier(targets="Linear", ignore=["lm_head"], scheme="W8A8")
+    if name == "smoothquant-gptq-w8a8":
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+        return [SmoothQuantModifier(smoothing_strength=0.8),
+                GPTQModifier(targets="Linear", ignore=["lm_head"], scheme="W8A8")]
     if name == "fp8":
         return QuantizationModifier(targets="Linear", ignore=["lm_head"], scheme="FP8_DYNAMIC")
     if name == "sparsegpt-fp8":
