@@ -22,3 +22,18 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def scale_through_awq_mappings(model, generator):
+    """Fold random scales (0.3 ... 3.3) into every AWQ mapping of every decoder layer, as AWQ
+    would; returns ([smoothing layer names], {skipped: why}) per layer."""
+    from tritonpress.compress.awq import apply_scales, find_mappings
+    per_layer = []
+    for layer in model.model.layers:
+        modules = dict(layer.named_modules())
+        found, skipped = find_mappings(layer)
+        for m in found:
+            s = torch.rand(modules[m.balance[0]].in_features, generator=generator) * 3 + 0.3
+            apply_scales(modules[m.smooth], [modules[b] for b in m.balance], s)
+        per_layer.append(([m.smooth for m in found], skipped))
+    return per_layer

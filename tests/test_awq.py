@@ -4,6 +4,7 @@ import functools
 
 import pytest
 import torch
+from conftest import scale_through_awq_mappings
 
 from tritonpress.compress.awq import (apply_scales, awq, collect_input_stats,
                                       find_mappings, quantize_linear, search_scales)
@@ -59,15 +60,8 @@ def test_applying_scales_is_a_float_noop():
     ids = torch.cat(_batches(2))
     with torch.no_grad():
         before = model(ids).logits
-    g = torch.Generator().manual_seed(3)
-    for layer in model.model.layers:
-        modules = dict(layer.named_modules())
-        found, _ = find_mappings(layer)
-        assert len(found) == 4
-        for m in found:
-            k = modules[m.balance[0]].in_features
-            s = torch.rand(k, generator=g) * 3 + 0.3
-            apply_scales(modules[m.smooth], [modules[b] for b in m.balance], s)
+    for smoothed, _ in scale_through_awq_mappings(model, torch.Generator().manual_seed(3)):
+        assert len(smoothed) == 4
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

@@ -93,14 +93,20 @@ def test_compressed_tensors_decompresses_to_exactly_our_values(saved):
             assert torch.equal(dense[name], p), name
 
 
-def test_transformers_loads_on_cpu_with_our_weights(saved):
-    model, scheme, qw, out = saved
+def _load_with_our_weights(out, qw):
+    """transformers loads the checkpoint, every key matched, with exactly our Linear weights."""
     loaded, info = AutoModelForCausalLM.from_pretrained(
         out, dtype=DT, quantization_config=CompressedTensorsConfig(dequantize=True),
         output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     for name, q in qw.items():
         assert torch.equal(loaded.get_submodule(name).weight, q.dequantize(DT)), name
+    return loaded
+
+
+def test_transformers_loads_on_cpu_with_our_weights(saved):
+    model, scheme, qw, out = saved
+    loaded = _load_with_our_weights(out, qw)
     ref = model.state_dict()
     for name, p in loaded.state_dict().items():
         if name.rsplit(".", 1)[0] not in qw:
@@ -166,12 +172,7 @@ def test_static_actorder_is_recorded_and_loads(tmp_path, name, group):
     assert cfg.config_groups["group_0"].weights.actorder == "static"
     acts = cfg.config_groups["group_0"].input_activations
     assert acts is None or acts.actorder is None
-    loaded, info = AutoModelForCausalLM.from_pretrained(
-        out, dtype=DT, quantization_config=CompressedTensorsConfig(dequantize=True),
-        output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    for n, q in qw.items():
-        assert torch.equal(loaded.get_submodule(n).weight, q.dequantize(DT)), n
+    _load_with_our_weights(out, qw)
     with pytest.raises(ValueError, match="None or 'static'"):
         save_checkpoint(model, None, qw, scheme, tmp_path / "bad", actorder="group")
     assert not (tmp_path / "bad").exists()

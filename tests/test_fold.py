@@ -10,7 +10,8 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tritonpress.compress.awq import apply_scales, find_mappings
+from conftest import scale_through_awq_mappings
+from tritonpress.compress.awq import apply_scales
 from tritonpress.compress.fold import divide_norm_output
 from tritonpress.compress.pipeline import chain, compress_sequential, identity_method
 from tritonpress.compress.smoothquant import smooth, smoothquant_layer
@@ -183,15 +184,9 @@ def test_awq_scaling_a_gemma_model_is_a_float_noop():
     ids = _ids()
     with torch.no_grad():
         before = model(ids).logits
-    g = torch.Generator().manual_seed(3)
-    for layer in model.model.layers:
-        modules = dict(layer.named_modules())
-        found, _ = find_mappings(layer)
-        assert [m.smooth for m in found] == ["input_layernorm", "self_attn.v_proj",
-                                             "post_attention_layernorm", "mlp.up_proj"]
-        for m in found:
-            s = torch.rand(modules[m.balance[0]].in_features, generator=g) * 3 + 0.3
-            apply_scales(modules[m.smooth], [modules[b] for b in m.balance], s)
+    for smoothed, _ in scale_through_awq_mappings(model, torch.Generator().manual_seed(3)):
+        assert smoothed == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
+                            "mlp.up_proj"]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
 
@@ -230,14 +225,9 @@ def test_awq_on_a_gemma3_layer_smooths_the_norm_that_feeds_the_mlp():
     ids = _ids()
     with torch.no_grad():
         before = model(ids).logits
-    for layer in model.model.layers:
-        modules = dict(layer.named_modules())
-        found, skipped = find_mappings(layer)
-        assert [m.smooth for m in found] == ["input_layernorm", "self_attn.v_proj",
-                                             "pre_feedforward_layernorm", "mlp.up_proj"]
+    for smoothed, skipped in scale_through_awq_mappings(model, g):
+        assert smoothed == ["input_layernorm", "self_attn.v_proj", "pre_feedforward_layernorm",
+                            "mlp.up_proj"]
         assert "already smoothed" in skipped["post_attention_layernorm"]
-        for m in found:
-            s = torch.rand(modules[m.balance[0]].in_features, generator=g) * 3 + 0.3
-            apply_scales(modules[m.smooth], [modules[b] for b in m.balance], s)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
