@@ -281,7 +281,7 @@ def run(archs=ARCHS, everything=False, only="", to_launch=None, log=print):
         jobs = list(best.values())
     rows, failures, seen = [], [], set()
     for name, label, arch, cfg, fn, args, kw in jobs:
-        key = (name, arch, repr(bind(fn, GPUTarget("cuda", arch, 32), args, kw)[:3]))
+        key = (name, arch, repr(bind(fn, GPUTarget("cuda", arch, 32), args, kw)))  # + warps
         if key in seen:          # the same specialization as an earlier launch
             continue
         seen.add(key)

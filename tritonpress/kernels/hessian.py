@@ -89,8 +89,9 @@ def _xtx_kernel(x_ptr, rows_ptr, count_ptr, h_ptr, pairs_ptr, n_feat, stride_x, 
 
 def _configs():
     # BLOCK is fixed per input dtype (the tile-pair list depends on it); the rest is tuned.
+    # K tiles of 128 spill on sm_80 under triton 3.6, 4 warps under 3.9 (tests/compile_kernels.py)
     return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bk, w, s in [(64, 8, 3), (64, 8, 4), (32, 8, 4), (128, 8, 2)]]
+            for bk, w, s in [(64, 8, 3), (64, 8, 4), (32, 8, 4)]]
 
 
 def _prune(configs, named_args, **kwargs):

@@ -127,8 +127,10 @@ def _prune24_block_kernel(W, Hinv, S, Q, E, rows, n, stride_w, stride_h, stride_
 
 
 def _configs():
+    # 32-row tiles spill 16 B (4 warps under triton 3.6, 8 warps on sm_80 under 3.9; measured
+    # with tests/compile_kernels.py)
     return [triton.Config({"BLOCK_M": m}, num_warps=w)
-            for m, w in [(8, 2), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]]
+            for m, w in [(8, 2), (16, 2), (16, 4), (64, 8)]]
 
 
 _prune24_tuned = triton.autotune(_configs(), key=["rows", "n", "QUANT"])(_prune24_block_kernel)
