@@ -206,12 +206,9 @@ def parse(argv=None):
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-actorder", action="store_true",
-                    help="also run our GPTQ without act order (ours and llm-compressor's "
-                         "default is static act order)")
     ap.add_argument("--variant", action="append", default=[], metavar="METHOD[:KEY=VALUE,...]",
-                    help="an extra tritonpress row for each scheme, e.g. gptq:clip=true or "
-                         "awq+gptq (values are JSON); repeatable")
+                    help="an extra tritonpress row for each scheme, e.g. gptq:clip=false, "
+                         "gptq:actorder=null or awq+gptq (values are JSON); repeatable")
     ap.add_argument("--no-reference", action="store_true", help="skip our RTN reference rows")
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-ours", action="store_true", help="only llm-compressor's rows")
@@ -303,8 +300,6 @@ def main(argv=None) -> list[dict]:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
         method = DEFAULT_METHOD[spec.get("scheme", scheme)]
         runs = [] if args.skip_ours else [(method, method, {})]      # (row label, method, options)
-        if args.no_actorder and runs and method == "gptq":
-            runs.append(("gptq+noactorder", "gptq", {"actorder": None}))
         if spec["reference"] and runs and not args.no_reference:
             runs.append((spec["reference"], spec["reference"], {}))
         for v in args.variant:
