@@ -14,7 +14,9 @@ tritonpress' report["seconds"]["compress"], both including calibration forwards)
 is the whole subprocess (imports, load, save) in wall and CPU seconds (CPU seconds are less
 sensitive to a machine shared with other work). speedup = llm-compressor's compress seconds
 / this row's. Results accumulate in OUT_DIR/results.json (rows replaced by scheme/tool/method),
-so schemes can be run one at a time.
+so schemes can be run one at a time. After the table, where each tritonpress run's compress
+seconds went (the report's profile: capture, statistics passes, Hessians, solves, propagation),
+beside llm-compressor's total for the scheme.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: 
     text, wall, cpu, load = _run_logged(cmd, logs / f"{out.name}.log")
     res = _last_json(text, '"worker"')
     return {"compress_s": res["seconds"]["compress"], "process_s": wall, "process_cpu_s": cpu,
-            "load_avg_start": load, "seconds": res["seconds"]}
+            "load_avg_start": load, "seconds": res["seconds"], "profile": res.get("profile")}
 
 
 def worker(job: dict) -> None:
@@ -105,7 +107,8 @@ def worker(job: dict) -> None:
     job.setdefault("dtype", "bfloat16")          # llmc_oneshot.py loads bf16 too
     report = compress(job.pop("model"), job.pop("scheme"), job.pop("out"),
                       evaluate_quality=False, progress=False, **job)
-    print(json.dumps({"worker": True, "seconds": report["seconds"]}), flush=True)
+    print(json.dumps({"worker": True, "seconds": report["seconds"],
+                      "profile": report.get("profile")}), flush=True)
 
 
 # ----------------------------------------------------------------------------- quality
@@ -176,6 +179,26 @@ def table(rows: list[dict]) -> str:
                       *(_f(q.get(s, {}).get("ppl"), 3) for s in SOURCES),
                       *(_f(q.get(s, {}).get("kl"), 5) for s in SOURCES)))
     w = [max(len(str(l[i])) for l in lines) for i in range(len(COLUMNS))]
+    fmt = lambda l: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(l)) + " |"  # noqa: E731
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|",
+                      *map(fmt, lines[1:])])
+
+
+def profile_table(rows: list[dict]) -> str:
+    """Seconds per compress step of each tritonpress row, llm-compressor's total beside."""
+    llmc = {r["scheme"]: r["compress_s"] for r in rows if r["tool"] == "llm-compressor"}
+    mine = [r for r in rows if r["tool"] == "tritonpress" and r.get("profile")]
+    steps: list[str] = []
+    for r in mine:
+        steps += [k for k in r["profile"] if k not in steps and k != "other"]
+    head = ("scheme", "method", *steps, "other", "compress s", "llm-compressor s")
+    lines = [head]
+    for r in mine:
+        p = r["profile"]
+        lines.append((r["scheme"], r["method"],
+                      *(_f(p[k]["seconds"], 1) if k in p else "-" for k in (*steps, "other")),
+                      _f(r["compress_s"], 1), _f(llmc.get(r["scheme"]), 1)))
+    w = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     fmt = lambda l: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(l)) + " |"  # noqa: E731
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|",
                       *map(fmt, lines[1:])])
@@ -327,6 +350,9 @@ def main(argv=None) -> list[dict]:
     print(f"\n{meta['model']}: calibration {meta['calibration']}; eval {meta['eval']}; "
           f"{meta['machine']}, torch threads {meta['torch_threads']}")
     print(table(rows))
+    if any(r.get("profile") for r in rows):
+        print("\nwhere tritonpress' compress seconds went (report['profile']):")
+        print(profile_table(rows))
     print(f"results: {results}")
     return rows
 

@@ -45,7 +45,7 @@ def layer_inputs(model, batches, idx=0):
 def test_identity_method_reproduces_the_forward(model):
     batches = make_batches()
     res = compress_sequential(model, batches, get_scheme("W8A8_INT8"), identity_method,
-                              progress=False)
+                              progress=False, keep_final=True)
     assert res.qweights == {} and len(res.seconds_per_layer) == 2
     with torch.no_grad():
         for b, h in zip(batches, res.final.hidden):
@@ -118,7 +118,8 @@ def test_gptq_beats_rtn_on_the_layer_outputs():
     out = {}
     for name, fn in [("rtn", rtn_layer), ("gptq", gptq_layer), ("none", identity_method)]:
         m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
-        out[name] = compress_sequential(m, batches, scheme, fn, progress=False).final.hidden
+        out[name] = compress_sequential(m, batches, scheme, fn, progress=False,
+                                        keep_final=True).final.hidden
     err = {k: sum(float((h - r).pow(2).sum()) for h, r in zip(v, out["none"]))
            for k, v in out.items() if k != "none"}
     assert err["gptq"] < 0.8 * err["rtn"], err
@@ -160,3 +161,44 @@ def test_smoothquant_is_a_no_op_in_float():
     with torch.no_grad():
         for b, y in zip(batches, before):
             torch.testing.assert_close(m(**b).logits, y, rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_pass_stops_after_the_last_linear_input(model):
+    # From the second batch on, the pass ends once down_proj has its input: down_proj itself
+    # (and what follows it) runs only on the first batch; the Hessians are those of a full pass.
+    batches = make_batches() + make_batches(seed=1)
+    inputs, layer, prefix = layer_inputs(model, batches)
+    linears = target_linears(layer, prefix, None, ())
+    ran = []
+    h = layer.mlp.down_proj.register_forward_hook(lambda *_: ran.append(1))
+    try:
+        early = collect_hessians(layer, linears, inputs)
+        assert len(ran) == 1
+        full = {}
+        hooks = pipeline.LinearInputHooks(linears, inputs, lambda lead, x, m: full.setdefault(
+            lead, []).append(pipeline.tokens_of(x, m)), stop_early=False)
+        lh = layer.register_forward_pre_hook(lambda *_: hooks.new_batch())
+        with hooks:
+            inputs.run(layer, keep=False)
+        lh.remove()
+        assert len(ran) == 1 + len(batches)
+    finally:
+        h.remove()
+    for lead, xs in full.items():
+        x = torch.cat(xs).float()
+        torch.testing.assert_close(early[lead].H, 2 / x.shape[0] * x.T @ x)
+
+
+def test_last_layer_is_not_propagated_unless_asked(model):
+    calls = []
+    layers, _ = find_decoder_layers(model)
+    h = layers[-1].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        res = compress_sequential(model, make_batches(), get_scheme("W8A8_INT8"), identity_method,
+                                  progress=False)
+        assert res.final is None and calls == []     # identity_method runs no pass itself
+        res = compress_sequential(model, make_batches(), get_scheme("W8A8_INT8"), identity_method,
+                                  progress=False, keep_final=True)
+        assert len(res.final) == 2 and len(calls) == 2
+    finally:
+        h.remove()

@@ -184,8 +184,10 @@ def test_spilled_activations_give_the_same_result(tmp_path):
         return gptq_layer(layer_idx, layer, prefix, inputs, ctx)
 
     scheme = get_scheme("W4A16", group_size=32)
-    a = compress_sequential(tiny(), batches(3), scheme, gptq_layer, progress=False)
-    b = compress_sequential(tiny(), batches(3), scheme, method, progress=False, spill_dir=spill)
+    a = compress_sequential(tiny(), batches(3), scheme, gptq_layer, progress=False,
+                            keep_final=True)
+    b = compress_sequential(tiny(), batches(3), scheme, method, progress=False, spill_dir=spill,
+                            keep_final=True)
     assert seen == [("DiskTensors", 3), ("DiskTensors", 3)]          # 3 batches on disk, not 6
     assert a.qweights.keys() == b.qweights.keys()
     assert all(torch.equal(a.qweights[k].q, b.qweights[k].q) for k in a.qweights)

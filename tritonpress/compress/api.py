@@ -12,7 +12,7 @@ from torch import nn
 
 from ..schemes import Scheme, get_scheme
 from .pipeline import check_group_sizes
-from .report import dir_size, format_report, peak_memory, save_json, timed
+from .report import dir_size, format_report, peak_memory, profile_table, profiling, save_json, timed
 
 DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
                   "W8A8_FP8": "rtn", "W8A8_FP8_24": "sparsegpt"}
@@ -127,7 +127,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
                 ref = evaluate.reference(model, w, progress=progress)
                 evals[src] = (w, ref)
 
-    with timed(report, "compress"):
+    with timed(report, "compress"), profiling() as prof:
         batches = None
         if method != "rtn" and method != "magnitude":
             batches = data.calibration_batches(
@@ -139,6 +139,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
                                            partial_last_group=partial_last_group,
                                            resume_dir=resume_dir, spill_dir=spill_dir)
     report["layers"] = layer_info
+    # where the compress step's time went (report.step), "other" the rest
+    report["profile"] = {k: {"seconds": round(t, 3), "calls": c}
+                         for k, t, c in profile_table(prof, report["seconds"]["compress"])}
 
     if evaluate_quality:
         with timed(report, "eval_after"):

@@ -30,8 +30,7 @@ Public interface (stable; other methods plug in here):
       to compress in this layer), scale_dtype, partial_last_group, options (dict), reports
       (dict full_name -> info, for the whole run).
   accumulate_hessian(H, x, n_seen, mask=None) -> n_seen + real tokens: running mean
-      H = 2/n sum x x^T (fp32) over tokens whose mask is nonzero; the fused Triton kernel in
-      kernels/hessian.py replaces it on CUDA tensors.
+      H = 2/n sum x x^T (fp32) over tokens whose mask is nonzero (kernels/hessian.py).
   LinearInputHooks / run_with_linear_inputs(layer, linears, inputs, fn): fn(leader, x, mask)
       once per distinct Linear input per batch; tokens_of(x, mask) -> [real tokens, in].
   collect_hessians(linears, inputs) -> dict[full_name, HessianStats]: one shared HessianStats
@@ -50,9 +49,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..kernels.dispatch import use_triton
 from ..schemes import Scheme
 from .qweight import QuantizedWeight
+from .report import step
 
 MethodFn = Callable[..., tuple[dict[str, QuantizedWeight], dict[str, dict]]]
 
@@ -87,21 +86,26 @@ class LayerInputs:
     @torch.no_grad()
     def run(self, layer: nn.Module, keep: bool = True) -> list[torch.Tensor]:
         """Replay every batch through `layer`; outputs (hidden states) kept on the storage
-        device, or dropped when keep=False (statistics-only passes)."""
+        device, or dropped when keep=False: a statistics pass, which a hook may end early on a
+        batch by raising StopLayer once it has what it needs."""
         outs = [] if self.spill_dir is None or not keep else DiskTensors(self.spill_dir)
-        try:
-            for i in range(len(self)):
-                h, kw, self.current_mask = self.batch(i)
-                y = layer(h, **kw)
-                if isinstance(y, (tuple, list)):   # older transformers return (hidden, ...)
-                    y = y[0]
-                if keep:
-                    if not torch.isfinite(y).all():
-                        raise FloatingPointError(f"NaN or Inf in the layer's output on "
-                                                 f"calibration batch {i}")
-                    outs.append(y.to(self.storage))
-        finally:
-            self.current_mask = None
+        with step("propagate" if keep else "statistics pass", self.device):
+            try:
+                for i in range(len(self)):
+                    h, kw, self.current_mask = self.batch(i)
+                    try:
+                        y = layer(h, **kw)
+                    except StopLayer:
+                        if keep:
+                            raise
+                        continue
+                    if isinstance(y, (tuple, list)):   # older transformers return (hidden, ...)
+                        y = y[0]
+                    if keep:
+                        _check_finite(y, i)
+                        outs.append(y.to(self.storage))
+            finally:
+                self.current_mask = None
         return outs
 
     def with_hidden(self, hidden: list[torch.Tensor], kwargs: list[dict] | None = None):
@@ -139,6 +143,16 @@ class DiskTensors(Sequence):
         self.paths = []
 
     __del__ = close
+
+
+class StopLayer(Exception):
+    """Raised by a hook to end a statistics pass through a layer on the current batch."""
+
+
+def _check_finite(y: torch.Tensor, i: int) -> None:
+    lo, hi = y.aminmax()           # NaN propagates; one pass over y, no boolean temporary
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        raise FloatingPointError(f"NaN or Inf in the layer's output on calibration batch {i}")
 
 
 def _to(obj, device):
@@ -230,6 +244,11 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable, device, storage
     """Hidden states entering layer 0 and every layer's call kwargs, per batch.
 
     Returns (hidden [per batch], kwargs [per layer][per batch], token masks [per batch])."""
+    with step("capture", device):
+        return _capture(model, batches, device, storage)
+
+
+def _capture(model, batches, device, storage):
     layers, _ = find_decoder_layers(model)
     n = len(layers)
     hidden, masks = [], []
@@ -343,14 +362,23 @@ class LinearInputHooks:
     the same tensor object in one forward (q/k/v; gate/up) form a group led by the first one
     called; `groups` maps leader -> members after the first batch. Use as a context manager
     around `inputs.run(layer, keep=False)`.
+
+    stop_early: from the second batch on, raise StopLayer once every Linear has been called as
+    often as on the first batch, so the rest of the layer (down_proj's matmul, the residual)
+    is not computed for nothing. Only when the first batch called every Linear: a layer that
+    routes tokens (MoE experts) may call different ones per batch, and then runs whole.
     """
 
     def __init__(self, linears: dict[str, nn.Module], inputs: LayerInputs,
-                 fn: Callable):
+                 fn: Callable, stop_early: bool = True):
         self.linears, self.inputs, self.fn = linears, inputs, fn
         self.leader_of: dict[str, str] = {}
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
         self._handles = []
+        self.stop_early = stop_early
+        self._batches = 0
+        self._calls: dict[str, int] = {}          # this batch's calls per Linear
+        self._first: dict[str, int] | None = None  # the first batch's
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -373,6 +401,9 @@ class LinearInputHooks:
             if prev != lead:
                 raise RuntimeError(f"{name} shared its input with {prev} on one batch and "
                                    f"with {lead} on another")
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self._first is not None and self._calls == self._first:
+                raise StopLayer
         return hook
 
     def __enter__(self):
@@ -381,7 +412,11 @@ class LinearInputHooks:
         return self
 
     def new_batch(self):
+        if self._batches == 1 and self.stop_early and len(self._calls) == len(self.linears):
+            self._first = dict(self._calls)
+        self._batches += 1
         self._seen.clear()
+        self._calls = {}
 
     def __exit__(self, *exc):
         for h in self._handles:
@@ -441,31 +476,14 @@ def capture_module_io(layer: nn.Module, modules: dict[str, nn.Module], inputs: L
 
 # ----------------------------------------------------------------------------- Hessians
 
-def accumulate_hessian_ref(H: torch.Tensor, x: torch.Tensor, n_seen: int,
-                           mask: torch.Tensor | None = None) -> int:
-    """H [in, in] fp32 holds 2/n_seen * sum x x^T over n_seen tokens; fold in the tokens of x
-    ([tokens, in] or [b, s, in], any float dtype; with `mask` ([b, s] / [tokens], nonzero =
-    real token) only the real ones) in place so it holds the same over all tokens seen.
-    Returns the new count."""
-    x = tokens_of(x, None if mask is None else mask.bool())
-    t = x.shape[0]
-    if t == 0:
-        return n_seen
-    n = n_seen + t
-    H.mul_(n_seen / n)
-    xs = x.float() * (2.0 / n) ** 0.5
-    H.addmm_(xs.t(), xs)
-    return n
-
-
 def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int,
                        mask: torch.Tensor | None = None) -> int:
-    """accumulate_hessian_ref's contract; the fused Triton kernel (kernels/hessian.py) on
-    CUDA tensors, which reads the real tokens through the mask without copying x."""
-    if use_triton(H, x):
-        from ..kernels.hessian import accumulate_hessian as fused
-        return fused(H, x, n_seen, mask)
-    return accumulate_hessian_ref(H, x, n_seen, mask)
+    """H [in, in] fp32 holds 2/n_seen * sum x x^T over n_seen tokens; fold in the tokens of x
+    ([tokens, in] or [b, s, in]; with `mask` only the real ones) and return the new count.
+    kernels/hessian.py: the fused Triton kernel on CUDA, its torch reference elsewhere."""
+    from ..kernels.hessian import accumulate_hessian as accumulate
+    with step("hessian", H.device):
+        return accumulate(H, x, n_seen, mask)
 
 
 @dataclass
@@ -516,7 +534,7 @@ class LayerContext:
 class SequentialResult:
     qweights: dict[str, QuantizedWeight]
     infos: dict[str, dict]
-    final: LayerInputs          # hidden states after the last (compressed) layer
+    final: LayerInputs | None   # hidden states after the last (compressed) layer (keep_final)
     seconds_per_layer: list[float]
 
 
@@ -540,12 +558,15 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
                         device=None, targets: Iterable[str] | None = None,
                         ignore: Iterable[str] | None = None, offload: bool = True,
                         partial_last_group: bool = False, options: dict | None = None,
-                        progress: bool = True, spill_dir=None) -> SequentialResult:
+                        progress: bool = True, spill_dir=None,
+                        keep_final: bool = False) -> SequentialResult:
     """Calibrate `model` layer by layer with `method_fn` (see the module docstring).
 
     device: where each decoder layer computes (default: the first parameter's device).
     offload: keep cached hidden states on CPU between layers (else on `device`).
     spill_dir: keep them in files in that folder instead (DiskTensors; memory-mapped reads).
+    keep_final: also run the batches through the last compressed layer, for result.final
+    (else None: nothing after the last layer needs them, and the pass costs a layer forward).
     Layers go back to where they were after their turn; the model is changed in place."""
     import time
 
@@ -589,15 +610,18 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         qweights.update(qw)
         for k, v in info.items():
             infos.setdefault(k, {}).update(v)
-        try:
-            out = inputs.run(layer)
-        except FloatingPointError as e:
-            raise FloatingPointError(
-                f"decoder layer {lp} after compression: {e}. The activations overflow: compute "
-                "in a wider dtype (float32 instead of float16), check the weights, or leave this "
-                "layer's Linears out (ignore=...)") from None
         prev = inputs.hidden
-        inputs = inputs.with_hidden(out, kwargs[i + 1] if i + 1 < len(layers) else kwargs[i])
+        if i + 1 < len(layers) or keep_final:
+            try:
+                out = inputs.run(layer)
+            except FloatingPointError as e:
+                raise FloatingPointError(
+                    f"decoder layer {lp} after compression: {e}. The activations overflow: "
+                    "compute in a wider dtype (float32 instead of float16), check the weights, "
+                    "or leave this layer's Linears out (ignore=...)") from None
+            inputs = inputs.with_hidden(out, kwargs[i + 1] if i + 1 < len(layers) else kwargs[i])
+        else:
+            inputs = None          # nothing reads the last layer's outputs
         if isinstance(prev, DiskTensors):
             prev.close()           # this layer's inputs are done with: free the disk now
         layer.to(home)

@@ -1,6 +1,7 @@
 """The compress report: what compression cost in quality and what it produced."""
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import resource
@@ -27,6 +28,58 @@ def timed(report: dict, key: str):
         yield
     finally:
         report.setdefault("seconds", {})[key] = round(time.perf_counter() - t0, 3)
+
+
+# ----------------------------------------------------------------------------- profile
+
+_PROFILE: contextvars.ContextVar = contextvars.ContextVar("tritonpress_profile", default=None)
+
+
+@contextmanager
+def profiling():
+    """Collect the seconds of every `step` run inside, as {name: [seconds, calls]}; each step's
+    seconds exclude the steps nested in it, so they add up to the time covered."""
+    prof: dict = {}
+    token = _PROFILE.set((prof, []))
+    try:
+        yield prof
+    finally:
+        _PROFILE.reset(token)
+
+
+@contextmanager
+def step(name: str, device=None):
+    """Time a step of the run into the active profile (free when none is active). On a CUDA
+    device the clock waits for the device at both ends, so queued kernels count where they ran."""
+    active = _PROFILE.get()
+    if active is None:
+        yield
+        return
+    prof, stack = active
+    sync = (torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda"
+            else lambda: None)
+    sync()
+    stack.append(0.0)                  # seconds of the steps nested in this one
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync()
+        total = time.perf_counter() - t0
+        nested = stack.pop()
+        if stack:
+            stack[-1] += total
+        entry = prof.setdefault(name, [0.0, 0])
+        entry[0] += total - nested
+        entry[1] += 1
+
+
+def profile_table(prof: dict, total: float | None = None) -> list[tuple[str, float, int]]:
+    """(step, seconds, calls) rows, largest first, plus "other" (total minus the steps)."""
+    rows = sorted(((k, v[0], v[1]) for k, v in prof.items()), key=lambda r: -r[1])
+    if total is not None:
+        rows.append(("other", max(0.0, total - sum(r[1] for r in rows)), 0))
+    return rows
 
 
 def _fmt(x, nd=4):
@@ -61,6 +114,9 @@ def format_report(r: dict) -> str:
         lines.append(f"  dtype: {dtype} ({r['dtype']['why']})")
     s = r.get("seconds", {})
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))
+    if r.get("profile"):
+        lines.append("  compress step: " + ", ".join(
+            f"{k} {v['seconds']:.1f}s" for k, v in r["profile"].items()))
     mem = r.get("memory", {})
     if mem:
         lines.append("  peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()))

@@ -14,6 +14,7 @@ from torch import nn
 from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs, Scheme
 from .qweight import QuantizedWeight
+from .report import step
 
 CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))      # 1.0 ... 0.55, as AWQ's original
 
@@ -31,6 +32,7 @@ def hessian_blocks(H: torch.Tensor, g: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+@step("clip search")
 def clip_search(w: torch.Tensor, hb: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
                 shrinks=CLIP_SHRINKS, chunk_rows: int = 4096
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,6 +105,7 @@ def expand(p: torch.Tensor | None, gidx: torch.Tensor, rows: int) -> torch.Tenso
     return p[:, gidx].expand(rows, -1) if p.shape[0] == 1 else p[:, gidx]
 
 
+@step("rtn")
 def rtn_quantize(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None,
                  partial_last_group: bool = False) -> tuple[QuantizedWeight, torch.Tensor]:
     """Round-to-nearest w [out, in] -> (QuantizedWeight, dequantized weight fp32)."""

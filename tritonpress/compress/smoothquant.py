@@ -16,6 +16,7 @@ from torch import nn
 
 from .fold import divide_norm_output
 from .pipeline import LayerInputs, run_with_linear_inputs, tokens_of
+from .report import step
 
 
 def _is_norm(mod: nn.Module) -> bool:
@@ -61,6 +62,7 @@ def smoothing_groups(layer: nn.Module, inputs: LayerInputs) -> list[dict]:
 
 
 @torch.no_grad()
+@step("smoothquant")
 def smooth(norm: nn.Module, linears: list[nn.Linear], act_max: torch.Tensor,
            alpha: float = 0.5) -> torch.Tensor:
     """Apply the smoothing scales in place; returns s [channels] (fp32)."""

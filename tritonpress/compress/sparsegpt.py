@@ -32,6 +32,7 @@ from ..kernels.sparse24 import keep_2_of_4, prune24_block
 from ..schemes import QuantArgs
 from .gptq import inverse_cholesky
 from .qweight import QuantizedWeight
+from .report import step
 
 FP8_CHANNEL = QuantArgs(8, "float", True, "channel")
 MODES = ("joint", "prune_then_quantize")
@@ -81,6 +82,7 @@ def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
     return W, losses
 
 
+@step("sparsegpt solve")
 def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT_MODE,
                  scale_from: str = "original", headroom: float = HEADROOM,
                  blocksize: int = 128, percdamp: float = 0.01, args: QuantArgs = FP8_CHANNEL,
