@@ -37,6 +37,14 @@ def test_compress_writes_a_checkpoint_transformers_loads(tmp_path, text, scheme,
     assert q["kl"] > 0 and q["ppl"] > 1 and q["ppl_before"] > 1
     assert report["size_bytes"] > 0 and report["seconds"]["compress"] >= 0
     assert json.loads((tmp_path / "ckpt.report.json").read_text())["scheme"] == scheme
+    # where the compress seconds went: the method's steps, adding up to the compress time
+    prof = report["profile"]
+    want_steps = {"rtn": {"rtn"}, "magnitude": set(), "awq": {"awq search", "statistics pass"},
+                  "gptq": {"statistics pass", "hessian", "gptq solve", "propagate"},
+                  "sparsegpt": {"hessian", "sparsegpt solve", "propagate"}}[method]
+    assert want_steps <= set(prof) and "other" in prof
+    assert sum(v["seconds"] for v in prof.values()) == pytest.approx(
+        report["seconds"]["compress"], abs=0.01 * len(prof))
 
     # transformers decompresses exactly the weights the compressed model computed with
     loaded, act_args, ignore = load_checkpoint_dequantized(out)

@@ -235,3 +235,21 @@ def test_clip_search_scales_are_shrunk_ranges_and_lower_the_layer_error(name):
     assert out_err(W, Q, H) < out_err(W, Q0, H)
     _, _, info_chan = gptq_quantize(W, H, _args("W8A8_INT8"), torch.float32, clip=True)
     assert "clipped_groups" not in info_chan                  # per channel: nothing to search
+
+
+@pytest.mark.parametrize("name,group", [("W4A16", 24), ("W8A8_INT8", None)])
+def test_stacked_solve_gives_each_weight_its_own_result(name, group):
+    # Linears sharing a Hessian (q/k/v) are solved as one stack: rows never interact, so each
+    # gets what a solve of its own gives (up to the summation order of the trailing matmuls).
+    from tritonpress.compress.gptq import gptq_quantize_stacked
+    args = _args(name, group)
+    H = correlated_hessian(48)
+    ws = [torch.randn(r, 48) for r in (16, 7, 9)]
+    stacked = gptq_quantize_stacked(ws, H, args, torch.float32, actorder="static", clip=True)
+    for w, (qw, deq, info) in zip(ws, stacked):
+        qw1, deq1, info1 = gptq_quantize(w, H, args, torch.float32, actorder="static", clip=True)
+        assert qw.q.shape == w.shape and qw.q.untyped_storage().nbytes() == qw.q.numel()
+        assert (qw.q != qw1.q).float().mean() < 0.01
+        torch.testing.assert_close(deq, deq1, rtol=0, atol=float(qw1.scale.max()) * 1.01)
+        assert info["loss"] == pytest.approx(info1["loss"], rel=0.05)
+        assert info["output_err"] == pytest.approx(info1["output_err"], rel=0.05)

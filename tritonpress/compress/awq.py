@@ -42,6 +42,7 @@ from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
 from .fold import divide_norm_output
 from .qweight import QuantizedWeight
+from .report import step
 from .rtn import clip_search, group_gram
 
 # Llama-family mappings as (smoothing layer, balance layers) attribute names; resolved per layer
@@ -146,6 +147,7 @@ def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return total / rows
 
 
+@step("awq search")
 def search_scales(x_mean: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
                   args: QuantArgs, scale_dtype: torch.dtype, n_grid: int = 20,
                   duo_scaling: bool = False
@@ -191,6 +193,7 @@ def apply_scales(smooth: nn.Module, balance: list[nn.Linear], s: torch.Tensor) -
 # ----------------------------------------------------------------------------- 4. clip, quantize
 
 @torch.no_grad()
+@step("quantize")
 def quantize_linear(lin: nn.Linear, args: QuantArgs, scale_dtype: torch.dtype,
                     lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
                     storage=None) -> QuantizedWeight:
@@ -334,18 +337,15 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
 
 
 def _gptq_after_scaling(layer, inputs, ctx, infos, options):
-    from .gptq import gptq_quantize
+    from .gptq import gptq_linears
     from .pipeline import collect_hessians
 
     hessians = collect_hessians(layer, ctx.linears, inputs)    # inputs of the scaled layer
+    done = gptq_linears(ctx.linears, {n: st.H for n, st in hessians.items()}, ctx.scheme.weights,
+                        ctx.scale_dtype, **options)
     qweights = {}
-    for name, lin in ctx.linears.items():
-        qw, deq, info = gptq_quantize(lin.weight.data, hessians[name].H, ctx.scheme.weights,
-                                      ctx.scale_dtype, **options)
-        lin.weight.data.copy_(deq.to(lin.weight.dtype))
-        st = inputs.storage
-        qweights[name] = QuantizedWeight(qw.q.to(st), qw.scale.to(st), None if
-                                         qw.zero_point is None else qw.zero_point.to(st), qw.args)
+    for name, (qw, info) in done.items():
+        qweights[name] = qw
         infos.setdefault(name, {}).update({k: v for k, v in info.items() if k != "method"},
                                           method="awq+gptq")
     return qweights, infos

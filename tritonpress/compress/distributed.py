@@ -20,14 +20,12 @@ N-rank checkpoint bit for bit.
 from __future__ import annotations
 
 import os
-import warnings
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from .pipeline import compress_sequential, run_with_linear_inputs, tokens_of
-from .qweight import QuantizedWeight
 
 
 def active() -> bool:
@@ -117,42 +115,34 @@ def collect_hessians_allreduced(layer, linears, inputs) -> dict[str, tuple[torch
 
 # ----------------------------------------------------------------------------- GPTQ
 
-def _cpu_qweight(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(qw.q.cpu(), qw.scale.cpu(),
-                           None if qw.zero_point is None else qw.zero_point.cpu(), qw.args)
-
-
 def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
                            dampening: float = 0.01, max_dampening: float = 10.0,
                            actorder: str | None = "static", group_scales: str | None = None,
                            clip: bool = True):
     """gptq.gptq_layer's contract (static activation order by default), with all-reduced
-    Hessians and solves dealt over the ranks."""
+    Hessians and the stacked solves (one per shared Hessian) dealt over the ranks."""
     from . import gptq
-
-    actorder = gptq.check_actorder(actorder)
 
     hessians = collect_hessians_allreduced(layer, ctx.linears, inputs)
     names = list(ctx.linears)
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(id(hessians[name][0]), []).append(name)
     w, r = world_size(), rank()
     mine = {}
-    for j, name in enumerate(names):
+    for j, members in enumerate(groups.values()):
         if j % w != r:
             continue
-        lin = ctx.linears[name]
-        H, n = hessians[name]
-        qw, deq, info = gptq.gptq_quantize(
-            lin.weight.data, H, ctx.scheme.weights, ctx.scale_dtype, blocksize=blocksize,
-            dampening=dampening, max_dampening=max_dampening, actorder=actorder,
-            group_scales=group_scales or gptq.DEFAULT_GROUP_SCALES, clip=clip,
-            partial_last_group=ctx.partial_last_group)
-        if info["fallback"] or info["dampening_failed"]:
-            what = ("fell back to RTN" if info["fallback"] else
-                    f"needed dampening {info['dampening']:g}")
-            warnings.warn(f"GPTQ {name}: Hessian not positive definite with dampening "
-                          f"{info['dampening_failed']}; {what}", stacklevel=2)
-        info.update(tokens=n, solved_on_rank=r)
-        mine[name] = (_cpu_qweight(qw), deq.to(lin.weight.dtype).cpu(), info)
+        done = gptq.gptq_linears({n: ctx.linears[n] for n in members},
+                                 {n: hessians[n][0] for n in members}, ctx.scheme.weights,
+                                 ctx.scale_dtype, blocksize=blocksize, dampening=dampening,
+                                 max_dampening=max_dampening,
+                                 actorder=gptq.check_actorder(actorder),
+                                 group_scales=group_scales or gptq.DEFAULT_GROUP_SCALES,
+                                 clip=clip, partial_last_group=ctx.partial_last_group)
+        for n, (qw, info) in done.items():
+            info.update(tokens=hessians[n][1], solved_on_rank=r)
+            mine[n] = (qw, ctx.linears[n].weight.data.cpu(), info)
 
     results = dict(mine)
     if active():
@@ -166,8 +156,6 @@ def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: 
         qw, deq, info = results[name]
         lin = ctx.linears[name]
         lin.weight.data = deq.to(lin.weight.device)
-        shared = [m for m in names if m != name and hessians[m][0] is hessians[name][0]]
-        info.update(hessian_shared_with=shared)
         qweights[name], infos[name] = qw, info
     return qweights, infos
 

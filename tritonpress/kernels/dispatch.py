@@ -74,4 +74,3 @@ def fits_gpu(configs: list, smem_need, max_acc_per_thread: int | None = None) ->
         return smem_need(c) <= limit
     keep = [c for c in configs if ok(c)]
     return keep or [min(configs, key=smem_need)]
-

@@ -68,20 +68,27 @@ def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
       Losses1 (w - q)^2 / Hinv1[i, i]^2 (the paper's loss is half their sum)
     where w is column i after the updates from columns < i of the block.
     """
-    from .quant import dequantize_ref, quantize_ref
-    W1 = W1.float().clone()
-    Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-    for i in range(W1.shape[1]):
-        w = W1[:, i:i + 1]
-        d = Hinv1[i, i]
-        z = None if zp1 is None else zp1[:, i:i + 1]
-        q = dequantize_ref(quantize_ref(w, scale1[:, i:i + 1], z, args), scale1[:, i:i + 1], z)
-        Q1[:, i:i + 1] = q
-        Losses1[:, i:i + 1] = (w - q) ** 2 / d ** 2
-        err = (w - q) / d
-        W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
-        Err1[:, i:i + 1] = err
-    return Q1, Err1, Losses1
+    from .quant import fp8_round_ref as fp8_round
+    # Column-major copies, so that each step reads and writes contiguous rows; ten torch ops a
+    # column (the Python loop is the CPU cost), the same roundings as the kernel.
+    Wt = W1.float().t().contiguous()
+    St = scale1.float().t().contiguous()
+    fp8 = args.type == "float"
+    if not fp8:   # clamping y to [qmin - zp, qmax - zp] before rounding: integer bounds commute
+        lo, hi = ((torch.full_like(St, float(args.qmin)), torch.full_like(St, float(args.qmax)))
+                  if zp1 is None else (float(args.qmin) - zp1.float().t(),
+                                       float(args.qmax) - zp1.float().t()))
+    Qt, Dt = torch.empty_like(Wt), torch.empty_like(Wt)
+    d = Hinv1.diagonal().float()
+    for i in range(Wt.shape[0]):
+        w = Wt[i]
+        y = w / St[i]
+        q = (fp8_round(y) if fp8 else torch.round(torch.clamp(y, lo[i], hi[i]))).mul_(St[i])
+        Qt[i] = q
+        diff = torch.sub(w, q, out=Dt[i])
+        Wt[i + 1:].sub_(Hinv1[i, i + 1:, None] * (diff / d[i]))
+    Q1, Diff1 = Qt.t(), Dt.t()
+    return Q1, Diff1 / d, (Diff1 * Diff1) / (d * d)
 
 
 def gptq_solve_ref(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
