@@ -43,6 +43,8 @@ SCHEMES = {
     "W8A8_INT8": dict(recipe="gptq-w8a8", reference="rtn"),
     "W8A8_FP8": dict(recipe="fp8", reference=None),          # our default is RTN already
     "W8A8_FP8_24": dict(recipe="sparsegpt-fp8", reference="magnitude"),
+    # ours only: llm-compressor's AWQ does not run on a CPU (its time is reported beside)
+    "W4A16_ASYM": dict(recipe=None, reference=None, method="awq"),
     # a row name, not a scheme: SmoothQuant 0.8 before GPTQ in both tools
     "W8A8_INT8+SQ": dict(recipe="smoothquant-gptq-w8a8", reference=None, scheme="W8A8_INT8",
                          opts={"smoothquant": 0.8}),
@@ -191,6 +193,9 @@ def profile_table(rows: list[dict]) -> str:
     steps: list[str] = []
     for r in mine:
         steps += [k for k in r["profile"] if k not in steps and k != "other"]
+    flow = ("capture", "statistics pass", "hessian", "smoothquant", "awq search", "clip search",
+            "gptq solve", "sparsegpt solve", "quantize", "rtn", "propagate")   # pipeline order
+    steps.sort(key=lambda k: flow.index(k) if k in flow else len(flow))
     head = ("scheme", "method", *steps, "other", "compress s", "llm-compressor s")
     lines = [head]
     for r in mine:
@@ -321,7 +326,7 @@ def main(argv=None) -> list[dict]:
     from tritonpress.compress.api import DEFAULT_METHOD
     for scheme in args.schemes:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
-        method = DEFAULT_METHOD[spec.get("scheme", scheme)]
+        method = spec.get("method") or DEFAULT_METHOD[spec.get("scheme", scheme)]
         runs = [] if args.skip_ours else [(method, method, {})]      # (row label, method, options)
         if spec["reference"] and runs and not args.no_reference:
             runs.append((spec["reference"], spec["reference"], {}))
@@ -335,7 +340,7 @@ def main(argv=None) -> list[dict]:
                               dict(opts, group_size=gs, **spec.get("opts", {}), **extra),
                               out_dir / "logs")
             record(scheme, "tritonpress", name, timing, out)
-        if use_llmc:
+        if use_llmc and spec["recipe"]:
             out = ckpts / f"{scheme}-llmc"
             timing = run_llmc(args.llmc_python, model_dir, calib, spec["recipe"],
                               args.group_size, out, out_dir / "logs")
