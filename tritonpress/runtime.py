@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 
 import torch
@@ -26,7 +25,7 @@ from torch import nn
 
 from .kernels import gemm
 from .kernels.gemm_sparse24 import is_24_sparse
-from .schemes import QuantArgs
+from .schemes import QuantArgs, matches
 
 
 class CompressedLinear(nn.Module):
@@ -67,17 +66,8 @@ def quant_args(d: dict | None) -> QuantArgs | None:
                      d.get("group_size"), bool(d.get("dynamic", False)))
 
 
-def _match(name: str, module: nn.Module, target: str) -> bool:
-    # compressed-tensors' rule: "re:" regex from the start of the name, else the exact name
-    # or the name of a class the module derives from
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target == name or any(c.__name__ == target for c in type(module).__mro__)
-
-
 def _targeted(name, module, targets, ignore) -> bool:
-    return any(_match(name, module, t) for t in targets) and \
-        not any(_match(name, module, t) for t in ignore or ())
+    return matches(name, targets, module) and not matches(name, ignore or (), module)
 
 
 # ----------------------------------------------------------------------------- tensors

@@ -6,6 +6,8 @@ Presets follow llm-compressor's names; its aliases are accepted too.
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -94,3 +96,20 @@ def get_scheme(name: str | Scheme, group_size: int | None = None, symmetric: boo
     if ignore is not None:
         scheme = dataclasses.replace(scheme, ignore=tuple(ignore))
     return scheme
+
+
+def matches(name: str, patterns: Iterable[str], module=None) -> bool:
+    """The one name matcher for targets and ignore lists (compressed-tensors' rules, which
+    vLLM and llm-compressor follow, plus dotted suffixes): a pattern matches a module's full
+    name if it is "re:<regex>" that re.match-es it, the name itself, a dotted suffix of it
+    ("lm_head", "mlp.down_proj"), or (given the module) the name of a class it derives from
+    ("Linear")."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+        elif module is not None and any(c.__name__ == p for c in type(module).__mro__):
+            return True
+    return False

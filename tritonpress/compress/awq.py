@@ -39,7 +39,7 @@ from torch import nn
 
 from ..kernels.awq_search import awq_grid_errors
 from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
-from ..schemes import QuantArgs
+from ..schemes import QuantArgs, matches
 from .fold import divide_norm_output
 from .qweight import QuantizedWeight
 from .report import step
@@ -68,7 +68,7 @@ class AWQMapping:
 # ----------------------------------------------------------------------------- 0. mappings
 
 def _is(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
+    return matches(name, (pattern,))
 
 
 def find_mappings(layer: nn.Module, patterns=DEFAULT_MAPPINGS
@@ -163,7 +163,10 @@ def search_scales(x_mean: torch.Tensor, x: torch.Tensor, weights: list[torch.Ten
     S = candidate_scales(x_mean, w_mean, ratios)
     if duo_scaling:
         S = torch.cat([torch.ones_like(S[:1]), S])
-    errs = sum(awq_grid_errors(x, w, S, args, scale_dtype).double() for w in weights).cpu()
+    # the balance weights read the same x: one stacked call (rows are independent), so the
+    # CPU path's X^T X is formed once per mapping and the GPU kernel launched once
+    errs = awq_grid_errors(x, torch.cat(weights) if len(weights) > 1 else weights[0], S, args,
+                           scale_dtype).double().cpu()
     rtn = float(errs[0])
     if duo_scaling:
         S, errs = S[1:], errs[1:]
@@ -321,12 +324,13 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
 
     qweights = {}
     storage = inputs.storage
+    clipped = _clip_ranges([n for n in ctx.linears if clip and not any(_is(n, p) for p in
+                                                                         CLIP_SKIP)],
+                           ctx.linears, stats, args, ctx.scale_dtype)
     for name, lin in ctx.linears.items():
-        lo = hi = None
+        lo, hi, f = clipped.get(name, (None, None, None))
         info = infos.setdefault(name, {})
-        if clip and not any(_is(name, p) for p in CLIP_SKIP):
-            lo, hi, f = clip_search(lin.weight, group_gram(stats[name].x, args.group_size),
-                                    args, ctx.scale_dtype)
+        if f is not None:
             info["clip_mean_shrink"] = float(f.mean())
         qweights[name] = quantize_linear(lin, args, ctx.scale_dtype, lo, hi, storage)
         info["method"] = "awq"
@@ -334,6 +338,25 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
     for name in ctx.linears:
         infos[name].update(search_seconds=round(t_search, 4), layer_seconds=secs)
     return qweights, infos
+
+
+def _clip_ranges(names, linears, stats, args, scale_dtype) -> dict[str, tuple]:
+    """{name: (lo, hi, shrink)} of the clip search, one stacked search per distinct input
+    (q/k/v, gate/up share their X^T X blocks; rows are independent)."""
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(id(stats[n]), []).append(n)
+    out = {}
+    for members in groups.values():
+        w = torch.cat([linears[n].weight for n in members])
+        lo, hi, f = clip_search(w, group_gram(stats[members[0]].x, args.group_size), args,
+                                scale_dtype)
+        row = 0
+        for n in members:
+            r = slice(row, row + linears[n].out_features)
+            row = r.stop
+            out[n] = (lo[r], hi[r], f[r])
+    return out
 
 
 def _gptq_after_scaling(layer, inputs, ctx, infos, options):

@@ -38,7 +38,6 @@ Public interface (stable; other methods plug in here):
 """
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -49,7 +48,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..schemes import Scheme
+from ..schemes import Scheme, matches
 from .qweight import QuantizedWeight
 from .report import step
 
@@ -297,18 +296,6 @@ def _capture(model, batches, device, storage):
 
 
 # ----------------------------------------------------------------------------- targets
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    """compressed-tensors style: "re:<regex>" (re.match on the full name), a class-free exact
-    name, or a dotted suffix ("lm_head", "mlp.down_proj")."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.match(p[3:], name):
-                return True
-        elif name == p or name.endswith("." + p):
-            return True
-    return False
-
 
 def target_linears(layer: nn.Module, prefix: str, targets: Iterable[str] | None,
                    ignore: Iterable[str]) -> dict[str, nn.Linear]:

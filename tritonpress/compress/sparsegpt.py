@@ -186,44 +186,52 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
 
     qweights, infos = {}, {}
     for names in groups.values():
-        t0 = time.perf_counter()
-        st = hessians[names[0]]
-        lins = [ctx.linears[n] for n in names]
-        W = torch.cat([lin.weight.data for lin in lins])
-        try:
-            hinv = inverse_hessian_cholesky(st.H, percdamp)
-        except ValueError:
-            hinv = None
-        if hinv is None:                   # no usable Hessian: the data-free baseline
-            qw, losses = magnitude_24(W, args=ctx.scheme.weights,
-                                      scale_dtype=ctx.scale_dtype), None
-        else:
-            qw, losses = sparsegpt_24(W, None, mode=mode, scale_from=scale_from,
-                                      headroom=headroom, blocksize=blocksize,
-                                      args=ctx.scheme.weights, scale_dtype=ctx.scale_dtype,
-                                      hinv=hinv)
-        deq = qw.dequantize(torch.float32)
-        err = hessian_loss_rows(W, deq, st.H) if losses is None else \
-            undampened_loss_rows(losses, W, deq, hinv)
-        ref = _row_quadratic(W, st.H)
-        seconds = time.perf_counter() - t0
-        row = 0
-        for name, lin in zip(names, lins):
-            rows = slice(row, row + lin.out_features)
-            row += lin.out_features
-            lin.weight.data = deq[rows].to(lin.weight.dtype)
-            qweights[name] = QuantizedWeight(qw.q[rows].cpu(), qw.scale[rows].cpu(), None,
-                                             qw.args)
-            e, r = float(err[rows].sum()), float(ref[rows].sum())
-            infos[name] = {
-                "method": "sparsegpt", "mode": mode, "tokens": st.n,
-                "hessian_shared_with": [m for m in st.members if m != name],
-                "fallback": None if hinv is not None else "magnitude",
-                "dampening": None if hinv is None else hinv.frac,
-                "loss": None if losses is None else float(losses[rows].sum()),
-                "output_err": e, "output_rel_err": e / r if r > 0 else float("nan"),
-                "seconds": round(seconds * lin.out_features / W.shape[0], 4)}
+        with step("sparsegpt solve"):    # the factorisation and the reported losses too
+            _solve_group(names, hessians, ctx, mode, scale_from, headroom, blocksize, percdamp,
+                         qweights, infos)
     return qweights, infos
+
+
+def _solve_group(names, hessians, ctx, mode, scale_from, headroom, blocksize, percdamp,
+                 qweights, infos) -> None:
+    """One stacked SparseGPT solve of the Linears in `names` (one shared Hessian)."""
+    t0 = time.perf_counter()
+    st = hessians[names[0]]
+    lins = [ctx.linears[n] for n in names]
+    W = torch.cat([lin.weight.data for lin in lins])
+    try:
+        hinv = inverse_hessian_cholesky(st.H, percdamp)
+    except ValueError:
+        hinv = None
+    if hinv is None:                   # no usable Hessian: the data-free baseline
+        qw, losses = magnitude_24(W, args=ctx.scheme.weights,
+                                  scale_dtype=ctx.scale_dtype), None
+    else:
+        qw, losses = sparsegpt_24(W, None, mode=mode, scale_from=scale_from,
+                                  headroom=headroom, blocksize=blocksize,
+                                  args=ctx.scheme.weights, scale_dtype=ctx.scale_dtype,
+                                  hinv=hinv)
+    deq = qw.dequantize(torch.float32)
+    err = hessian_loss_rows(W, deq, st.H) if losses is None else \
+        undampened_loss_rows(losses, W, deq, hinv)
+    ref = _row_quadratic(W, st.H)
+    seconds = time.perf_counter() - t0
+    row = 0
+    for name, lin in zip(names, lins):
+        rows = slice(row, row + lin.out_features)
+        row += lin.out_features
+        lin.weight.data = deq[rows].to(lin.weight.dtype)
+        qweights[name] = QuantizedWeight(qw.q[rows].cpu(), qw.scale[rows].cpu(), None,
+                                         qw.args)
+        e, r = float(err[rows].sum()), float(ref[rows].sum())
+        infos[name] = {
+            "method": "sparsegpt", "mode": mode, "tokens": st.n,
+            "hessian_shared_with": [m for m in st.members if m != name],
+            "fallback": None if hinv is not None else "magnitude",
+            "dampening": None if hinv is None else hinv.frac,
+            "loss": None if losses is None else float(losses[rows].sum()),
+            "output_err": e, "output_rel_err": e / r if r > 0 else float("nan"),
+            "seconds": round(seconds * lin.out_features / W.shape[0], 4)}
 
 
 @torch.no_grad()

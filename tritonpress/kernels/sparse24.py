@@ -41,23 +41,26 @@ def keep_2_of_4(scores: torch.Tensor) -> torch.Tensor:
 
 
 def prune24_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor | None = None):
-    W1 = W1.float().clone()
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
-    d = torch.diagonal(Hinv1)
+    # Column-major copies: each step reads and writes contiguous rows (the Python loop over
+    # columns is the CPU cost); the same operations, in the same order, as the kernel.
+    Wt = W1.float().t().contiguous()
+    Qt, Et = torch.empty_like(Wt), torch.empty_like(Wt)
+    d = torch.diagonal(Hinv1).float()
+    s = None if scale is None else scale[:, 0].float()
+    zero = torch.zeros_like(Wt[0])
     keep = None
-    for i in range(W1.shape[1]):
+    for i in range(Wt.shape[0]):
         if i % 4 == 0:
-            keep = keep_2_of_4(W1[:, i:i + 4] ** 2 / d[i:i + 4] ** 2)
-        w = W1[:, i]
-        q = torch.where(keep[:, i % 4], w, torch.zeros_like(w))
-        if scale is not None:
-            q = fp8_round_ref(q / scale[:, 0]) * scale[:, 0]
+            keep = keep_2_of_4((Wt[i:i + 4] ** 2 / d[i:i + 4, None] ** 2).t()).t()
+        w = Wt[i]
+        q = torch.where(keep[i % 4], w, zero)
+        if s is not None:
+            q = fp8_round_ref(q / s) * s
         err = (w - q) / d[i]
-        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-        Q1[:, i] = q
-        Err1[:, i] = err
-    return Q1, Err1
+        Wt[i + 1:] -= Hinv1[i, i + 1:, None] * err
+        Qt[i] = q
+        Et[i] = err
+    return Qt.t(), Et.t()
 
 
 # ----------------------------------------------------------------------------- Triton
