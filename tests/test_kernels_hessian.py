@@ -75,7 +75,8 @@ def test_running_normalisation_equals_scaled_raw_sum():
 @pytest.mark.parametrize("n", [7, 131, 300])
 def test_reference_panels_are_symmetric_and_exact(n):
     # The CPU path multiplies upper-triangle row panels and mirrors them: exactly symmetric,
-    # and as accurate as one fp32 matmul (over sizes that give 1, 3 and 4 panels).
+    # and as accurate as one fp32 matmul (over sizes that give 1, 3 and 4 panels), for bf16
+    # activations (bf16 products, fp32 sums) and fp32 ones alike.
     x = (torch.randn(3, 41, n) * 3).to(torch.bfloat16)
     mask = torch.rand(3, 41) > 0.2
     H0 = _sym(n)
@@ -84,6 +85,13 @@ def test_reference_panels_are_symmetric_and_exact(n):
     want = (0.25 * H0.double() + 0.5 * xm.t() @ xm).float()
     _close(got, want, x, mask, alpha=0.5)
     assert torch.equal(got, got.t())
+    # bf16 activations took the bf16-products path: still fp32-accurate (above), and the
+    # global matmul setting it uses is put back
+    flag = torch.backends.mkldnn.matmul
+    before = flag.fp32_precision
+    H = xtx_accumulate_ref(H0.clone(), x.float(), mask, alpha=0.5, beta=0.25)
+    _close(H, want, x, mask, alpha=0.5)
+    assert flag.fp32_precision == before
 
 
 def test_all_masked_only_rescales():

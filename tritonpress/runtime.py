@@ -58,12 +58,9 @@ def read_quantization_config(path: str) -> dict:
 
 
 def quant_args(d: dict | None) -> QuantArgs | None:
-    """compressed-tensors QuantizationArgs (JSON) -> QuantArgs."""
-    if d is None:
-        return None
-    return QuantArgs(int(d.get("num_bits", 8)), d.get("type", "int"),
-                     bool(d.get("symmetric", True)), d.get("strategy") or "tensor",
-                     d.get("group_size"), bool(d.get("dynamic", False)))
+    """compressed-tensors QuantizationArgs (JSON) -> QuantArgs (checkpoint.quant_args_from_dict)."""
+    from .compress.checkpoint import quant_args_from_dict
+    return None if d is None else quant_args_from_dict(d)
 
 
 def _targeted(name, module, targets, ignore) -> bool:

@@ -36,17 +36,7 @@ class Scheme:
     weights: QuantArgs
     input_activations: QuantArgs | None = None
     sparsity_24: bool = False
-    needs_calibration: bool = False
     ignore: tuple[str, ...] = ("lm_head",)
-
-    @property
-    def format(self) -> str:
-        """compressed-tensors format name of the weights on disk."""
-        if self.weights.type == "float":
-            return "float-quantized"
-        if self.weights.num_bits == 4:
-            return "pack-quantized"
-        return "int-quantized"
 
 
 _INT4_SYM = QuantArgs(4, "int", True, "group", 128)
@@ -57,12 +47,11 @@ _INT8_TOKEN = QuantArgs(8, "int", True, "token", dynamic=True)
 _FP8_TOKEN = QuantArgs(8, "float", True, "token", dynamic=True)
 
 PRESETS: dict[str, Scheme] = {
-    "W4A16": Scheme("W4A16", _INT4_SYM, needs_calibration=True),
-    "W4A16_ASYM": Scheme("W4A16_ASYM", _INT4_ASYM, needs_calibration=True),
-    "W8A8_INT8": Scheme("W8A8_INT8", _INT8_CHAN, _INT8_TOKEN, needs_calibration=True),
+    "W4A16": Scheme("W4A16", _INT4_SYM),
+    "W4A16_ASYM": Scheme("W4A16_ASYM", _INT4_ASYM),
+    "W8A8_INT8": Scheme("W8A8_INT8", _INT8_CHAN, _INT8_TOKEN),
     "W8A8_FP8": Scheme("W8A8_FP8", _FP8_CHAN, _FP8_TOKEN),
-    "W8A8_FP8_24": Scheme("W8A8_FP8_24", _FP8_CHAN, _FP8_TOKEN, sparsity_24=True,
-                          needs_calibration=True),
+    "W8A8_FP8_24": Scheme("W8A8_FP8_24", _FP8_CHAN, _FP8_TOKEN, sparsity_24=True),
 }
 ALIASES = {"W8A8": "W8A8_INT8", "FP8_DYNAMIC": "W8A8_FP8", "FP8": "W8A8_FP8",
            "INT8": "W8A8_INT8", "W4A16_SYM": "W4A16", "2:4_FP8": "W8A8_FP8_24"}

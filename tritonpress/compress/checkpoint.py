@@ -86,9 +86,14 @@ def quantization_config(scheme: Scheme, ignore: list[str], sparsity: dict | None
 
 
 def quant_args_from_dict(d: dict) -> QuantArgs:
+    """compressed-tensors QuantizationArgs (JSON) -> QuantArgs, with its defaults: 8-bit
+    symmetric int, strategy "group" when a group size is given, else "tensor". The one reader
+    of quant args (checkpoint loading and the runtime)."""
     strategy = d.get("strategy") or ("group" if d.get("group_size") else "tensor")
-    return QuantArgs(int(d["num_bits"]), d["type"], bool(d["symmetric"]), strategy,
-                     d.get("group_size") if strategy == "group" else None, bool(d.get("dynamic")))
+    return QuantArgs(int(d.get("num_bits", 8)), d.get("type", "int"),
+                     bool(d.get("symmetric", True)), strategy,
+                     d.get("group_size") if strategy == "group" else None,
+                     bool(d.get("dynamic", False)))
 
 
 # ----------------------------------------------------------------------------- tensor layouts
@@ -99,12 +104,11 @@ def _pack4(q: torch.Tensor) -> torch.Tensor:
     pad = (-q.shape[1]) % 8
     if pad:
         q = torch.nn.functional.pad(q, (0, pad), value=-8)
-    pack = getattr(quant, "pack_int4", quant.pack_int4_ref)
-    return pack(q.contiguous())
+    return quant.pack_int4(q.contiguous())
 
 
 def _unpack4(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    return quant.unpack_int4_ref(packed, cols)
+    return quant.unpack_int4(packed, cols)
 
 
 def _keep_mask_24(q: torch.Tensor) -> torch.Tensor:

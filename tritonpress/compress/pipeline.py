@@ -26,9 +26,8 @@ Public interface (stable; other methods plug in here):
   LayerInputs: .hidden (list of [b, s, d] per batch), .kwargs, .token_masks ([b, s] bool, True
       for real tokens, None where no padding), .device, .run(layer) -> list of outputs,
       .num_tokens, len().  While run() is going, .current_mask is the batch's mask on device.
-  LayerContext: model, scheme, device, layer_idx, prefix, linears (dict full_name -> nn.Linear
-      to compress in this layer), scale_dtype, partial_last_group, options (dict), reports
-      (dict full_name -> info, for the whole run).
+  LayerContext: scheme, device, layer_idx, prefix, linears (dict full_name -> nn.Linear
+      to compress in this layer), scale_dtype, partial_last_group, options (dict).
   accumulate_hessian(H, x, n_seen, mask=None) -> n_seen + real tokens: running mean
       H = 2/n sum x x^T (fp32) over tokens whose mask is nonzero (kernels/hessian.py).
   LinearInputHooks / run_with_linear_inputs(layer, linears, inputs, fn): fn(leader, x, mask)
@@ -505,7 +504,6 @@ def collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs: La
 
 @dataclass
 class LayerContext:
-    model: nn.Module
     scheme: Scheme
     device: torch.device
     layer_idx: int
@@ -514,7 +512,6 @@ class LayerContext:
     scale_dtype: torch.dtype
     partial_last_group: bool = False
     options: dict = field(default_factory=dict)
-    reports: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -591,8 +588,8 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         # scales are stored in the weights' dtype (bf16 model -> bf16 scales)
         scale_dtype = next(iter(linears.values())).weight.dtype if linears else \
             next(layer.parameters()).dtype
-        ctx = LayerContext(model, scheme, device, i, lp, linears, scale_dtype,
-                           partial_last_group, dict(options or {}), infos)
+        ctx = LayerContext(scheme, device, i, lp, linears, scale_dtype, partial_last_group,
+                           dict(options or {}))
         qw, info = method_fn(i, layer, lp, inputs, ctx)
         qweights.update(qw)
         for k, v in info.items():

@@ -78,9 +78,6 @@ class ResumeState:
     def path(self, i: int) -> Path:
         return self.folder / f"layer_{i:04d}.pt"
 
-    def finished(self) -> list[int]:
-        return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("layer_*.pt"))
-
     def done(self, i: int) -> bool:
         return self.path(i).exists()
 

@@ -123,8 +123,7 @@ def quantize_activations(x: torch.Tensor, w: GemmWeight):
         s, _ = quant.qparams_from_minmax(-amax, amax, w.act)
         s = s.expand(x.shape[0], 1)
         return quant.quantize_ref(x, s, None, w.act), s
-    per_token = getattr(quant, "quantize_per_token", quant.quantize_per_token_ref)
-    return per_token(x, w.act)
+    return quant.quantize_per_token(x, w.act)
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -10,8 +10,8 @@ transpose_result giving [M, N] row-major directly. The per-token activation scal
 column scale of that product, applied after. Where cuSPARSELt or fp8 is missing, the
 dispatch (kernels/gemm.py) runs the dense FP8 kernel on the same values instead.
 
-Measured on an H200 with the default algorithm (shared/ANCHORS.md), 2:4 fp8 was no faster
-than dense fp8; bench/bench_gemm.py tries the algorithm search as well.
+Measured on an H200 with cuSPARSELt's default algorithm (the project's GPU anchor numbers),
+2:4 fp8 was no faster than dense fp8; bench/bench_gemm.py tries the algorithm search as well.
 """
 from __future__ import annotations
 
