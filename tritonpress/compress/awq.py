@@ -67,10 +67,6 @@ class AWQMapping:
 
 # ----------------------------------------------------------------------------- 0. mappings
 
-def _is(name: str, pattern: str) -> bool:
-    return matches(name, (pattern,))
-
-
 def find_mappings(layer: nn.Module, patterns=DEFAULT_MAPPINGS
                   ) -> tuple[list[AWQMapping], dict[str, str]]:
     """Resolve (smooth, balance) name patterns in one decoder layer: ([mappings], {skipped
@@ -82,14 +78,14 @@ def find_mappings(layer: nn.Module, patterns=DEFAULT_MAPPINGS
     for smooth_pat, balance_pats in patterns:
         balance_pats = (balance_pats,) if isinstance(balance_pats, str) else tuple(balance_pats)
         for sname, smod in modules.items():
-            if not sname or not _is(sname, smooth_pat):
+            if not sname or not matches(sname, (smooth_pat,)):
                 continue
             scope = sname
             balance = []
             while scope and not balance:
                 scope = scope.rpartition(".")[0]
                 balance = [n for n in modules if (not scope or n.startswith(scope + "."))
-                           and n != sname and any(_is(n, p) for p in balance_pats)]
+                           and n != sname and matches(n, balance_pats)]
             if not balance:
                 skipped[sname] = f"no {'/'.join(balance_pats)} found next to it"
                 continue
@@ -324,8 +320,7 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
 
     qweights = {}
     storage = inputs.storage
-    clipped = _clip_ranges([n for n in ctx.linears if clip and not any(_is(n, p) for p in
-                                                                         CLIP_SKIP)],
+    clipped = _clip_ranges([n for n in ctx.linears if clip and not matches(n, CLIP_SKIP)],
                            ctx.linears, stats, args, ctx.scale_dtype)
     for name, lin in ctx.linears.items():
         lo, hi, f = clipped.get(name, (None, None, None))

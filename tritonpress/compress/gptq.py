@@ -215,10 +215,11 @@ def _split(weight, qw, deq, losses, H, splits, info, t0) -> list[tuple]:
     seconds shared out by rows."""
     out, row, seconds = [], 0, time.perf_counter() - t0
     zp = qw.zero_point
+    stacked = len(splits) > 1
     for n in splits:
         r = slice(row, row + n)
         row += n
-        own = (lambda t: t[r].clone()) if len(splits) > 1 else (lambda t: t)  # no shared storage
+        own = (lambda t: t[r].clone()) if stacked else (lambda t: t)  # no shared storage
         part = QuantizedWeight(own(qw.q), own(qw.scale), None if zp is None else own(zp), qw.args)
         i = dict(info, seconds=seconds * n / weight.shape[0])
         if losses is not None:
@@ -226,8 +227,6 @@ def _split(weight, qw, deq, losses, H, splits, info, t0) -> list[tuple]:
         i.update(_losses(weight[r].float(), deq[r], H))
         out.append((part, deq[r], i))
     return out
-
-
 
 
 def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> dict:

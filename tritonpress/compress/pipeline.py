@@ -306,7 +306,7 @@ def target_linears(layer: nn.Module, prefix: str, targets: Iterable[str] | None,
         if not isinstance(mod, nn.Linear):
             continue
         full = f"{prefix}.{name}"
-        if targets is not None and "Linear" not in targets and not matches(full, targets):
+        if targets is not None and not matches(full, targets, mod):    # "Linear": all
             continue
         if matches(full, ignore):
             continue

@@ -82,7 +82,6 @@ def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
     return W, losses
 
 
-@step("sparsegpt solve")
 def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT_MODE,
                  scale_from: str = "original", headroom: float = HEADROOM,
                  blocksize: int = 128, percdamp: float = 0.01, args: QuantArgs = FP8_CHANNEL,
