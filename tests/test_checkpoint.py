@@ -287,7 +287,7 @@ def test_sharded_checkpoint_with_tokenizer(tmp_path, monkeypatch):
     model = tiny_llama()
     scheme = get_scheme("W8A8_INT8")
     qw = rtn(model, scheme)
-    monkeypatch.setattr(checkpoint, "MAX_SHARD_SIZE", "40KB")
+    monkeypatch.setattr(checkpoint, "MAX_SHARD_BYTES", 40_000)
     out = save_checkpoint(model, tok, qw, scheme, tmp_path / "sharded")
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
@@ -324,13 +324,12 @@ def small():
 
 
 def _fail_after_first_write(monkeypatch, exc):
-    import transformers.modeling_utils as mu
-    real = mu.safe_save_file
+    real = checkpoint._save_file
 
-    def write_then_fail(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
+    def write_then_fail(tensors, path):
+        real(tensors, path)
         raise exc
-    monkeypatch.setattr(mu, "safe_save_file", write_then_fail)
+    monkeypatch.setattr(checkpoint, "_save_file", write_then_fail)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()],

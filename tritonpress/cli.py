@@ -26,6 +26,18 @@ def _add_common(p):
     p.add_argument("--no-progress", action="store_true")
 
 
+def _size(text: str) -> int:
+    """'500MB', '2GB', '1GiB' or a byte count -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
+             "mib": 2**20, "gib": 2**30}
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 500MB or 2GB")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tritonpress", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -62,6 +74,13 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--resume-dir", default=None,
                    help="save per-layer state there; rerun with it to resume after a crash")
+    c.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="one decoder layer in memory at a time, from the model's safetensors "
+                        "shards to the checkpoint's (default auto: whenever the model "
+                        "directory allows it; off: load the whole model)")
+    c.add_argument("--max-shard-size", default=None, type=_size,
+                   help="checkpoint shard size, e.g. 500MB or 2GB (default 1GB; a shard is "
+                        "held in memory until written)")
     c.add_argument("--spill-dir", default=None,
                    help="keep cached calibration activations in files there, not in memory")
     c.add_argument("--json", default=None, help="write the report here (default: OUT.report.json)")
@@ -102,7 +121,8 @@ def main(argv=None) -> int:
                      overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
                      progress=not args.no_progress, json_path=args.json, print_report=True,
                      resume_dir=args.resume_dir, spill_dir=args.spill_dir, dtype=args.dtype,
-                     act_sim=args.act_sim)
+                     act_sim=args.act_sim, stream=args.stream,
+                     max_shard_bytes=args.max_shard_size)
             return 0
         if args.cmd == "eval":
             from .compress.api import evaluate_checkpoint

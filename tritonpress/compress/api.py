@@ -4,6 +4,7 @@ Reads top to bottom. Each algorithm lives in its own file; this one only wires t
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
                   "W8A8_FP8": "rtn", "W8A8_FP8_24": "sparsegpt"}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
 GPTQ_METHODS = ("gptq", "awq+gptq")      # the methods whose weights GPTQ quantizes (actorder)
+STREAM_MODES = ("auto", "on", "off")
 
 
 def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:
@@ -48,7 +50,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
              eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=0, progress=True, json_path=None,
              partial_last_group=False, resume_dir=None, spill_dir=None,
-             print_report=False, dtype="auto", act_sim="vllm") -> dict:
+             print_report=False, dtype="auto", act_sim="vllm", stream="auto",
+             max_shard_bytes=None) -> dict:
     """Compress `model` (a built-in name, a local HF directory, or a loaded model with
     `tokenizer` attached as model.tokenizer) with `scheme`, write a compressed-tensors
     checkpoint to `out` (if given) and return a report dict.
@@ -67,6 +70,12 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     of the checkpoint's unquantized tensors and scales. A loaded model is left as is by auto.
     act_sim: how the scheme's dynamic activation quantization is simulated while measuring
     quality, "vllm" (its kernels' rounding) or "compressed-tensors" (its fake quantization).
+    stream: auto (default), on or off. Streaming (stream.py) keeps one decoder layer in memory
+    at a time, from the input shards to the output shards, evaluation included; auto streams a
+    model directory whenever it can (safetensors with the model's tensor names) and says in
+    the report's notes when it could not; a loaded model is never streamed.
+    max_shard_bytes: the checkpoint's shard size (default checkpoint.MAX_SHARD_BYTES, 1 GiB):
+    a shard is held in memory until it is written.
     Under torchrun (an initialised process group) GPTQ runs over the ranks (distributed.py)."""
     from . import checkpoint, data, evaluate, models
 
@@ -81,6 +90,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     if method not in GPTQ_METHODS:
         actorder = None                          # only GPTQ orders columns
     evaluate.check_act_sim(act_sim)
+    stream = {True: "on", False: "off"}.get(stream, stream)
+    if stream not in STREAM_MODES:
+        raise ValueError(f"stream={stream!r}: choose one of {', '.join(STREAM_MODES)}")
     if dtype != "auto":
         models.resolve_dtype(dtype)          # a bad value fails here, before any loading
     if out is not None and Path(out).exists() and not overwrite:
@@ -95,73 +107,116 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
               "scheme": scheme.name, "method": method, "device": str(device), "notes": [],
               "options": dict(group_size=scheme.weights.group_size, num_samples=num_samples,
                               seq_len=seq_len, dataset=dataset, damp=damp, actorder=actorder,
-                              clip=clip, smoothquant=smoothquant, seed=seed)}
+                              clip=clip, smoothquant=smoothquant, seed=seed, stream=stream)}
     with timed(report, "load"):
+        src = None                               # a stream.Stream when streaming
         if isinstance(model, (str, Path)):
             path = models.model_path(model, cache_dir)
             torch_dtype, why = models.resolve_dtype(dtype, path)
-            model, tokenizer = models.load_model(path, dtype=torch_dtype)
+            src = _open_stream(path, torch_dtype, stream, report)
+            if src is not None:
+                model, tokenizer = src.model, models.load_tokenizer(path)
+                models.check_has_linear_layers(model)
+            else:
+                model, tokenizer = models.load_model(path, dtype=torch_dtype)
         else:
+            if stream == "on":
+                raise ValueError("stream=on needs a model directory, not a loaded model")
             tokenizer = getattr(model, "tokenizer", None)
             torch_dtype, why = model.dtype, "auto: the dtype of the model passed in"
             if dtype != "auto":
                 torch_dtype, why = models.resolve_dtype(dtype)
                 model.to(torch_dtype)
+        report["streamed"] = src is not None
         report["dtype"] = {"dtype": str(torch_dtype).removeprefix("torch."), "why": why}
         if "names no dtype" in why:
             report["notes"].append("the model's config.json names no dtype: loaded in bfloat16 "
                                    "(pass --dtype to choose)")
         model.eval()
-        check_finite(model)
+        if src is None:
+            check_finite(model)                  # streamed: each layer as it is read
         linears = all_target_linears(model, scheme)
         check_group_sizes(model, scheme, None, scheme.ignore, partial_last_group)
+        if src is not None and (evaluate_quality or method not in ("rtn", "magnitude")):
+            src.load_rest()                      # embeddings for the capture, lm_head for eval
     report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    # held-out text, one set of windows per source ("canterbury+code" -> two), and the
-    # uncompressed model's distributions on them for KL
-    evals = {}
-    if evaluate_quality:
-        with timed(report, "eval_before"):
-            for src in eval_dataset.split("+"):
-                w = data.eval_windows(tokenizer, src, eval_windows, eval_seq_len, cache_dir=cache_dir)
-                ref = evaluate.reference(model, w, progress=progress)
-                evals[src] = (w, ref)
-
-    with timed(report, "compress"), profiling() as prof:
-        batches = None
-        if method != "rtn" and method != "magnitude":
-            batches = data.calibration_batches(
-                tokenizer, dataset, num_samples, seq_len, seed=seed, cache_dir=cache_dir,
-                max_positions=getattr(model.config, "max_position_embeddings", None))
-        qweights, layer_info = _run_method(model, scheme, method, linears, batches, device,
-                                           damp=damp, block_size=block_size, actorder=actorder,
-                                           clip=clip, smoothquant=smoothquant, progress=progress,
-                                           partial_last_group=partial_last_group,
-                                           resume_dir=resume_dir, spill_dir=spill_dir)
-    report["layers"] = layer_info
-    # where the compress step's time went (report.step), "other" the rest
-    report["profile"] = {k: {"seconds": round(t, 3), "calls": c}
-                         for k, t, c in profile_table(prof, report["seconds"]["compress"])}
-
-    if evaluate_quality:
-        with timed(report, "eval_after"):
-            quality = {"windows": eval_windows, "seq_len": eval_seq_len,
-                       "act_sim": evaluate.describe_act_sim(scheme.input_activations, act_sim)}
-            for src, (w, ref) in evals.items():
-                after = evaluate.evaluate(model, w, ref=ref, act_args=scheme.input_activations,
-                                          ignore=scheme.ignore, progress=progress,
-                                          act_sim=act_sim)
-                quality[src] = {"ppl_before": ref.ppl, "ppl": after["ppl"], "kl": after["kl"]}
-        report["quality"] = quality
+    if method not in ("rtn", "magnitude") and not distributed_active():
+        from .checkpoint import MAX_SHARD_BYTES
+        from .stream import check_memory
+        report["memory_plan"] = check_memory(model, num_samples * seq_len, src is not None,
+                                             spill_dir, max_shard_bytes or MAX_SHARD_BYTES)
 
     from .distributed import barrier, is_main
-    if out is not None and is_main():     # under torchrun only rank 0 writes
-        with timed(report, "save"):
-            path = checkpoint.save_checkpoint(model, tokenizer, qweights, scheme, out,
-                                              overwrite=overwrite, sparse_format=sparse_format,
-                                              actorder=actorder)
-        report["out"] = str(path)
-        report["size_bytes"] = dir_size(path)
+    writer = contextlib.nullcontext()
+    if src is not None and out is not None:     # layers are written as they finish
+        writer = src.writer = checkpoint.CheckpointWriter(
+            out, scheme, overwrite=overwrite, sparse_format=sparse_format, actorder=actorder,
+            max_shard_bytes=max_shard_bytes)
+    with writer:
+        # held-out text, one set of windows per source ("canterbury+code" -> two), and the
+        # uncompressed model's distributions on them for KL (streamed: layer by layer)
+        evals = {}
+        if evaluate_quality:
+            with timed(report, "eval_before"):
+                windows = {src_name: data.eval_windows(tokenizer, src_name, eval_windows,
+                                                       eval_seq_len, cache_dir=cache_dir)
+                           for src_name in eval_dataset.split("+")}
+                if src is not None:
+                    src.evaluation = evaluate.LayerwiseEval(
+                        model, windows, device, act_args=scheme.input_activations,
+                        ignore=scheme.ignore, act_sim=act_sim)
+                else:
+                    evals = {k: (w, evaluate.reference(model, w, progress=progress))
+                             for k, w in windows.items()}
+
+        with timed(report, "compress"), profiling() as prof:
+            batches = None
+            if method != "rtn" and method != "magnitude":
+                batches = data.calibration_batches(
+                    tokenizer, dataset, num_samples, seq_len, seed=seed, cache_dir=cache_dir,
+                    max_positions=getattr(model.config, "max_position_embeddings", None))
+            qweights, layer_info = _run_method(
+                model, scheme, method, linears, batches, device, damp=damp,
+                block_size=block_size, actorder=actorder, clip=clip, smoothquant=smoothquant,
+                progress=progress, partial_last_group=partial_last_group,
+                resume_dir=resume_dir, spill_dir=spill_dir, stream=src)
+        report["layers"] = layer_info
+        # a streamed evaluation ran inside the layer loop: its seconds are not compression's
+        eval_s = prof.pop("eval", [0.0])[0]
+        report["seconds"]["compress"] = round(report["seconds"]["compress"] - eval_s, 3)
+        # where the compress step's time went (report.step), "other" the rest
+        report["profile"] = {k: {"seconds": round(t, 3), "calls": c}
+                             for k, t, c in profile_table(prof, report["seconds"]["compress"])}
+
+        if evaluate_quality:
+            with timed(report, "eval_after"):
+                quality = {"windows": eval_windows, "seq_len": eval_seq_len,
+                           "act_sim": evaluate.describe_act_sim(scheme.input_activations,
+                                                                act_sim)}
+                if src is not None:
+                    quality.update(src.evaluation.result(progress=progress))
+                for src_name, (w, ref) in evals.items():
+                    after = evaluate.evaluate(model, w, ref=ref,
+                                              act_args=scheme.input_activations,
+                                              ignore=scheme.ignore, progress=progress,
+                                              act_sim=act_sim)
+                    quality[src_name] = {"ppl_before": ref.ppl, "ppl": after["ppl"],
+                                         "kl": after["kl"]}
+            report["seconds"]["eval_after"] = round(report["seconds"]["eval_after"] + eval_s, 3)
+            report["quality"] = quality
+
+        if out is not None and is_main():     # under torchrun only rank 0 writes
+            with timed(report, "save"):
+                if src is not None:
+                    path = src.write_rest(tokenizer)
+                else:
+                    path = checkpoint.save_checkpoint(model, tokenizer, qweights, scheme, out,
+                                                      overwrite=overwrite,
+                                                      sparse_format=sparse_format,
+                                                      actorder=actorder,
+                                                      max_shard_bytes=max_shard_bytes)
+            report["out"] = str(path)
+            report["size_bytes"] = dir_size(path)
     barrier()
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     report["memory"] = peak_memory(device)
@@ -174,6 +229,33 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     return report
 
 
+def distributed_active() -> bool:
+    from . import distributed
+    return distributed.active()
+
+
+def _open_stream(path, torch_dtype, stream, report):
+    """A stream.Stream over the model directory, or None (the whole model is loaded):
+    stream "auto" streams whatever can be (safetensors whose names match the model's; not
+    under torchrun), "on" insists, "off" never streams."""
+    from . import distributed
+    from .stream import NotStreamable, Stream
+
+    if stream == "off":
+        return None
+    if distributed.active():
+        if stream == "on":
+            raise ValueError("stream=on is not supported under torchrun: pass stream=off")
+        return None
+    try:
+        return Stream(path, torch_dtype)
+    except NotStreamable as e:
+        if stream == "on":
+            raise
+        report["notes"].append(f"the whole model was loaded, not streamed: {e}")
+        return None
+
+
 def _check_method(scheme: Scheme, method: str) -> None:
     if method in ("sparsegpt", "magnitude") and not scheme.sparsity_24:
         raise ValueError(f"method {method} prunes to 2:4: use it with scheme W8A8_FP8_24")
@@ -184,17 +266,32 @@ def _check_method(scheme: Scheme, method: str) -> None:
 
 
 def _run_method(model, scheme, method, linears, batches, device, *, damp, block_size, actorder,
-                clip, smoothquant, progress, partial_last_group, resume_dir=None, spill_dir=None):
+                clip, smoothquant, progress, partial_last_group, resume_dir=None, spill_dir=None,
+                stream=None):
     """One algorithm over the model; each writes dequantized weights back into the model.
-    Returns (qweights by full Linear name, per-Linear info)."""
+    Returns (qweights by full Linear name, per-Linear info); streamed, the qweights went to
+    the stream's writer layer by layer and none are returned."""
     from functools import partial
 
     from . import awq, gptq, pipeline, rtn, smoothquant as sq, sparsegpt
 
-    if method == "rtn":
-        return rtn.quantize_linears_rtn(linears, scheme, device, partial_last_group)
-    if method == "magnitude":
-        return sparsegpt.magnitude_linears(linears, scheme, device)
+    data_free = {"rtn": lambda lin: rtn.quantize_linears_rtn(lin, scheme, device,
+                                                             partial_last_group),
+                 "magnitude": lambda lin: sparsegpt.magnitude_linears(lin, scheme, device)}
+    if method in data_free and stream is None:
+        return data_free[method](linears)
+    if method in data_free:                      # streamed: one layer at a time, no data
+        if method == "magnitude":
+            sparsegpt.check_24_shapes(linears)   # before any layer is written
+        infos = {}
+        for i, layer in enumerate(stream.layers):
+            lp = f"{stream.prefix}.{i}"
+            stream.load(i, layer, lp)
+            layer_linears = pipeline.target_linears(layer, lp, None, scheme.ignore)
+            qw, info = data_free[method](layer_linears)
+            infos.update(info)
+            stream.done(i, layer, lp, qw)
+        return {}, infos
     gptq_opts = dict(blocksize=block_size, dampening=damp, actorder=actorder, clip=clip)
     from . import distributed, resume
     wrap = None
@@ -219,7 +316,7 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
         layer_fn = wrap(layer_fn)
     res = pipeline.compress_sequential(model, batches, scheme, layer_fn, device=device,
                                        partial_last_group=partial_last_group, progress=progress,
-                                       spill_dir=spill_dir)
+                                       spill_dir=spill_dir, stream=stream)
     return res.qweights, res.infos
 
 

@@ -35,7 +35,7 @@ from .qweight import QuantizedWeight
 
 CT_VERSION = "0.19.0"          # compressed-tensors version whose config layout we write
 SPARSE_FORMATS = ("dense", "sparse-24-bitmask")
-MAX_SHARD_SIZE = "5GB"
+MAX_SHARD_BYTES = 1 << 30      # a shard is buffered in memory until written: this bounds it
 
 
 # ----------------------------------------------------------------------------- config
@@ -195,86 +195,52 @@ def compressed_tensors_for(name: str, qw: QuantizedWeight, fmt: str, dtype: torc
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_inputs(model, qweights: dict[str, QuantizedWeight], scheme: Scheme,
-                  sparse_format: str) -> tuple[list[str], str]:
-    if sparse_format not in SPARSE_FORMATS:
-        raise ValueError(f"unknown sparse format {sparse_format!r}: choose one of {SPARSE_FORMATS}")
-    if getattr(model, "hf_quantizer", None) is not None:
-        raise ValueError("the model was loaded already quantized; load the original model")
-    if not qweights:
-        raise ValueError("no quantized weights to save")
-    fmt = weight_format(scheme)
-    modules = dict(model.named_modules())
-    for name, qw in qweights.items():
-        m = modules.get(name)
-        if not isinstance(m, torch.nn.Linear):
-            raise ValueError(f"{name!r} is not a Linear module of the model; quantized weights are "
-                             "keyed by the Linear's full module name")
-        if tuple(qw.q.shape) != tuple(m.weight.shape):
-            raise ValueError(f"{name}: quantized weight is {tuple(qw.q.shape)} but the layer is "
-                             f"{tuple(m.weight.shape)}")
-        if qw.args != scheme.weights:
-            raise ValueError(f"{name}: quantized with {qw.args}, "
-                             f"but the scheme says {scheme.weights}")
-        want = torch.float8_e4m3fn if qw.args.type == "float" else torch.int8
-        if qw.q.dtype != want:
-            raise ValueError(f"{name}: values are {qw.q.dtype}, expected {want}")
-        ngroups = 1 if qw.args.strategy != "group" else qw.q.shape[1] // qw.args.group_size
-        if qw.args.strategy == "group" and qw.q.shape[1] % qw.args.group_size:
-            raise ValueError(f"{name}: {qw.q.shape[1]} input features are not a multiple of "
-                             f"group size {qw.args.group_size}")
-        if tuple(qw.scale.shape) != (qw.q.shape[0], ngroups):
-            raise ValueError(f"{name}: scale is {tuple(qw.scale.shape)}, expected "
-                             f"{(qw.q.shape[0], ngroups)}")
-        if qw.args.symmetric and qw.zero_point is not None:
-            raise ValueError(f"{name}: zero point given for a symmetric scheme")
-        if not qw.args.symmetric and qw.zero_point is None:
-            raise ValueError(f"{name}: zero point missing for an asymmetric scheme")
-        if sparse_format == "sparse-24-bitmask":
-            if fmt == "pack-quantized":
-                raise ValueError("sparse-24-bitmask stores 8-bit weights only; "
-                                 "use sparse_format='dense' for packed schemes")
-            if not qw.is_24_sparse():
-                raise ValueError(f"{name} is not 2:4 sparse (some group of 4 input weights has "
-                                 "more than two nonzeros); use sparse_format='dense'")
-    tied = _tied_lm_head(model)
-    if tied and tied in qweights:
-        raise ValueError(f"{tied} shares its weight with the input embeddings and cannot be "
-                         "quantized alone; keep it in the scheme's ignore list")
-    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-              and n not in qweights]
-    return ignore, fmt
+def _check_qweight(name: str, m, qw: QuantizedWeight, scheme: Scheme, fmt: str,
+                   sparse_format: str) -> None:
+    if not isinstance(m, torch.nn.Linear):
+        raise ValueError(f"{name!r} is not a Linear module of the model; quantized weights are "
+                         "keyed by the Linear's full module name")
+    if tuple(qw.q.shape) != tuple(m.weight.shape):
+        raise ValueError(f"{name}: quantized weight is {tuple(qw.q.shape)} but the layer is "
+                         f"{tuple(m.weight.shape)}")
+    if qw.args != scheme.weights:
+        raise ValueError(f"{name}: quantized with {qw.args}, but the scheme says {scheme.weights}")
+    want = torch.float8_e4m3fn if qw.args.type == "float" else torch.int8
+    if qw.q.dtype != want:
+        raise ValueError(f"{name}: values are {qw.q.dtype}, expected {want}")
+    ngroups = 1 if qw.args.strategy != "group" else qw.q.shape[1] // qw.args.group_size
+    if qw.args.strategy == "group" and qw.q.shape[1] % qw.args.group_size:
+        raise ValueError(f"{name}: {qw.q.shape[1]} input features are not a multiple of "
+                         f"group size {qw.args.group_size}")
+    if tuple(qw.scale.shape) != (qw.q.shape[0], ngroups):
+        raise ValueError(f"{name}: scale is {tuple(qw.scale.shape)}, expected "
+                         f"{(qw.q.shape[0], ngroups)}")
+    if qw.args.symmetric and qw.zero_point is not None:
+        raise ValueError(f"{name}: zero point given for a symmetric scheme")
+    if not qw.args.symmetric and qw.zero_point is None:
+        raise ValueError(f"{name}: zero point missing for an asymmetric scheme")
+    if sparse_format == "sparse-24-bitmask":
+        if fmt == "pack-quantized":
+            raise ValueError("sparse-24-bitmask stores 8-bit weights only; "
+                             "use sparse_format='dense' for packed schemes")
+        if not qw.is_24_sparse():
+            raise ValueError(f"{name} is not 2:4 sparse (some group of 4 input weights has "
+                             "more than two nonzeros); use sparse_format='dense'")
 
 
-def _tied_lm_head(model) -> str | None:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
-        return None
-    return next(n for n, m in model.named_modules() if m is out)
-
-
-def _global_sparsity(model, qweights) -> float:
-    zeros = total = 0
-    for name, p in model.named_parameters():
-        owner = name.rsplit(".", 1)[0]
-        t = qweights[owner].q if owner in qweights and name.endswith(".weight") else p
-        zeros += int((t.float() == 0).sum())
-        total += t.numel()
-    return zeros / max(total, 1)
+def _aliases(model) -> dict[str, str]:
+    """Tensor names that share a parameter with an earlier one (a tied lm_head), to the name
+    they share it with: saved once, under the first name, as save_pretrained does."""
+    first, out = {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[n] = first[id(p)]
+        else:
+            first[id(p)] = n
+    return out
 
 
 # ----------------------------------------------------------------------------- writing
-
-def _state_dict(model, qweights, fmt, sparse_format) -> dict[str, torch.Tensor]:
-    sd = dict(model.state_dict())
-    modules = dict(model.named_modules())
-    for name, qw in qweights.items():
-        dtype = modules[name].weight.dtype
-        del sd[f"{name}.weight"]
-        sd.update(compressed_tensors_for(name, qw, fmt, dtype, sparse_format))
-    return sd
-
 
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
@@ -306,19 +272,166 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def _nbytes(sd: dict[str, torch.Tensor]) -> int:
-    seen, total = set(), 0
-    for t in sd.values():
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+class CheckpointWriter:
+    """A compressed-tensors checkpoint written a module at a time into a temporary folder
+    beside `out_dir`, renamed into place by finish() only: a failed or interrupted run leaves
+    nothing (use it as a context manager). The in-memory path writes every decoder layer and
+    then the rest of the model through it; the streaming path (stream.py) each decoder layer
+    as soon as it is compressed. Both feed it the same tensors in the same order, so both
+    write the same bytes. Tensors are buffered up to `max_shard_bytes` and written as one
+    shard (memory: one shard); one shard is named model.safetensors, several
+    model-0000i-of-0000n.safetensors with model.safetensors.index.json, as save_pretrained
+    names them."""
+
+    def __init__(self, out_dir, scheme: Scheme, *, overwrite: bool = False,
+                 sparse_format: str = "dense", actorder: str | None = None,
+                 max_shard_bytes: int | None = None):
+        if sparse_format not in SPARSE_FORMATS:
+            raise ValueError(f"unknown sparse format {sparse_format!r}: choose one of "
+                             f"{SPARSE_FORMATS}")
+        if actorder not in ACTORDERS:
+            raise ValueError(f"actorder={actorder!r}: the checkpoint records None or 'static'")
+        self.out_dir = Path(out_dir).expanduser().absolute()
+        if self.out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{self.out_dir} already exists; pass --overwrite "
+                                  "(overwrite=True) to replace it")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise FileExistsError(f"{self.out_dir} exists and is not a directory")
+        self.scheme, self.overwrite, self.actorder = scheme, overwrite, actorder
+        self.sparse_format, self.fmt = sparse_format, weight_format(scheme)
+        self.max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
+        self.written: set[str] = set()         # tensor names already buffered or on disk
+        self.quantized: set[str] = set()       # Linear names written compressed
+        self.zeros = self.total = 0            # for the bitmask format's global_sparsity
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.shards: list[tuple[Path, list[str], int]] = []
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-",
+                                         dir=self.out_dir.parent))
+        os.chmod(self.tmp, 0o777 & ~_umask())   # mkdtemp's 0700 would hide it from other users
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:                     # KeyboardInterrupt too: never a partial dir
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if _is_disk_full(exc):
+                raise OSError(errno.ENOSPC, f"ran out of disk space writing the checkpoint to "
+                              f"{self.out_dir}; nothing was written") from exc
+        return False
+
+    def add(self, module, prefix: str, qweights: dict[str, QuantizedWeight],
+            skip: dict[str, str] | None = None) -> None:
+        """Buffer `module`'s tensors (its state dict, named prefix + key) with the Linears in
+        `qweights` (full names) replaced by their compressed tensors; names in `skip` (tied
+        aliases) and names already written are left out."""
+        pre = f"{prefix}." if prefix else ""
+        sd = module.state_dict(prefix=pre)
+        mine = {n: qw for n, qw in qweights.items()
+                if n.startswith(pre) and f"{n}.weight" in sd and f"{n}.weight" not in self.written}
+        for name, qw in mine.items():
+            m = module.get_submodule(name[len(pre):])
+            _check_qweight(name, m, qw, self.scheme, self.fmt, self.sparse_format)
+        if skip:
+            for alias, first in skip.items():
+                if alias.removesuffix(".weight") in mine:
+                    raise ValueError(f"{alias.removesuffix('.weight')} shares its weight with "
+                                     f"{first} and cannot be quantized alone; keep it in the "
+                                     "scheme's ignore list")
+        for name, qw in mine.items():
+            t = sd.pop(f"{name}.weight")
+            if self.sparse_format == "sparse-24-bitmask":
+                self._count(qw.q)
+            sd.update(compressed_tensors_for(name, qw, self.fmt, t.dtype, self.sparse_format))
+            self.quantized.add(name)
+        for k, t in sd.items():
+            if k in self.written or (skip and k in skip):
+                continue
+            if t.device.type == "meta":
+                raise RuntimeError(f"{k} has no data (a streamed layer released before it was "
+                                   "written)")
+            if self.sparse_format == "sparse-24-bitmask" and k.rsplit(".", 1)[0] not in mine:
+                self._count(t)
+            t = t.detach().cpu().contiguous()
+            self.buffer[k] = t
+            self.written.add(k)
+            self.buffer_bytes += t.numel() * t.element_size()
+        self.written.update(f"{n}.weight" for n in mine)   # stored compressed
+        if self.buffer_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _count(self, t: torch.Tensor) -> None:
+        self.zeros += int((t.float() == 0).sum())
+        self.total += t.numel()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        free = shutil.disk_usage(self.tmp).free
+        if self.buffer_bytes > free:
+            raise OSError(errno.ENOSPC, f"not enough disk space for the checkpoint at "
+                          f"{self.out_dir}: the next shard needs {self.buffer_bytes / 1e9:.2f} "
+                          f"GB, {free / 1e9:.2f} GB free")
+        path = self.tmp / f".shard-{len(self.shards)}.safetensors"
+        _save_file(self.buffer, path)
+        os.chmod(path, 0o666 & ~_umask())       # safetensors writes 0600
+        self.shards.append((path, list(self.buffer), self.buffer_bytes))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def finish(self, model, tokenizer=None, qweights: dict | None = None) -> Path:
+        """Write what is left of `model` (embeddings, norms, lm_head: every tensor not written
+        yet; those of Linears in `qweights` compressed), the config with its
+        quantization_config and the tokenizer; rename into place."""
+        aliases = _aliases(model)
+        self.add(model, "", qweights or {}, skip=aliases)
+        self._flush()
+        n = len(self.shards)
+        weight_map, total = {}, 0
+        for i, (path, names, nbytes) in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(path, self.tmp / final)
+            total += nbytes
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n")
+        ignore = [k for k, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                  and k not in self.quantized]
+        sparsity = None
+        if self.sparse_format == "sparse-24-bitmask":
+            sparsity = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4",
+                        "targets": ["Linear"], "ignore": list(ignore),
+                        "global_sparsity": self.zeros / max(self.total, 1)}
+        # the config as save_pretrained writes it (its dtype and architectures set first)
+        model.config.dtype = str(model.dtype).removeprefix("torch.")
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(self.tmp)
+        if getattr(model, "can_generate", lambda: False)():
+            model.generation_config.save_pretrained(self.tmp)
+        cfg_path = self.tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["quantization_config"] = quantization_config(self.scheme, ignore, sparsity,
+                                                         self.actorder)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp)
+        _fsync_tree(self.tmp)
+        _commit(self.tmp, self.out_dir, self.overwrite)
+        return self.out_dir
 
 
 def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], scheme: Scheme,
                     out_dir, overwrite: bool = False, sparse_format: str = "dense",
-                    actorder: str | None = None) -> Path:
+                    actorder: str | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write a Hugging Face model directory in compressed-tensors format; return its path.
 
     `actorder` is recorded in the weights' quantization args: "static" when GPTQ swept the
@@ -329,48 +442,26 @@ def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], sche
     vLLM <= 0.19 through compressed-tensors <= 0.14); the default keeps the zeros in the
     ordinary float/int-quantized form every vLLM loads.
     """
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to "
-                              "replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    ignore, fmt = _check_inputs(model, qweights, scheme, sparse_format)
-    sparsity = None
-    if sparse_format == "sparse-24-bitmask":
-        sparsity = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4",
-                    "targets": ["Linear"], "ignore": list(ignore),
-                    "global_sparsity": _global_sparsity(model, qweights)}
-    qconfig = quantization_config(scheme, ignore, sparsity, actorder)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    sd = _state_dict(model, qweights, fmt, sparse_format)
-    need, free = _nbytes(sd), shutil.disk_usage(out_dir.parent).free
-    if need > free:
-        raise OSError(errno.ENOSPC, f"not enough disk space for the checkpoint at {out_dir}: "
-                      f"needs about {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("the model was loaded already quantized; load the original model")
+    if not qweights:
+        raise ValueError("no quantized weights to save")
+    modules = dict(model.named_modules())
+    for name in qweights:
+        if not isinstance(modules.get(name), torch.nn.Linear):
+            raise ValueError(f"{name!r} is not a Linear module of the model; quantized weights "
+                             "are keyed by the Linear's full module name")
+    from .pipeline import find_decoder_layers
     try:
-        os.chmod(tmp, 0o777 & ~_umask())     # mkdtemp's 0700 would hide it from other users
-        model.save_pretrained(tmp, state_dict=sd, max_shard_size=MAX_SHARD_SIZE)
-        del sd
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["quantization_config"] = qconfig
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        _commit(tmp, out_dir, overwrite)
-    except BaseException as e:              # KeyboardInterrupt too: never leave a partial dir
-        shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
-            raise OSError(errno.ENOSPC, f"ran out of disk space writing the checkpoint to "
-                          f"{out_dir} (about {need / 1e9:.2f} GB needed); nothing was written"
-                          ) from e
-        raise
-    return out_dir
+        layers, prefix = find_decoder_layers(model)
+    except ValueError:
+        layers, prefix = [], ""
+    aliases = _aliases(model)
+    with CheckpointWriter(out_dir, scheme, overwrite=overwrite, sparse_format=sparse_format,
+                          actorder=actorder, max_shard_bytes=max_shard_bytes) as w:
+        for i, layer in enumerate(layers):      # the order the streaming path writes in
+            w.add(layer, f"{prefix}.{i}", qweights, skip=aliases)
+        return w.finish(model, tokenizer, qweights)
 
 
 def _umask() -> int:

@@ -179,9 +179,11 @@ def fake_quant_per_token(x: torch.Tensor, args: QuantArgs, act_sim: str = "vllm"
 
 @contextlib.contextmanager
 def simulate_activation_quant(model: nn.Module, act_args: QuantArgs,
-                              ignore: tuple[str, ...] | list[str] = (), act_sim: str = "vllm"):
+                              ignore: tuple[str, ...] | list[str] = (), act_sim: str = "vllm",
+                              prefix: str = ""):
     """Within the block, every nn.Linear but lm_head and those in `ignore` sees its input
-    quantized per token by the `act_sim` convention (yields how many Linears are hooked)."""
+    quantized per token by the `act_sim` convention (yields how many Linears are hooked).
+    `model` may be one decoder layer, `prefix` its full name (for the ignore patterns)."""
     check_act_sim(act_sim)
     if act_args.strategy != "token":
         raise ValueError(f"activation quantization is simulated per token (dynamic); "
@@ -193,11 +195,108 @@ def simulate_activation_quant(model: nn.Module, act_args: QuantArgs,
     def hook(module, inputs):
         return (fake_quant_per_token(inputs[0], act_args, act_sim), *inputs[1:])
 
-    lm_head = model.get_output_embeddings()
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    pre = f"{prefix}." if prefix else ""
     handles = [m.register_forward_pre_hook(hook) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and m is not lm_head and not matches(name, ignore)]
+               if isinstance(m, nn.Linear) and m is not lm_head
+               and not matches(pre + name, ignore)]
     try:
         yield len(handles)
     finally:
         for h in handles:
             h.remove()
+
+
+# ----------------------------------------------------------------------------- layer by layer
+
+class LayerwiseEval:
+    """The quality evaluation of a streamed model (stream.py), which never holds more than one
+    decoder layer: the held-out windows' hidden states go through each layer twice as it
+    streams by, through the original weights (before(), the reference) and through the
+    compressed ones with the activation quantization simulated (after()); result() then runs
+    the final norm and lm_head on both and scores them as evaluate() does. The model must have
+    its non-layer tensors loaded (Stream.load_rest)."""
+
+    def __init__(self, model: nn.Module, window_sets: dict[str, torch.Tensor], device,
+                 act_args: QuantArgs | None = None, ignore=(), act_sim: str = "vllm"):
+        from .pipeline import LayerInputs, capture_layer_inputs
+
+        check_act_sim(act_sim)
+        self.model, self.device = model, torch.device(device)
+        self.act_args, self.ignore, self.act_sim = act_args, tuple(ignore), act_sim
+        self.windows, self.kwargs, self.ref, self.cmp = {}, {}, {}, {}
+        cpu = torch.device("cpu")
+        for src, w in window_sets.items():
+            x = _as_windows(w)
+            _check_fits(model, x)
+            hidden, kwargs, masks = capture_layer_inputs(model, list(x.unsqueeze(1)),
+                                                         self.device, cpu)
+            self.windows[src], self.kwargs[src] = x, kwargs
+            self.ref[src] = self.cmp[src] = LayerInputs(hidden, kwargs[0], masks, self.device, cpu)
+
+    @torch.no_grad()
+    def before(self, i: int, layer: nn.Module) -> None:
+        layer.to(self.device)
+        for src in self.ref:
+            out = self.ref[src].run(layer, label="eval")
+            self.ref[src] = self.ref[src].with_hidden(out, self._kw(src, i))
+
+    @torch.no_grad()
+    def after(self, i: int, layer: nn.Module, prefix: str) -> None:
+        sim = (simulate_activation_quant(layer, self.act_args, self.ignore, self.act_sim, prefix)
+               if self.act_args else contextlib.nullcontext())
+        with sim:
+            for src in self.cmp:
+                out = self.cmp[src].run(layer, label="eval")
+                self.cmp[src] = self.cmp[src].with_hidden(out, self._kw(src, i))
+
+    def _kw(self, src: str, i: int):
+        kw = self.kwargs[src]
+        return kw[i + 1] if i + 1 < len(kw) else kw[i]
+
+    @torch.no_grad()
+    def result(self, progress: bool = False) -> dict:
+        """{source: {"ppl_before", "ppl", "kl"}} as compress() reports them."""
+        out = {}
+        for src, x in self.windows.items():
+            nll_ref = nll = kl = 0.0
+            count = 0
+            for j, ids in enumerate(_windows_iter(x, progress, f"evaluate {src}")):
+                lp_ref = _logprobs_from(self.model, ids, self.ref[src].hidden[j])
+                lp = _logprobs_from(self.model, ids, self.cmp[src].hidden[j])
+                tgt = ids[1:].to(lp.device).unsqueeze(-1)
+                nll_ref -= lp_ref.gather(-1, tgt).sum().item()
+                nll -= lp.gather(-1, tgt).sum().item()
+                # the reference in fp16, renormalised, as evaluate() compares with it
+                lp_ref = F.log_softmax(lp_ref.to(torch.float16).float(), dim=-1)
+                kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
+                count += len(ids) - 1
+            out[src] = {"ppl_before": math.exp(nll_ref / count), "ppl": math.exp(nll / count),
+                        "kl": kl / count}
+        return out
+
+
+class _Replay(nn.Module):
+    """Stands in for decoder layer 0 (the others pass through): returns the final hidden
+    states computed layer by layer, so the model's own forward applies its final norm, lm_head
+    and any logit soft-capping."""
+
+    def __init__(self, hidden: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.hidden is None else self.hidden.to(hidden_states)
+
+
+def _logprobs_from(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    from .pipeline import find_decoder_layers
+    layers, _ = find_decoder_layers(model)
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Replay(hidden if i == 0 else None)
+    try:
+        return _logprobs(model, ids)
+    finally:
+        for i in range(len(layers)):
+            layers[i] = originals[i]

@@ -106,19 +106,24 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto
                cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """(model, tokenizer) for a built-in name or a local Hugging Face model directory, in
     `dtype` (see resolve_dtype; auto keeps the model's own dtype)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = model_path(name_or_path, cache_dir)
     dtype, _ = resolve_dtype(dtype, path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises several kinds for a missing/bad tokenizer
-        raise ValueError(f"{path}: could not load its tokenizer ({e}); save the tokenizer "
-                         "beside the model (tokenizer.save_pretrained(dir))") from e
+    tokenizer = load_tokenizer(path)
     model.to(device).eval()
     check_has_linear_layers(model)
     return model, tokenizer
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises several kinds for a missing/bad tokenizer
+        raise ValueError(f"{path}: could not load its tokenizer ({e}); save the tokenizer "
+                         "beside the model (tokenizer.save_pretrained(dir))") from e
 
 
 def check_has_linear_layers(model: nn.Module) -> None:

@@ -82,12 +82,13 @@ class LayerInputs:
                 None if m is None else m.to(self.device))
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, keep: bool = True) -> list[torch.Tensor]:
+    def run(self, layer: nn.Module, keep: bool = True, label: str | None = None
+            ) -> list[torch.Tensor]:
         """Replay every batch through `layer`; outputs (hidden states) kept on the storage
         device, or dropped when keep=False: a statistics pass, which a hook may end early on a
-        batch by raising StopLayer once it has what it needs."""
+        batch by raising StopLayer once it has what it needs. `label`: the profile step."""
         outs = [] if self.spill_dir is None or not keep else DiskTensors(self.spill_dir)
-        with step("propagate" if keep else "statistics pass", self.device):
+        with step(label or ("propagate" if keep else "statistics pass"), self.device):
             try:
                 for i in range(len(self)):
                     h, kw, self.current_mask = self.batch(i)
@@ -543,7 +544,7 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
                         ignore: Iterable[str] | None = None, offload: bool = True,
                         partial_last_group: bool = False, options: dict | None = None,
                         progress: bool = True, spill_dir=None,
-                        keep_final: bool = False) -> SequentialResult:
+                        keep_final: bool = False, stream=None) -> SequentialResult:
     """Calibrate `model` layer by layer with `method_fn` (see the module docstring).
 
     device: where each decoder layer computes (default: the first parameter's device).
@@ -551,6 +552,9 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
     spill_dir: keep them in files in that folder instead (DiskTensors; memory-mapped reads).
     keep_final: also run the batches through the last compressed layer, for result.final
     (else None: nothing after the last layer needs them, and the pass costs a layer forward).
+    stream: a stream.Stream whose load(i, layer, prefix) fills layer i's weights before its turn
+    and done(i, layer, prefix, qweights) takes them after (writes, frees); the result's
+    qweights are then empty (the writer has them).
     Layers go back to where they were after their turn; the model is changed in place."""
     import time
 
@@ -581,9 +585,11 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
     for i in bar:
         t0 = time.perf_counter()
         layer = layers[i]
+        lp = f"{prefix}.{i}"
+        if stream is not None:
+            stream.load(i, layer, lp)
         home = next(layer.parameters()).device
         layer.to(device)
-        lp = f"{prefix}.{i}"
         linears = target_linears(layer, lp, targets, ignore)
         # scales are stored in the weights' dtype (bf16 model -> bf16 scales)
         scale_dtype = next(iter(linears.values())).weight.dtype if linears else \
@@ -591,7 +597,8 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         ctx = LayerContext(scheme, device, i, lp, linears, scale_dtype, partial_last_group,
                            dict(options or {}))
         qw, info = method_fn(i, layer, lp, inputs, ctx)
-        qweights.update(qw)
+        if stream is None:
+            qweights.update(qw)
         for k, v in info.items():
             infos.setdefault(k, {}).update(v)
         prev = inputs.hidden
@@ -608,7 +615,10 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
             inputs = None          # nothing reads the last layer's outputs
         if isinstance(prev, DiskTensors):
             prev.close()           # this layer's inputs are done with: free the disk now
-        layer.to(home)
+        if stream is not None:
+            stream.done(i, layer, lp, qw)
+        else:
+            layer.to(home)
         times.append(time.perf_counter() - t0)
         bar.set_postfix(layer=i, s=f"{times[-1]:.1f}")
     return SequentialResult(qweights, infos, inputs, times)

@@ -1,0 +1,258 @@
+"""Streaming: a model compressed one decoder layer at a time, from its shards to the checkpoint.
+
+The in-memory path loads the whole model (from_pretrained) and keeps it until the checkpoint
+is written. Here the model is a skeleton whose parameters are on the meta device (no memory;
+buffers such as rotary tables are real); the embeddings, final norm and lm_head are read from
+the safetensors shards when something needs them, each decoder layer just before its turn,
+and each layer is freed as soon as its compressed tensors are handed to the checkpoint writer
+(checkpoint.CheckpointWriter, the same writer and the same order as the in-memory path, so
+both write the same bytes). Peak memory: the non-layer tensors, one decoder layer, the
+calibration activations and one output shard, whatever the depth.
+
+Data-free schemes (RTN, FP8) never load the non-layer tensors into modules: they are copied
+from the input shards to the output tensor by tensor.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import _aliases
+from .pipeline import find_decoder_layers
+from .report import step
+
+
+class NotStreamable(ValueError):
+    """The model directory cannot be read layer by layer (no safetensors, other tensor names)."""
+
+
+class ShardReader:
+    """The tensors of a safetensors checkpoint (one file or an index of shards), read by name;
+    each read opens the files it needs and closes them after (nothing stays mapped)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.file_of = {k: self.path / f
+                            for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (self.path / "model.safetensors").is_file():
+            from safetensors import safe_open
+            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                self.file_of = {k: self.path / "model.safetensors" for k in f.keys()}
+        else:
+            raise NotStreamable(f"{self.path} has no model.safetensors(.index.json): only "
+                                "safetensors checkpoints stream; re-save the model with "
+                                "save_pretrained (safetensors) or pass stream=False")
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.file_of[n], []).append(n)
+        out = {}
+        for f, ns in by_file.items():
+            with safe_open(str(f), "pt") as h:
+                for n in ns:
+                    out[n] = h.get_tensor(n)
+        return out
+
+
+@contextmanager
+def params_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no random
+    init); buffers are made as usual, so rotary tables and the like are real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class Stream:
+    """A Hugging Face model directory as a skeleton whose tensors are loaded on demand.
+
+    The pipeline calls load(i, layer, prefix) before decoder layer i and done(i, layer,
+    prefix, qweights) after it (compress_sequential's `stream`); done hands the layer to the
+    `writer` (a CheckpointWriter, if set) and to `evaluation` (evaluate.LayerwiseEval, if
+    set), then frees it."""
+
+    def __init__(self, path, dtype: torch.dtype):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.reader = ShardReader(path)
+        config = AutoConfig.from_pretrained(path)
+        with params_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model = model.eval()
+        if (Path(path) / "generation_config.json").is_file():   # as from_pretrained reads it
+            from transformers import GenerationConfig
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        self.layers, self.prefix = find_decoder_layers(model)
+        self.aliases = _aliases(model)               # a tied lm_head is read as the embeddings
+        want = [k for k in model.state_dict() if k not in self.aliases]
+        missing = [k for k in want if k not in self.reader.file_of]
+        if missing:
+            raise NotStreamable(
+                f"{path}: the checkpoint's tensor names do not match the model's "
+                f"({len(missing)} missing, e.g. {', '.join(missing[:3])}): it needs "
+                "transformers' conversion on load; pass stream=False (--stream off)")
+        self.writer = None
+        self.evaluation = None
+        self.rest_loaded = False
+
+    def _materialise(self, module: nn.Module, prefix: str) -> None:
+        pre = f"{prefix}." if prefix else ""
+        local = {k: v for k, v in module.state_dict().items()
+                 if v.device.type == "meta" and pre + k not in self.aliases}
+        tensors = self.reader.read(pre + k for k in local)
+        bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"NaN or Inf in the model's weights ({', '.join(bad[:5])}): the "
+                             "model is broken before compression; re-download or re-convert it")
+        with torch.no_grad():
+            for k, meta in local.items():
+                t = tensors[pre + k]
+                if t.is_floating_point():
+                    t = t.to(meta.dtype)    # what from_pretrained(dtype=...) does
+                owner, _, attr = k.rpartition(".")
+                m = module.get_submodule(owner) if owner else module
+                if attr in m._parameters:
+                    m._parameters[attr] = nn.Parameter(t, requires_grad=False)
+                else:
+                    m._buffers[attr] = t
+
+    def load_rest(self) -> None:
+        """Embeddings, final norm, lm_head (everything outside the decoder layers), for the
+        capture of layer 0's inputs and the evaluation's logits."""
+        if self.rest_loaded:
+            return
+        keep = list(self.layers)
+        placeholder = nn.ModuleList()
+        _set_layers(self.model, self.prefix, placeholder)
+        try:
+            self._materialise(self.model, "")
+        finally:
+            _set_layers(self.model, self.prefix, self.layers)
+        self.model.tie_weights()
+        assert all(a is b for a, b in zip(keep, self.layers))
+        self.rest_loaded = True
+
+    def load(self, i: int, layer: nn.Module, prefix: str) -> None:
+        self._materialise(layer, prefix)
+        if self.evaluation is not None:
+            self.evaluation.before(i, layer)
+
+    def done(self, i: int, layer: nn.Module, prefix: str, qweights: dict) -> None:
+        if self.evaluation is not None:
+            self.evaluation.after(i, layer, prefix)
+        if self.writer is not None:
+            with step("write"):
+                self.writer.add(layer, prefix, qweights, skip=self.aliases)
+        layer.to("meta")
+
+    def write_rest(self, tokenizer) -> Path:
+        """After the last layer: the non-layer tensors (from the modules if loaded, else
+        straight from the input shards, in the model's dtype), config and tokenizer."""
+        if not self.rest_loaded:
+            _set_layers(self.model, self.prefix, nn.ModuleList())
+            try:
+                sd = self.model.state_dict()
+                names = [k for k in sd if k not in self.aliases and k not in self.writer.written]
+                holder = _Tensors({k: (t.to(sd[k].dtype) if t.is_floating_point() else t)
+                                   for k, t in self.reader.read(names).items()})
+                self.writer.add(holder, "", {})
+                del holder
+            finally:
+                _set_layers(self.model, self.prefix, self.layers)
+        return self.writer.finish(self.model, tokenizer)
+
+
+class _Tensors(nn.Module):
+    """Plain named tensors behind the state_dict interface the writer reads."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.tensors = tensors
+
+    def state_dict(self, prefix: str = "", **kwargs):
+        return {prefix + k: t for k, t in self.tensors.items()}
+
+
+def _set_layers(model: nn.Module, prefix: str, layers: nn.ModuleList) -> None:
+    owner, _, attr = prefix.rpartition(".")
+    setattr(model.get_submodule(owner), attr, layers)
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+def available_memory() -> int | None:
+    """Bytes this process can still use: the smaller of the machine's MemAvailable and the
+    room left under its cgroup's memory limit (v1 or v2); None if neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctrl, rel = line.split(":", 2)
+            if ctrl == "memory":
+                g, limit, usage = Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), \
+                    "memory.limit_in_bytes", "memory.usage_in_bytes"
+            elif ctrl == "":
+                g, limit, usage = Path("/sys/fs/cgroup") / rel.lstrip("/"), "memory.max", \
+                    "memory.current"
+            else:
+                continue
+            text = (g / limit).read_text().strip() if (g / limit).exists() else "max"
+            if text != "max" and int(text) < 1 << 60:
+                found.append(int(text) - int((g / usage).read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(model: nn.Module, num_tokens: int, streamed: bool, spill_dir,
+                 shard_bytes: int) -> dict:
+    """Fail before any work when the run cannot fit: returns {need, available} in bytes, or
+    raises MemoryError naming what takes the memory and the option that frees it. Counted is
+    what is still to be allocated (the model, or streamed its non-layer tensors, is loaded
+    already): the cached activations (a layer's inputs and outputs in the model's dtype; none
+    with a spill_dir), a few copies of the largest decoder layer for the solves, and streamed
+    the layer itself and one output shard."""
+    layers, _ = find_decoder_layers(model)
+    p = next(model.parameters())
+    act = 0 if spill_dir is not None else \
+        2 * num_tokens * model.config.hidden_size * p.element_size()
+    layer = max((sum(t.numel() * t.element_size() for t in l.parameters()) for l in layers),
+                default=0)
+    weights = 4 * layer + ((layer + shard_bytes) if streamed else 0)
+    need, avail = act + weights, available_memory()
+    if avail is not None and need > avail:
+        fixes = []
+        if act:
+            fixes += [f"--spill-dir DIR keeps the calibration activations ({act / 1e9:.1f} GB) "
+                      "on disk", "fewer --num-samples or a shorter --seq-len shrink them"]
+        if not streamed:
+            total = sum(t.numel() * t.element_size() for t in model.parameters())
+            fixes.append(f"--stream on frees the whole model ({total / 1e9:.1f} GB) for one "
+                         "decoder layer at a time (needs safetensors shards)")
+        raise MemoryError(
+            f"this run needs about {need / 1e9:.1f} GB more memory and {avail / 1e9:.1f} GB "
+            f"are available (activations {act / 1e9:.1f} GB, layer weights and solves "
+            f"{weights / 1e9:.1f} GB): " + ("; ".join(fixes) or "use a larger machine") + ".")
+    return {"need": need, "available": avail}
