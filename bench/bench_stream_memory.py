@@ -8,10 +8,11 @@ high-water mark) that compresses one with `--stream off` (the whole model in mem
 seconds; JSON rows go to --out-dir/results.json as they finish.
 
   python bench/bench_stream_memory.py                      # W4A16 GPTQ, 4/16/32 layers, off/on
-  python bench/bench_stream_memory.py --cap-gb 2           # + capped runs (cgroup memory limit):
-      W8A8-FP8 (data-free) and W4A16 GPTQ on the 32-layer model (3.2 GB of bf16) with the
-      process limited to 2 GB, each checkpoint then compared byte for byte with an uncapped
-      in-memory run's, and loaded by transformers (compressed-tensors) with its weights checked
+  python bench/bench_stream_memory.py --cap-gb 2.2         # + capped runs (cgroup memory limit):
+      W8A8-FP8 (data-free) and W4A16 GPTQ on the deepest model streamed inside a cgroup memory
+      limit smaller than the model, each checkpoint then compared byte for byte with an
+      uncapped in-memory run's and loaded by transformers (compressed-tensors), its weights
+      checked against ours
 
 Random weights are right for memory and time, never for quality.
 """
@@ -176,7 +177,11 @@ def main(argv=None):
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(row), flush=True)
 
-    w4 = dict(scheme="W4A16", method="gptq", n=a.samples, seq=a.seq_len, group_size=128)
+    # one shard size for every run, so the uncapped in-memory run of the deepest model is
+    # also the reference the capped runs are compared with byte for byte
+    shard = 256 * 2**20
+    w4 = dict(scheme="W4A16", method="gptq", n=a.samples, seq=a.seq_len, group_size=128,
+              shard=shard)
     for n in [int(x) for x in a.layers.split(",")]:
         path = models / f"llama-h{a.hidden}-l{n}"
         size = make_model(path, n, a.hidden, a.intermediate)
@@ -194,18 +199,20 @@ def main(argv=None):
         path = models / f"llama-h{a.hidden}-l{n}"
         size = make_model(path, n, a.hidden, a.intermediate)
         cap = int(a.cap_gb * 1e9)
-        shard = cap // 8                       # the output shard buffer is part of the budget
-        print(f"\n| scheme | model GB | cap GB | finished | cgroup peak GB | s | same bytes as "
-              "uncapped in-memory | transformers load |\n|---|---|---|---|---|---|---|---|")
-        for case in (dict(scheme="W8A8_FP8", method="rtn", n=0, seq=0), w4):
+        print(f"\n| scheme | model GB | cap GB | finished | cgroup peak GB | compress s | same bytes "
+              "as uncapped in-memory | transformers load |\n|---|---|---|---|---|---|---|---|")
+        fp8 = dict(scheme="W8A8_FP8", method="rtn", n=0, seq=0, shard=shard)
+        for case, ref_out in ((fp8, None), (w4, out / f"ckpt-l{n}-off")):
             tag = case["scheme"]
-            capped = dict(case, model=str(path), out=str(out / f"capped-{tag}"), stream="on",
-                          shard=shard)
+            capped = dict(case, model=str(path), out=str(out / f"capped-{tag}"), stream="on")
             r = run(capped, cap_bytes=cap)
-            ref = dict(capped, out=str(out / f"uncapped-{tag}"), stream="off")
-            rr = run(ref) if "error" not in r else {"error": "skipped"}
+            if ref_out is None or not Path(ref_out).is_dir():     # uncapped, whole model
+                ref_out = out / f"uncapped-{tag}"
+                rr = run(dict(capped, out=str(ref_out), stream="off"))
+            else:
+                rr = {}
             same = ("error" not in r and "error" not in rr
-                    and same_files(Path(capped["out"]), Path(ref["out"])))
+                    and same_files(Path(capped["out"]), Path(ref_out)))
             load = check_loads(Path(capped["out"])) if "error" not in r else "-"
             record(dict(capped=tag, model_bytes=size, cap=cap, result=r, uncapped=rr,
                         same_bytes=same, load=load))

@@ -138,7 +138,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
         linears = all_target_linears(model, scheme)
         check_group_sizes(model, scheme, None, scheme.ignore, partial_last_group)
         if src is not None and (evaluate_quality or method not in ("rtn", "magnitude")):
-            src.load_rest()                      # embeddings for the capture, lm_head for eval
+            # embeddings for the capture; lm_head only for the evaluation's logits
+            src.load_rest(lm_head=evaluate_quality)
     report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     if method not in ("rtn", "magnitude") and not distributed_active():
         from .checkpoint import MAX_SHARD_BYTES

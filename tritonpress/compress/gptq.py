@@ -66,9 +66,11 @@ def check_actorder(actorder) -> str | None:
                      "diagonal, groups on the original columns) or None/'none' (no ordering)")
 
 
-def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: float = 10.0):
+def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: float = 10.0,
+                     overwrite: bool = False):
     """Upper Cholesky factor of (H + frac * mean(|diag H|) * I)^-1, raising frac x10 from
     `dampening` (0 -> 1e-4) up to `max_dampening` until both factorizations succeed.
+    overwrite: dampen H itself (it is left dampened; no n x n copy, for callers done with H).
 
     Returns (U or None, frac used or None, fractions that failed)."""
     diag_mean = H.diagonal().abs().mean()
@@ -76,12 +78,15 @@ def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: fl
         return None, None, []
     if diag_mean == 0:
         diag_mean = torch.ones_like(diag_mean)
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     frac, failed = dampening, []
+    diag = H.diagonal().clone()
     while frac <= max_dampening * (1 + 1e-9):
+        damped = H if overwrite else H.clone()   # H + frac * mean * I, no identity made
+        damped.diagonal().copy_(diag).add_(frac * diag_mean)
         # one Cholesky and one triangular inverse (kernels/gptq_sweep.py): the same U as
         # cholesky(cholesky_inverse(cholesky(H)), upper) to 2e-7, in half the time at 1536
-        U, info = inverse_hessian_factor(H + frac * diag_mean * eye)
+        U, info = inverse_hessian_factor(damped)
+        del damped
         if info == 0 and torch.isfinite(U).all():
             return U, frac, failed
         failed.append(frac)
@@ -125,7 +130,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
     weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     splits = [w.shape[0] for w in weights]
     scale_dtype = scale_dtype or weight.dtype
-    W = weight.float().clone()
+    W = weight.to(torch.float32, copy=True)
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian {tuple(H.shape)} does not match weight {tuple(W.shape)}")
@@ -150,7 +155,8 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
         torch.arange(cols, device=W.device)
     W, H, gcol = W[:, perm], H[perm][:, perm], gidx[perm]
 
-    Hinv, frac, failed = inverse_cholesky(H, dampening, max_dampening)
+    Hinv, frac, failed = inverse_cholesky(H, dampening, max_dampening, overwrite=True)
+    del H                                       # the sweep needs only its inverse factor
     info.update(dampening=frac, dampening_failed=failed)
     if Hinv is None:
         qw, deq = rtn_quantize(weight, args, scale_dtype, partial_last_group)
@@ -202,9 +208,9 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
         Losses += Losses1.sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    del W                                       # swept: only Q is needed now
     Q = Q[:, torch.argsort(perm)]
-    s_cols, z_cols = expand(scale, gidx, rows), expand(zp, gidx, rows)
-    q = quantize_ref(Q, s_cols, z_cols, args)   # the integers of the values chosen (exact)
+    q = quantize_ref(Q, *_per_column(scale, zp, gidx, cols), args)   # the integers (exact)
     qw = QuantizedWeight(q, scale.to(scale_dtype), None if zp is None else zp.to(torch.int8), args)
     info.update(fallback=None)
     return _split(weight, qw, Q, Losses, H0, splits, info, t0)
@@ -224,16 +230,29 @@ def _split(weight, qw, deq, losses, H, splits, info, t0) -> list[tuple]:
         i = dict(info, seconds=seconds * n / weight.shape[0])
         if losses is not None:
             i["loss"] = float(losses[r].sum())
-        i.update(_losses(weight[r].float(), deq[r], H))
+        i.update(_losses(weight[r], deq[r], H))
         out.append((part, deq[r], i))
     return out
 
 
-def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> dict:
-    """Output error on the calibration data: tr(E H E^T) and relative to tr(W H W^T)."""
-    E = W - Q
-    err = float((E @ H * E).sum())
-    ref = float((W @ H * W).sum())
+def _per_column(scale, zp, gidx, cols):
+    """Group qparams as quantize_ref takes them: as they are when the groups are equal (it
+    broadcasts them), expanded to columns when the last group is shorter."""
+    if cols % scale.shape[1] == 0 and torch.equal(gidx, torch.arange(cols, device=gidx.device)
+                                                 // (cols // scale.shape[1])):
+        return scale, zp
+    return expand(scale, gidx, scale.shape[0]), expand(zp, gidx, scale.shape[0])
+
+
+def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, chunk: int = 2048) -> dict:
+    """Output error on the calibration data: tr(E H E^T) and relative to tr(W H W^T), a chunk
+    of rows at a time (no [rows, cols] temporaries beyond a chunk)."""
+    err = ref = 0.0
+    for r in range(0, W.shape[0], chunk):
+        w = W[r:r + chunk].float()
+        e = w - Q[r:r + chunk]
+        err += float((e @ H * e).sum())
+        ref += float((w @ H * w).sum())
     return {"output_err": err, "output_rel_err": err / ref if ref > 0 else float("nan")}
 
 

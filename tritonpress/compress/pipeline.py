@@ -220,7 +220,8 @@ def _non_layer_modules_on(model: nn.Module, layers: nn.ModuleList, device: torch
     moved = []
     for mod in model.modules():
         for name, p in mod.named_parameters(recurse=False):
-            if id(p) not in inside and p.device != device:
+            # meta: not loaded by a stream (an lm_head no one computes with)
+            if id(p) not in inside and p.device != device and p.device.type != "meta":
                 moved.append((p, p.data))
                 p.data = p.data.to(device)
         for name, b in mod.named_buffers(recurse=False):

@@ -110,12 +110,12 @@ class Stream:
                 "transformers' conversion on load; pass stream=False (--stream off)")
         self.writer = None
         self.evaluation = None
-        self.rest_loaded = False
 
-    def _materialise(self, module: nn.Module, prefix: str) -> None:
+    def _materialise(self, module: nn.Module, prefix: str, skip: tuple = ()) -> None:
         pre = f"{prefix}." if prefix else ""
         local = {k: v for k, v in module.state_dict().items()
-                 if v.device.type == "meta" and pre + k not in self.aliases}
+                 if v.device.type == "meta" and pre + k not in self.aliases
+                 and not (pre + k).startswith(skip)}
         tensors = self.reader.read(pre + k for k in local)
         bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
@@ -133,21 +133,19 @@ class Stream:
                 else:
                     m._buffers[attr] = t
 
-    def load_rest(self) -> None:
-        """Embeddings, final norm, lm_head (everything outside the decoder layers), for the
-        capture of layer 0's inputs and the evaluation's logits."""
-        if self.rest_loaded:
-            return
-        keep = list(self.layers)
-        placeholder = nn.ModuleList()
-        _set_layers(self.model, self.prefix, placeholder)
+    def load_rest(self, lm_head: bool = True) -> None:
+        """Embeddings, final norm and (unless lm_head=False: a run without evaluation never
+        computes logits) lm_head: everything outside the decoder layers, for the capture of
+        layer 0's inputs and the evaluation's logits."""
+        out = self.model.get_output_embeddings()
+        skip = () if lm_head or out is None else tuple(
+            f"{n}." for n, m in self.model.named_modules() if m is out)
+        _set_layers(self.model, self.prefix, nn.ModuleList())
         try:
-            self._materialise(self.model, "")
+            self._materialise(self.model, "", skip)
         finally:
             _set_layers(self.model, self.prefix, self.layers)
         self.model.tie_weights()
-        assert all(a is b for a, b in zip(keep, self.layers))
-        self.rest_loaded = True
 
     def load(self, i: int, layer: nn.Module, prefix: str) -> None:
         self._materialise(layer, prefix)
@@ -161,22 +159,37 @@ class Stream:
             with step("write"):
                 self.writer.add(layer, prefix, qweights, skip=self.aliases)
         layer.to("meta")
+        _return_freed_memory()
 
     def write_rest(self, tokenizer) -> Path:
-        """After the last layer: the non-layer tensors (from the modules if loaded, else
-        straight from the input shards, in the model's dtype), config and tokenizer."""
-        if not self.rest_loaded:
-            _set_layers(self.model, self.prefix, nn.ModuleList())
-            try:
-                sd = self.model.state_dict()
-                names = [k for k in sd if k not in self.aliases and k not in self.writer.written]
-                holder = _Tensors({k: (t.to(sd[k].dtype) if t.is_floating_point() else t)
-                                   for k, t in self.reader.read(names).items()})
-                self.writer.add(holder, "", {})
-                del holder
-            finally:
-                _set_layers(self.model, self.prefix, self.layers)
+        """After the last layer: the non-layer tensors (from the modules where loaded, else
+        straight from the input shards, in the model's dtype; in the model's order, as the
+        in-memory path writes them), the config and the tokenizer."""
+        _set_layers(self.model, self.prefix, nn.ModuleList())
+        try:
+            sd = {k: t for k, t in self.model.state_dict().items()
+                  if k not in self.aliases and k not in self.writer.written}
+            read = self.reader.read(k for k, t in sd.items() if t.device.type == "meta")
+            for k, t in read.items():
+                sd[k] = t.to(sd[k].dtype) if t.is_floating_point() else t
+            self.writer.add(_Tensors(sd), "", {})
+            del sd, read
+        finally:
+            _set_layers(self.model, self.prefix, self.layers)
         return self.writer.finish(self.model, tokenizer)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap glibc keeps after a layer's solves back to the system (measured on a
+    2048-wide Llama: the RSS at each layer's start stays at 0.66 GB instead of creeping to
+    1.3 GB); under a memory limit that kept heap counts as used. No-op off glibc."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Tensors(nn.Module):
@@ -211,13 +224,16 @@ def available_memory() -> int | None:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, ctrl, rel = line.split(":", 2)
             if ctrl == "memory":
-                g, limit, usage = Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), \
-                    "memory.limit_in_bytes", "memory.usage_in_bytes"
+                root, limit, usage = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", \
+                    "memory.usage_in_bytes"
             elif ctrl == "":
-                g, limit, usage = Path("/sys/fs/cgroup") / rel.lstrip("/"), "memory.max", \
-                    "memory.current"
+                root, limit, usage = Path("/sys/fs/cgroup"), "memory.max", "memory.current"
             else:
                 continue
+            # in a container the mount shows the group's own subtree: drop leading parts
+            parts = [x for x in rel.split("/") if x]
+            g = next((root.joinpath(*parts[k:]) for k in range(len(parts) + 1)
+                      if (root.joinpath(*parts[k:]) / limit).exists()), root)
             text = (g / limit).read_text().strip() if (g / limit).exists() else "max"
             if text != "max" and int(text) < 1 << 60:
                 found.append(int(text) - int((g / usage).read_text()))

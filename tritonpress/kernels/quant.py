@@ -70,26 +70,37 @@ def _expand(p: torch.Tensor, cols: int) -> torch.Tensor:
     return p.repeat_interleave(cols // p.shape[1], dim=1) if p.shape[1] != cols else p
 
 
+def _by_group(x: torch.Tensor, p: torch.Tensor):
+    """x [rows, cols] as [rows, ngroups, group] and p [rows or 1, ngroups] as [.., ngroups, 1]:
+    each group's value broadcast over its columns without a [rows, cols] copy of it (the same
+    arithmetic, element for element, as dividing by the expanded tensor)."""
+    rows, cols = x.shape
+    ng = p.shape[1]
+    return x.reshape(rows, ng, cols // ng), p.float().unsqueeze(-1)
+
+
 def quantize_ref(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
                  args: QuantArgs) -> torch.Tensor:
-    """x [rows, cols] with scale/zp [rows, ngroups] -> int8 (int) or float8_e4m3fn (float)."""
-    cols = x.shape[1]
-    y = x.float() / _expand(scale.float(), cols)
+    """x [rows, cols] with scale/zp [rows, ngroups] -> int8 (int) or float8_e4m3fn (float).
+    One fp32 working copy of x, operated on in place (weights of a 70B layer are GBs)."""
+    rows, cols = x.shape
+    y, s = _by_group(x.to(torch.float32, copy=True), scale)
+    y.div_(s)
     if args.type == "float":
-        return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    y = torch.round(y)
+        return y.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(rows, cols)
+    y.round_()
     if zp is not None:
-        y = y + _expand(zp.float(), cols)
-    return y.clamp(args.qmin, args.qmax).to(torch.int8)
+        y.add_(zp.float().unsqueeze(-1))
+    return y.clamp_(args.qmin, args.qmax).to(torch.int8).reshape(rows, cols)
 
 
 def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    cols = q.shape[1]
-    y = q.float()
+    rows, cols = q.shape
+    y, s = _by_group(q.to(torch.float32, copy=True), scale)
     if zp is not None:
-        y = y - _expand(zp.float(), cols)
-    return (y * _expand(scale.float(), cols)).to(dtype)
+        y.sub_(zp.float().unsqueeze(-1))
+    return y.mul_(s).to(dtype).reshape(rows, cols)
 
 
 def quantize_weight_ref(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None):
