@@ -203,3 +203,35 @@ def test_no_eval_run_never_loads_an_untied_lm_head(tmp_path, text, monkeypatch):
     _run(base, tmp_path / "b", "W4A16", "gptq", {"group_size": 32}, text, stream="off",
          evaluate_quality=False)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_sigterm_mid_stream_leaves_nothing(tmp_path, text):
+    """A stop from outside (kill, a scheduler, a timeout) cleans up as Ctrl-C does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    base = _save(tmp_path, layers=6)
+    out = tmp_path / "out"
+    code = ("import sys, time, tritonpress.compress.pipeline as p\n"
+            "real = p.compress_sequential\n"
+            "def slow(*a, **k):\n"
+            "    open(sys.argv[1], 'w').close(); time.sleep(60)\n"
+            "p.compress_sequential = slow\n"
+            "from tritonpress.cli import main\n"
+            f"sys.exit(main(['compress', '--model', {str(base)!r}, '--scheme', 'W4A16', '--group-size',"
+            f" '32', '--out', {str(out)!r}, '--dataset', {text!r}, '--num-samples', '4',"
+            " '--seq-len', '32', '--no-eval', '--no-progress']))\n")
+    flag = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(flag)], stderr=subprocess.PIPE)
+    for _ in range(600):
+        if flag.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert flag.exists(), proc.stderr.read().decode()[-2000:]
+    assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())   # mid-write
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([base.name, "started"])

@@ -38,6 +38,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 500MB or 2GB")
 
 
+def terminate_as_interrupt() -> None:
+    """SIGTERM (a job scheduler's stop, `kill`, a timeout) ends the run as Ctrl-C does, through
+    the same cleanup: the temporary checkpoint directory is removed, nothing half-written
+    stays (Python's default for SIGTERM is to die on the spot)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tritonpress", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -92,6 +104,7 @@ def main(argv=None) -> int:
 
     sub.add_parser("schemes", help="list the schemes")
     args = ap.parse_args(argv)
+    terminate_as_interrupt()
 
     try:
         if args.cmd == "schemes":
