@@ -4,12 +4,13 @@ from functools import partial
 import pytest
 import torch
 
-from tritonpress.compress import pipeline
+from tritonpress.compress import hooks
 from tritonpress.compress.gptq import gptq_layer
 from tritonpress.compress.models import tiny_llama
-from tritonpress.compress.pipeline import (LayerInputs, capture_layer_inputs, capture_module_io,
-                                           chain, collect_hessians, compress_sequential,
-                                           find_decoder_layers, identity_method, target_linears)
+from tritonpress.compress.activations import LayerInputs, capture_layer_inputs
+from tritonpress.compress.hooks import capture_module_io, collect_hessians
+from tritonpress.compress.pipeline import chain, compress_sequential, identity_method
+from tritonpress.compress.targets import find_decoder_layers, target_linears
 from tritonpress.compress.rtn import rtn_layer
 from tritonpress.compress.smoothquant import smoothquant_layer
 from tritonpress.schemes import get_scheme
@@ -55,8 +56,8 @@ def test_identity_method_reproduces_the_forward(model):
 
 def test_shared_hessians_computed_once(model, monkeypatch):
     calls = []
-    real = pipeline.accumulate_hessian
-    monkeypatch.setattr(pipeline, "accumulate_hessian",
+    real = hooks.accumulate_hessian
+    monkeypatch.setattr(hooks, "accumulate_hessian",
                         lambda H, x, n, mask=None: calls.append(x.shape) or real(H, x, n, mask))
     batches = make_batches()
     inputs, layer, prefix = layer_inputs(model, batches)
@@ -70,7 +71,7 @@ def test_shared_hessians_computed_once(model, monkeypatch):
     assert len(calls) == 4 * len(batches)                  # each accumulated once per batch
     # and it is 2/n sum x x^T over the real tokens
     io = capture_module_io(layer, {"q": layer.self_attn.q_proj}, inputs)
-    x = torch.cat([pipeline.tokens_of(xi, mi) for (xi, _), mi in zip(io["q"], inputs.token_masks)])
+    x = torch.cat([hooks.tokens_of(xi, mi) for (xi, _), mi in zip(io["q"], inputs.token_masks)])
     assert hs[a + "q_proj"].n == x.shape[0] == 24 + 17 + 17
     torch.testing.assert_close(hs[a + "q_proj"].H, 2 / x.shape[0] * x.T @ x)
 
@@ -175,10 +176,10 @@ def test_statistics_pass_stops_after_the_last_linear_input(model):
         early = collect_hessians(layer, linears, inputs)
         assert len(ran) == 1
         full = {}
-        hooks = pipeline.LinearInputHooks(linears, inputs, lambda lead, x, m: full.setdefault(
-            lead, []).append(pipeline.tokens_of(x, m)), stop_early=False)
-        lh = layer.register_forward_pre_hook(lambda *_: hooks.new_batch())
-        with hooks:
+        per_input = hooks.LinearInputHooks(linears, inputs, lambda lead, x, m: full.setdefault(
+            lead, []).append(hooks.tokens_of(x, m)), stop_early=False)
+        lh = layer.register_forward_pre_hook(lambda *_: per_input.new_batch())
+        with per_input:
             inputs.run(layer, keep=False)
         lh.remove()
         assert len(ran) == 1 + len(batches)

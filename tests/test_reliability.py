@@ -3,9 +3,7 @@
 The checkpoint writer's own guarantees (existing directory, disk full, failure or Ctrl-C while
 writing) are tested in test_checkpoint.py; here they are checked through compress()."""
 import json
-import warnings
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from tritonpress.compress import gptq, pipeline
 from tritonpress.compress.api import compress
 from tritonpress.compress.gptq import gptq_layer
 from tritonpress.compress.models import tiny_llama
-from tritonpress.compress.pipeline import DiskTensors, compress_sequential, identity_method
+from tritonpress.compress.activations import DiskTensors
+from tritonpress.compress.pipeline import compress_sequential, identity_method
 from tritonpress.schemes import get_scheme
 
 from test_distributed import all_tensors, write_text

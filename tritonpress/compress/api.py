@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..schemes import Scheme, get_scheme
-from .pipeline import check_group_sizes
+from .targets import check_group_sizes
 from .report import dir_size, format_report, peak_memory, profile_table, profiling, save_json, timed
 
 DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
@@ -24,7 +24,7 @@ STREAM_MODES = ("auto", "on", "off")
 
 def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:
     """Every Linear in the decoder layers that the scheme quantizes, by full name."""
-    from .pipeline import find_decoder_layers, target_linears
+    from .targets import find_decoder_layers, target_linears
     layers, prefix = find_decoder_layers(model)
     out = {}
     for i, layer in enumerate(layers):
@@ -274,7 +274,7 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
     the stream's writer layer by layer and none are returned."""
     from functools import partial
 
-    from . import awq, gptq, pipeline, rtn, smoothquant as sq, sparsegpt
+    from . import awq, gptq, pipeline, rtn, smoothquant as sq, sparsegpt, targets
 
     data_free = {"rtn": lambda lin: rtn.quantize_linears_rtn(lin, scheme, device,
                                                              partial_last_group),
@@ -288,7 +288,7 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
         for i, layer in enumerate(stream.layers):
             lp = f"{stream.prefix}.{i}"
             stream.load(i, layer, lp)
-            layer_linears = pipeline.target_linears(layer, lp, None, scheme.ignore)
+            layer_linears = targets.target_linears(layer, lp, None, scheme.ignore)
             qw, info = data_free[method](layer_linears)
             infos.update(info)
             stream.done(i, layer, lp, qw)

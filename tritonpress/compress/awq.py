@@ -254,7 +254,7 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs,
                         search_tokens: int, seed: int = 0) -> dict[str, _InputStats]:
     """One replay of the batches; {Linear full name: stats of its input} (shared objects for
     Linears reading the same tensor, e.g. q/k/v)."""
-    from .pipeline import run_with_linear_inputs, tokens_of
+    from .hooks import run_with_linear_inputs, tokens_of
 
     picks = _token_picks(inputs, search_tokens, seed)
     stats: dict[str, _InputStats] = {}
@@ -356,7 +356,7 @@ def _clip_ranges(names, linears, stats, args, scale_dtype) -> dict[str, tuple]:
 
 def _gptq_after_scaling(layer, inputs, ctx, infos, options):
     from .gptq import gptq_linears
-    from .pipeline import collect_hessians
+    from .hooks import collect_hessians
 
     hessians = collect_hessians(layer, ctx.linears, inputs)    # inputs of the scaled layer
     done = gptq_linears(ctx.linears, {n: st.H for n, st in hessians.items()}, ctx.scheme.weights,

@@ -25,7 +25,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from .pipeline import compress_sequential, run_with_linear_inputs, tokens_of
+from .hooks import run_with_linear_inputs, tokens_of
+from .pipeline import compress_sequential
 
 
 def active() -> bool:

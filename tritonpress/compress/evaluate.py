@@ -31,7 +31,7 @@ from torch import nn
 
 from ..kernels.quant import FP8_DTYPE, FP8_MAX, quantize_per_token_ref
 from ..schemes import QuantArgs
-from .pipeline import matches
+from ..schemes import matches
 
 ACT_SIMS = ("vllm", "compressed-tensors")
 
@@ -219,7 +219,7 @@ class LayerwiseEval:
 
     def __init__(self, model: nn.Module, window_sets: dict[str, torch.Tensor], device,
                  act_args: QuantArgs | None = None, ignore=(), act_sim: str = "vllm"):
-        from .pipeline import LayerInputs, capture_layer_inputs
+        from .activations import LayerInputs, capture_layer_inputs
 
         check_act_sim(act_sim)
         self.model, self.device = model, torch.device(device)
@@ -290,7 +290,7 @@ class _Replay(nn.Module):
 
 
 def _logprobs_from(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    from .pipeline import find_decoder_layers
+    from .targets import find_decoder_layers
     layers, _ = find_decoder_layers(model)
     originals = list(layers)
     for i in range(len(layers)):

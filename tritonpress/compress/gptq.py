@@ -25,9 +25,9 @@ import warnings
 import torch
 
 from ..kernels.dispatch import use_triton
-from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
+from ..kernels.quant import qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
-from .pipeline import collect_hessians
+from .hooks import collect_hessians
 from .qweight import QuantizedWeight
 from .report import step
 from .rtn import (clip_search, expand, group_index, group_qparams, hessian_blocks,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .fold import divide_norm_output
-from .pipeline import LayerInputs, run_with_linear_inputs, tokens_of
+from .activations import LayerInputs
+from .hooks import run_with_linear_inputs, tokens_of
 from .report import step
 
 

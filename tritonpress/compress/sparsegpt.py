@@ -170,7 +170,7 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     One Hessian per distinct input, from the layer as it was. Linears sharing it (q/k/v,
     gate/up) share its inverse and are stacked along rows into one sweep (rows never
     interact). Dequantized weights go back into the layer."""
-    from .pipeline import collect_hessians
+    from .hooks import collect_hessians
 
     check_24_shapes(ctx.linears)
     blocksize = blocksize or ctx.options.get("block_size", 128)

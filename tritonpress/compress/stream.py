@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import _aliases
-from .pipeline import find_decoder_layers
+from .targets import find_decoder_layers
 from .report import step
 
 
