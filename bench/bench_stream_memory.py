@@ -163,6 +163,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=4, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--cap-gb", type=float, default=None, help="also run capped at this size")
+    p.add_argument("--modes", default="off,on", help="stream modes of the depth rows")
     p.add_argument("--out-dir", default="out/stream_memory")
     p.add_argument("--models-dir", default=None, help="where the random models are saved "
                    "(default OUT_DIR/models; several GB)")
@@ -170,7 +171,8 @@ def main(argv=None):
     out = Path(a.out_dir)
     models = Path(a.models_dir) if a.models_dir else out / "models"
     out.mkdir(parents=True, exist_ok=True)
-    results, rows = [], []
+    prior = out / "results.json"            # rows of earlier runs are kept (another --modes)
+    results, rows = (json.loads(prior.read_text()) if prior.is_file() else []), []
 
     def record(row):
         results.append(row)
@@ -185,7 +187,7 @@ def main(argv=None):
     for n in [int(x) for x in a.layers.split(",")]:
         path = models / f"llama-h{a.hidden}-l{n}"
         size = make_model(path, n, a.hidden, a.intermediate)
-        for mode in ("off", "on"):
+        for mode in a.modes.split(","):
             r = run(dict(w4, model=str(path), out=str(out / f"ckpt-l{n}-{mode}"), stream=mode))
             record(dict(layers=n, model_bytes=size, stream=mode, **r))
             rows.append((n, size, mode, r))
