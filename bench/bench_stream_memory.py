@@ -8,7 +8,7 @@ high-water mark) that compresses one with `--stream off` (the whole model in mem
 seconds; JSON rows go to --out-dir/results.json as they finish.
 
   python bench/bench_stream_memory.py                      # W4A16 GPTQ, 4/16/32 layers, off/on
-  python bench/bench_stream_memory.py --cap-gb 2.2         # + capped runs (cgroup memory limit):
+  python bench/bench_stream_memory.py --cap-gb 3 --cap-layers 48   # + capped runs (cgroup limit):
       W8A8-FP8 (data-free) and W4A16 GPTQ on the deepest model streamed inside a cgroup memory
       limit smaller than the model, each checkpoint then compared byte for byte with an
       uncapped in-memory run's and loaded by transformers (compressed-tensors), its weights
@@ -163,7 +163,12 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=4, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--cap-gb", type=float, default=None, help="also run capped at this size")
-    p.add_argument("--modes", default="off,on", help="stream modes of the depth rows")
+    p.add_argument("--modes", default="off,on", help="stream modes of the depth rows ('' none)")
+    p.add_argument("--cap-layers", type=int, default=None,
+                   help="depth of the capped runs' model (default: the deepest of --layers)")
+    p.add_argument("--cap-shard-mb", type=int, default=32,
+                   help="output shard size of the capped runs (the shard buffer and its "
+                        "serialisation are part of the budget)")
     p.add_argument("--out-dir", default="out/stream_memory")
     p.add_argument("--models-dir", default=None, help="where the random models are saved "
                    "(default OUT_DIR/models; several GB)")
@@ -187,7 +192,7 @@ def main(argv=None):
     for n in [int(x) for x in a.layers.split(",")]:
         path = models / f"llama-h{a.hidden}-l{n}"
         size = make_model(path, n, a.hidden, a.intermediate)
-        for mode in a.modes.split(","):
+        for mode in [m for m in a.modes.split(",") if m]:
             r = run(dict(w4, model=str(path), out=str(out / f"ckpt-l{n}-{mode}"), stream=mode))
             record(dict(layers=n, model_bytes=size, stream=mode, **r))
             rows.append((n, size, mode, r))
@@ -197,27 +202,26 @@ def main(argv=None):
         print(f"| {n} | {size / 1e9:.2f} | {mode} | {rss} | {r.get('compress_s', 0):.1f} |")
 
     if a.cap_gb:
-        n = max(int(x) for x in a.layers.split(","))
+        n = a.cap_layers or max(int(x) for x in a.layers.split(","))
         path = models / f"llama-h{a.hidden}-l{n}"
         size = make_model(path, n, a.hidden, a.intermediate)
         cap = int(a.cap_gb * 1e9)
+        shard = a.cap_shard_mb * 2**20
         print(f"\n| scheme | model GB | cap GB | finished | cgroup peak GB | compress s | same bytes "
               "as uncapped in-memory | transformers load |\n|---|---|---|---|---|---|---|---|")
-        fp8 = dict(scheme="W8A8_FP8", method="rtn", n=0, seq=0, shard=shard)
-        for case, ref_out in ((fp8, None), (w4, out / f"ckpt-l{n}-off")):
+        for case in (dict(scheme="W8A8_FP8", method="rtn", n=0, seq=0), w4):
             tag = case["scheme"]
-            capped = dict(case, model=str(path), out=str(out / f"capped-{tag}"), stream="on")
+            capped = dict(case, model=str(path), out=str(out / f"capped-l{n}-{tag}"),
+                          stream="on", shard=shard)
             r = run(capped, cap_bytes=cap)
-            if ref_out is None or not Path(ref_out).is_dir():     # uncapped, whole model
-                ref_out = out / f"uncapped-{tag}"
-                rr = run(dict(capped, out=str(ref_out), stream="off"))
-            else:
-                rr = {}
+            ref_out = out / f"uncapped-l{n}-{tag}"
+            rr = (run(dict(capped, out=str(ref_out), stream="off")) if "error" not in r
+                  else {"error": "skipped"})
             same = ("error" not in r and "error" not in rr
-                    and same_files(Path(capped["out"]), Path(ref_out)))
+                    and same_files(Path(capped["out"]), ref_out))
             load = check_loads(Path(capped["out"])) if "error" not in r else "-"
-            record(dict(capped=tag, model_bytes=size, cap=cap, result=r, uncapped=rr,
-                        same_bytes=same, load=load))
+            record(dict(capped=tag, layers=n, model_bytes=size, cap=cap, shard=shard, result=r,
+                        uncapped=rr, same_bytes=same, load=load))
             peak = r.get("cgroup_peak")
             print(f"| {tag} | {size / 1e9:.2f} | {a.cap_gb:g} | {r.get('error', 'yes')} | "
                   f"{peak / 1e9 if peak else float('nan'):.2f} | {r.get('compress_s', 0):.1f} | "
