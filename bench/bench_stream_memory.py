@@ -43,7 +43,6 @@ print(json.dumps({"cpu_rss": peak_cpu_bytes(), "seconds": time.perf_counter() - 
 
 def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> int:
     """A random Llama saved as bf16 safetensors shards of 1 GB; returns its bf16 bytes."""
-    import torch
     from tritonpress.compress.models import random_llama, tiny_llama
     if not (path / "config.json").is_file():
         model = random_llama(hidden=hidden, intermediate=intermediate, heads=hidden // 64,
@@ -164,6 +163,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--cap-gb", type=float, default=None, help="also run capped at this size")
     p.add_argument("--modes", default="off,on", help="stream modes of the depth rows ('' none)")
+    p.add_argument("--shard-mb", type=int, default=256, help="output shard size of the depth rows")
     p.add_argument("--cap-layers", type=int, default=None,
                    help="depth of the capped runs' model (default: the deepest of --layers)")
     p.add_argument("--cap-shard-mb", type=int, default=32,
@@ -186,7 +186,7 @@ def main(argv=None):
 
     # one shard size for every run, so the uncapped in-memory run of the deepest model is
     # also the reference the capped runs are compared with byte for byte
-    shard = 256 * 2**20
+    shard = a.shard_mb * 2**20
     w4 = dict(scheme="W4A16", method="gptq", n=a.samples, seq=a.seq_len, group_size=128,
               shard=shard)
     for n in [int(x) for x in a.layers.split(",")]:
@@ -194,7 +194,7 @@ def main(argv=None):
         size = make_model(path, n, a.hidden, a.intermediate)
         for mode in [m for m in a.modes.split(",") if m]:
             r = run(dict(w4, model=str(path), out=str(out / f"ckpt-l{n}-{mode}"), stream=mode))
-            record(dict(layers=n, model_bytes=size, stream=mode, **r))
+            record(dict(layers=n, model_bytes=size, stream=mode, shard=shard, **r))
             rows.append((n, size, mode, r))
     print("\n| layers | model bf16 GB | stream | peak RSS GB | compress s |\n|---|---|---|---|---|")
     for n, size, mode, r in rows:
@@ -207,7 +207,7 @@ def main(argv=None):
         size = make_model(path, n, a.hidden, a.intermediate)
         cap = int(a.cap_gb * 1e9)
         shard = a.cap_shard_mb * 2**20
-        print(f"\n| scheme | model GB | cap GB | finished | cgroup peak GB | compress s | same bytes "
+        print("\n| scheme | model GB | cap GB | finished | cgroup peak GB | compress s | same bytes "
               "as uncapped in-memory | transformers load |\n|---|---|---|---|---|---|---|---|")
         for case in (dict(scheme="W8A8_FP8", method="rtn", n=0, seq=0), w4):
             tag = case["scheme"]
