@@ -187,8 +187,6 @@ def _return_freed_memory() -> None:
     2048-wide Llama: the RSS at each layer's start stays at 0.66 GB instead of creeping to
     1.3 GB); under a memory limit that kept heap counts as used. No-op off glibc."""
     import ctypes
-    import gc
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
