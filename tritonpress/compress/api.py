@@ -77,7 +77,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     max_shard_bytes: the checkpoint's shard size (default checkpoint.MAX_SHARD_BYTES, 1 GiB):
     a shard is held in memory until it is written.
     Under torchrun (an initialised process group) GPTQ runs over the ranks (distributed.py)."""
-    from . import checkpoint, data, evaluate, models
+    from . import checkpoint, data, distributed, evaluate, models
 
     t_start = time.perf_counter()
     scheme = get_scheme(scheme, group_size=group_size, symmetric=symmetric, ignore=ignore)
@@ -141,7 +141,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
             # embeddings for the capture; lm_head only for the evaluation's logits
             src.load_rest(lm_head=evaluate_quality)
     report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    if method not in ("rtn", "magnitude") and not distributed_active():
+    if method not in ("rtn", "magnitude") and not distributed.active():
         from .checkpoint import MAX_SHARD_BYTES
         from .stream import check_memory
         report["memory_plan"] = check_memory(model, num_samples * seq_len, src is not None,
@@ -228,11 +228,6 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     if print_report:
         print(format_report(report))
     return report
-
-
-def distributed_active() -> bool:
-    from . import distributed
-    return distributed.active()
 
 
 def _open_stream(path, torch_dtype, stream, report):

@@ -228,7 +228,7 @@ def _check_qweight(name: str, m, qw: QuantizedWeight, scheme: Scheme, fmt: str,
                              "more than two nonzeros); use sparse_format='dense'")
 
 
-def _aliases(model) -> dict[str, str]:
+def tied_aliases(model) -> dict[str, str]:
     """Tensor names that share a parameter with an earlier one (a tied lm_head), to the name
     they share it with: saved once, under the first name, as save_pretrained does."""
     first, out = {}, {}
@@ -389,7 +389,7 @@ class CheckpointWriter:
         """Write what is left of `model` (embeddings, norms, lm_head: every tensor not written
         yet; those of Linears in `qweights` compressed), the config with its
         quantization_config and the tokenizer; rename into place."""
-        aliases = _aliases(model)
+        aliases = tied_aliases(model)
         self.add(model, "", qweights or {}, skip=aliases)
         self._flush()
         n = len(self.shards)
@@ -456,7 +456,7 @@ def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], sche
         layers, prefix = find_decoder_layers(model)
     except ValueError:
         layers, prefix = [], ""
-    aliases = _aliases(model)
+    aliases = tied_aliases(model)
     with CheckpointWriter(out_dir, scheme, overwrite=overwrite, sparse_format=sparse_format,
                           actorder=actorder, max_shard_bytes=max_shard_bytes) as w:
         for i, layer in enumerate(layers):      # the order the streaming path writes in

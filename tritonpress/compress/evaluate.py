@@ -116,13 +116,18 @@ def evaluate(model: nn.Module, windows, ref: Ref | None = None, act_args: QuantA
             lp = _logprobs(model, ids)
             nll -= lp.gather(-1, ids[1:].to(lp.device).unsqueeze(-1)).sum().item()
             if ref is not None:
-                # renormalize: rounding to fp16 leaves sum(p_ref) != 1, which biases KL to
-                # first order; a proper distribution keeps the error second order
-                lp_ref = F.log_softmax(ref.logprobs[i].to(lp.device, torch.float32), dim=-1)
-                kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
+                kl += _kl(ref.logprobs[i], lp)
             count += len(ids) - 1
     return {"ppl": math.exp(nll / count), "nll": nll / count,
             "kl": kl / count if ref is not None else None, "tokens": count}
+
+
+def _kl(lp_ref: torch.Tensor, lp: torch.Tensor) -> float:
+    """sum over positions of KL(p_ref || p) from log-probs [positions, vocab]; lp_ref is
+    renormalised first: rounding it to fp16 leaves sum(p_ref) != 1, which biases KL to first
+    order; a proper distribution keeps the error second order."""
+    lp_ref = F.log_softmax(lp_ref.to(lp.device, torch.float32), dim=-1)
+    return (lp_ref.exp() * (lp_ref - lp)).sum().item()
 
 
 # ----------------------------------------------------------------------------- activations
@@ -267,9 +272,7 @@ class LayerwiseEval:
                 tgt = ids[1:].to(lp.device).unsqueeze(-1)
                 nll_ref -= lp_ref.gather(-1, tgt).sum().item()
                 nll -= lp.gather(-1, tgt).sum().item()
-                # the reference in fp16, renormalised, as evaluate() compares with it
-                lp_ref = F.log_softmax(lp_ref.to(torch.float16).float(), dim=-1)
-                kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
+                kl += _kl(lp_ref.to(torch.float16), lp)    # the reference as evaluate() keeps it
                 count += len(ids) - 1
             out[src] = {"ppl_before": math.exp(nll_ref / count), "ppl": math.exp(nll / count),
                         "kl": kl / count}

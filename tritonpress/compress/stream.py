@@ -9,8 +9,8 @@ and each layer is freed as soon as its compressed tensors are handed to the chec
 both write the same bytes). Peak memory: the non-layer tensors, one decoder layer, the
 calibration activations and one output shard, whatever the depth.
 
-Data-free schemes (RTN, FP8) never load the non-layer tensors into modules: they are copied
-from the input shards to the output tensor by tensor.
+Data-free schemes (RTN, FP8) never load the non-layer tensors into modules: after the last
+layer they are read from the input shards and handed to the writer as they are.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import _aliases
+from .checkpoint import tied_aliases
 from .targets import find_decoder_layers
 from .report import step
 
@@ -103,7 +103,7 @@ class Stream:
             from transformers import GenerationConfig
             model.generation_config = GenerationConfig.from_pretrained(path)
         self.layers, self.prefix = find_decoder_layers(model)
-        self.aliases = _aliases(model)               # a tied lm_head is read as the embeddings
+        self.aliases = tied_aliases(model)               # a tied lm_head is read as the embeddings
         want = [k for k in model.state_dict() if k not in self.aliases]
         missing = [k for k in want if k not in self.reader.file_of]
         if missing:
