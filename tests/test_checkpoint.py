@@ -301,6 +301,31 @@ def test_sharded_checkpoint_with_tokenizer(tmp_path, monkeypatch):
         assert torch.equal(loaded.get_submodule(name).weight, q.dequantize(DT))
 
 
+def test_shard_bytes_are_what_safetensors_writes(tmp_path, monkeypatch):
+    # the writer streams tensors to disk itself; the file must still be save_file's, byte for
+    # byte (every dtype safetensors stores, odd and empty shapes, names out of order)
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dtype in enumerate(reversed(list(checkpoint._ST_DTYPES))):
+        shape = [(3, 5), (7,), (0, 4), (), (2, 3, 1)][i % 5]
+        bits = torch.randint(0, 256, (max(1, int(np.prod(shape))) * dtype.itemsize,),
+                             dtype=torch.uint8, generator=g)
+        t = bits.view(dtype)[: int(np.prod(shape))].reshape(shape)
+        tensors[f"m.{(i * 7) % 17}.{dtype}".replace("torch.", "")] = t
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    raw, entries, off = tmp_path / "raw", [], 0
+    with open(raw, "wb") as f:
+        for name, t in tensors.items():
+            n = t.numel() * t.element_size()
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            entries.append((name, t.dtype, tuple(t.shape), off, n))
+            off += n
+    monkeypatch.setattr(checkpoint, "_COPY_CHUNK", 5)     # tensors copied in several pieces
+    checkpoint._write_shard(entries, raw, tmp_path / "ours.safetensors")
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
 def test_default_load_decompresses_on_first_forward(tmp_path):
     model = tiny_llama()
     scheme = get_scheme("W4A16", group_size=32)
@@ -324,12 +349,12 @@ def small():
 
 
 def _fail_after_first_write(monkeypatch, exc):
-    real = checkpoint._save_file
+    real = checkpoint._write_shard
 
-    def write_then_fail(tensors, path):
-        real(tensors, path)
+    def write_then_fail(entries, data, path):
+        real(entries, data, path)
         raise exc
-    monkeypatch.setattr(checkpoint, "_save_file", write_then_fail)
+    monkeypatch.setattr(checkpoint, "_write_shard", write_then_fail)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()],

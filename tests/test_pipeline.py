@@ -176,12 +176,10 @@ def test_statistics_pass_stops_after_the_last_linear_input(model):
         early = collect_hessians(layer, linears, inputs)
         assert len(ran) == 1
         full = {}
-        per_input = hooks.LinearInputHooks(linears, inputs, lambda lead, x, m: full.setdefault(
+        per_input = hooks.LinearInputHooks(linears, lambda lead, x, m: full.setdefault(
             lead, []).append(hooks.tokens_of(x, m)), stop_early=False)
-        lh = layer.register_forward_pre_hook(lambda *_: per_input.new_batch())
         with per_input:
-            inputs.run(layer, keep=False)
-        lh.remove()
+            inputs.run(layer, keep=False, before_batch=per_input.new_batch)
         assert len(ran) == 1 + len(batches)
     finally:
         h.remove()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,7 +33,6 @@ class LayerInputs:
     token_masks: list[torch.Tensor | None]     # per batch [b, s] bool (True = real token)
     device: torch.device                       # where the layer computes
     storage: torch.device                      # where hidden states are kept between layers
-    current_mask: torch.Tensor | None = field(default=None, repr=False)
     spill_dir: str | None = None               # keep hidden states in files there (DiskTensors)
 
     def __len__(self) -> int:
@@ -51,29 +50,31 @@ class LayerInputs:
                 None if m is None else m.to(self.device))
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, keep: bool = True, label: str | None = None
+    def run(self, layer: nn.Module, keep: bool = True, label: str | None = None,
+            before_batch: Callable[[torch.Tensor | None], None] | None = None
             ) -> list[torch.Tensor]:
         """Replay every batch through `layer`; outputs (hidden states) kept on the storage
         device, or dropped when keep=False: a statistics pass, which a hook may end early on a
-        batch by raising StopLayer once it has what it needs. `label`: the profile step."""
+        batch by raising StopLayer once it has what it needs. `before_batch(mask)` is called
+        before each batch with its token mask (hooks that leave padding out need it).
+        `label`: the profile step."""
         outs = [] if self.spill_dir is None or not keep else DiskTensors(self.spill_dir)
         with step(label or ("propagate" if keep else "statistics pass"), self.device):
-            try:
-                for i in range(len(self)):
-                    h, kw, self.current_mask = self.batch(i)
-                    try:
-                        y = layer(h, **kw)
-                    except StopLayer:
-                        if keep:
-                            raise
-                        continue
-                    if isinstance(y, (tuple, list)):   # older transformers return (hidden, ...)
-                        y = y[0]
+            for i in range(len(self)):
+                h, kw, mask = self.batch(i)
+                if before_batch is not None:
+                    before_batch(mask)
+                try:
+                    y = layer(h, **kw)
+                except StopLayer:
                     if keep:
-                        _check_finite(y, i)
-                        outs.append(y.to(self.storage))
-            finally:
-                self.current_mask = None
+                        raise
+                    continue
+                if isinstance(y, (tuple, list)):   # older transformers return (hidden, ...)
+                    y = y[0]
+                if keep:
+                    _check_finite(y, i)
+                    outs.append(y.to(self.storage))
         return outs
 
     def with_hidden(self, hidden: list[torch.Tensor], kwargs: list[dict] | None = None):

@@ -13,7 +13,7 @@ Layout per quantized Linear `<name>` (compressed-tensors 0.19 formats):
   (legacy, 2:4)     <name>.bitmask       uint8 [out, ceil(in/8)], bit j of byte k = column 8k+j kept
                     <name>.shape         int64 [2, 1], + <name>.weight_scale as above
 Scales are stored in the model's dtype. Everything else (embeddings, norms, lm_head, biases) is
-saved as the model holds it, by the model's own `save_pretrained` (tied weights, renames, shards).
+saved as the model holds it (tied aliases left out, as save_pretrained leaves them out).
 
 The integers and fp8 values are written exactly as the algorithm chose them: nothing here
 quantizes. The directory appears only when complete (temp dir beside it, fsync, rename).
@@ -24,6 +24,8 @@ import errno
 import json
 import os
 import shutil
+import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from .qweight import QuantizedWeight
 
 CT_VERSION = "0.19.0"          # compressed-tensors version whose config layout we write
 SPARSE_FORMATS = ("dense", "sparse-24-bitmask")
-MAX_SHARD_BYTES = 1 << 30      # a shard is buffered in memory until written: this bounds it
+MAX_SHARD_BYTES = 1 << 30      # output shard size (on disk; no shard is held in memory)
 
 
 # ----------------------------------------------------------------------------- config
@@ -272,9 +274,38 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata={"format": "pt"})
+# safetensors' dtype names, in the order of its Dtype enum: save_file lays tensors out by that
+# order, descending, then by name; _write_shard does the same so the bytes are save_file's
+_ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
+              torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3",
+              torch.float8_e8m0fnu: "F8_E8M0", torch.int16: "I16", torch.uint16: "U16",
+              torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+              torch.uint32: "U32", torch.float32: "F32", torch.complex64: "C64",
+              torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+_ST_RANK = {d: i for i, d in enumerate(_ST_DTYPES)}
+_COPY_CHUNK = 16 << 20
+
+
+def _write_shard(entries: list[tuple], data: Path, path: Path) -> None:
+    """Write the safetensors file `path` holding `entries` (name, dtype, shape, offset, nbytes),
+    whose bytes lie at `offset` in the raw file `data`: the bytes safetensors.torch.save_file
+    writes for those tensors (header JSON in layout order, padded with spaces to 8 bytes), but
+    copied a chunk at a time, where save_file first serialises every tensor in memory."""
+    order = sorted(entries, key=lambda e: (-_ST_RANK[e[1]], e[0]))
+    header, end = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, _, n in order:
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [end, end + n]}
+        end += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(data, "rb") as src, open(path, "wb") as dst:
+        dst.write(struct.pack("<Q", len(head)) + head)
+        for *_, start, n in order:
+            while n:
+                chunk = os.pread(src.fileno(), min(n, _COPY_CHUNK), start)
+                dst.write(chunk)
+                start, n = start + len(chunk), n - len(chunk)
 
 
 class CheckpointWriter:
@@ -283,8 +314,9 @@ class CheckpointWriter:
     nothing (use it as a context manager). The in-memory path writes every decoder layer and
     then the rest of the model through it; the streaming path (stream.py) each decoder layer
     as soon as it is compressed. Both feed it the same tensors in the same order, so both
-    write the same bytes. Tensors are buffered up to `max_shard_bytes` and written as one
-    shard (memory: one shard); one shard is named model.safetensors, several
+    write the same bytes. Each tensor goes to disk when added (memory: none held), into a
+    raw file that becomes a shard once it holds `max_shard_bytes` (disk: the checkpoint plus
+    one shard); one shard is named model.safetensors, several
     model-0000i-of-0000n.safetensors with model.safetensors.index.json, as save_pretrained
     names them."""
 
@@ -308,8 +340,9 @@ class CheckpointWriter:
         self.written: set[str] = set()         # tensor names already buffered or on disk
         self.quantized: set[str] = set()       # Linear names written compressed
         self.zeros = self.total = 0            # for the bitmask format's global_sparsity
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
+        self.entries: list[tuple] = []         # the open shard's tensors, in its raw file
+        self.data = None                        # that raw file, open for appending
+        self.data_bytes = 0
         self.shards: list[tuple[Path, list[str], int]] = []
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-",
@@ -320,6 +353,8 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if self.data is not None:
+            self.data.close()
         if exc is not None:                     # KeyboardInterrupt too: never a partial dir
             shutil.rmtree(self.tmp, ignore_errors=True)
             if _is_disk_full(exc):
@@ -359,31 +394,43 @@ class CheckpointWriter:
                                    "written)")
             if self.sparse_format == "sparse-24-bitmask" and k.rsplit(".", 1)[0] not in mine:
                 self._count(t)
-            t = t.detach().cpu().contiguous()
-            self.buffer[k] = t
+            self._append(k, t.detach())
             self.written.add(k)
-            self.buffer_bytes += t.numel() * t.element_size()
         self.written.update(f"{n}.weight" for n in mine)   # stored compressed
-        if self.buffer_bytes >= self.max_shard_bytes:
+        if self.data_bytes >= self.max_shard_bytes:
             self._flush()
+
+    def _append(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name} is {t.dtype}, which safetensors cannot store")
+        if self.data is None:
+            self.data = open(self.tmp / f".shard-{len(self.shards)}.raw", "wb")
+        n = t.numel() * t.element_size()
+        self.entries.append((name, t.dtype, tuple(t.shape), self.data_bytes, n))
+        if n:                                   # safetensors stores little-endian
+            assert sys.byteorder == "little"
+            self.data.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.data_bytes += n
 
     def _count(self, t: torch.Tensor) -> None:
         self.zeros += int((t.float() == 0).sum())
         self.total += t.numel()
 
     def _flush(self) -> None:
-        if not self.buffer:
+        if not self.entries:
             return
+        raw = Path(self.data.name)
+        self.data.close()
         free = shutil.disk_usage(self.tmp).free
-        if self.buffer_bytes > free:
+        if self.data_bytes > free:
             raise OSError(errno.ENOSPC, f"not enough disk space for the checkpoint at "
-                          f"{self.out_dir}: the next shard needs {self.buffer_bytes / 1e9:.2f} "
+                          f"{self.out_dir}: the next shard needs {self.data_bytes / 1e9:.2f} "
                           f"GB, {free / 1e9:.2f} GB free")
         path = self.tmp / f".shard-{len(self.shards)}.safetensors"
-        _save_file(self.buffer, path)
-        os.chmod(path, 0o666 & ~_umask())       # safetensors writes 0600
-        self.shards.append((path, list(self.buffer), self.buffer_bytes))
-        self.buffer, self.buffer_bytes = {}, 0
+        _write_shard(self.entries, raw, path)
+        raw.unlink()
+        self.shards.append((path, [e[0] for e in self.entries], self.data_bytes))
+        self.entries, self.data, self.data_bytes = [], None, 0
 
     def finish(self, model, tokenizer=None, qweights: dict | None = None) -> Path:
         """Write what is left of `model` (embeddings, norms, lm_head: every tensor not written

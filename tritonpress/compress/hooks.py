@@ -22,7 +22,7 @@ class LinearInputHooks:
     [real tokens, in] rows. Linears called on
     the same tensor object in one forward (q/k/v; gate/up) form a group led by the first one
     called; `groups` maps leader -> members after the first batch. Use as a context manager
-    around `inputs.run(layer, keep=False)`.
+    around `inputs.run(layer, keep=False, before_batch=hooks.new_batch)`.
 
     stop_early: from the second batch on, raise StopLayer once every Linear has been called as
     often as on the first batch, so the rest of the layer (down_proj's matmul, the residual)
@@ -30,9 +30,9 @@ class LinearInputHooks:
     routes tokens (MoE experts) may call different ones per batch, and then runs whole.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], inputs: LayerInputs,
-                 fn: Callable, stop_early: bool = True):
-        self.linears, self.inputs, self.fn = linears, inputs, fn
+    def __init__(self, linears: dict[str, nn.Module], fn: Callable, stop_early: bool = True):
+        self.linears, self.fn = linears, fn
+        self.mask: torch.Tensor | None = None   # the current batch's token mask
         self.leader_of: dict[str, str] = {}
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
         self._handles = []
@@ -57,7 +57,7 @@ class LinearInputHooks:
             else:
                 lead = name
                 self._seen[key] = (x, name)
-                self.fn(name, x, _mask_for(x, self.inputs.current_mask))
+                self.fn(name, x, _mask_for(x, self.mask))
             prev = self.leader_of.setdefault(name, lead)
             if prev != lead:
                 raise RuntimeError(f"{name} shared its input with {prev} on one batch and "
@@ -72,7 +72,8 @@ class LinearInputHooks:
             self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
         return self
 
-    def new_batch(self):
+    def new_batch(self, mask: torch.Tensor | None):
+        self.mask = mask
         if self._batches == 1 and self.stop_early and len(self._calls) == len(self.linears):
             self._first = dict(self._calls)
         self._batches += 1
@@ -84,6 +85,7 @@ class LinearInputHooks:
             h.remove()
         self._handles.clear()
         self._seen.clear()
+        self.mask = None
 
 
 def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -104,13 +106,9 @@ def run_with_linear_inputs(layer: nn.Module, linears: dict[str, nn.Module], inpu
                            fn: Callable) -> dict[str, list[str]]:
     """Replay the batches through `layer`, calling fn(leader, x, mask) once per distinct Linear
     input per batch (see LinearInputHooks); returns the groups (leader -> members)."""
-    hooks = LinearInputHooks(linears, inputs, fn)
-    layer_hook = layer.register_forward_pre_hook(lambda *_: hooks.new_batch())
-    try:
-        with hooks:
-            inputs.run(layer, keep=False)
-    finally:
-        layer_hook.remove()
+    hooks = LinearInputHooks(linears, fn)
+    with hooks:
+        inputs.run(layer, keep=False, before_batch=hooks.new_batch)
     return hooks.groups
 
 
