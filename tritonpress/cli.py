@@ -91,8 +91,7 @@ def main(argv=None) -> int:
                         "shards to the checkpoint's (default auto: whenever the model "
                         "directory allows it; off: load the whole model)")
     c.add_argument("--max-shard-size", default=None, type=_size,
-                   help="checkpoint shard size, e.g. 500MB or 2GB (default 1GB; a shard is "
-                        "held in memory until written)")
+                   help="checkpoint shard size, e.g. 500MB or 2GB (default 1GB)")
     c.add_argument("--spill-dir", default=None,
                    help="keep cached calibration activations in files there, not in memory")
     c.add_argument("--json", default=None, help="write the report here (default: OUT.report.json)")

@@ -74,8 +74,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     at a time, from the input shards to the output shards, evaluation included; auto streams a
     model directory whenever it can (safetensors with the model's tensor names) and says in
     the report's notes when it could not; a loaded model is never streamed.
-    max_shard_bytes: the checkpoint's shard size (default checkpoint.MAX_SHARD_BYTES, 1 GiB):
-    a shard is held in memory until it is written.
+    max_shard_bytes: the checkpoint's shard size (default checkpoint.MAX_SHARD_BYTES, 1 GiB;
+    written to disk as it fills, never held in memory).
     Under torchrun (an initialised process group) GPTQ runs over the ranks (distributed.py)."""
     from . import checkpoint, data, distributed, evaluate, models
 
@@ -142,10 +142,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
             src.load_rest(lm_head=evaluate_quality)
     report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     if method not in ("rtn", "magnitude") and not distributed.active():
-        from .checkpoint import MAX_SHARD_BYTES
         from .stream import check_memory
         report["memory_plan"] = check_memory(model, num_samples * seq_len, src is not None,
-                                             spill_dir, max_shard_bytes or MAX_SHARD_BYTES)
+                                             spill_dir)
 
     from .distributed import barrier, is_main
     writer = contextlib.nullcontext()
