@@ -171,6 +171,22 @@ def test_too_little_memory_is_refused_before_any_work(tmp_path, text, monkeypatc
     assert stream.available_memory() is None or stream.available_memory() > 0
 
 
+def test_model_larger_than_memory_bounds_the_allocator(tmp_path, text, monkeypatch):
+    # only then is the slower, flat-peak allocation chosen (it is process-wide), and said
+    base = _save(tmp_path)
+    calls = []
+    monkeypatch.setattr(stream, "map_large_allocations", lambda: calls.append(1))
+    monkeypatch.setattr(stream, "check_memory", lambda *a: {"need": 1, "available": 1 << 40})
+    r = _run(base, tmp_path / "a", "W4A16", "gptq", {"group_size": 32}, text, stream="on",
+             evaluate_quality=False)
+    assert not calls and not any("larger than the memory" in n for n in r["notes"])
+    monkeypatch.setattr(stream, "check_memory", lambda *a: {"need": 1, "available": 1000})
+    r = _run(base, tmp_path / "b", "W4A16", "gptq", {"group_size": 32}, text, stream="on",
+             evaluate_quality=False)
+    assert calls == [1] and any("larger than the memory" in n for n in r["notes"])
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
 SLOW = pytest.mark.skipif(__import__("os").environ.get("TRITONPRESS_SLOW_TESTS") != "1",
                           reason="demo model runs (~5 min on 2 cores): set TRITONPRESS_SLOW_TESTS=1")
 

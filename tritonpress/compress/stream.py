@@ -113,7 +113,6 @@ class Stream:
                 "transformers' conversion on load; pass stream=False (--stream off)")
         self.writer = None
         self.evaluation = None
-        _map_large_allocations()
 
     def _materialise(self, module: nn.Module, prefix: str, skip: tuple = ()) -> None:
         pre = f"{prefix}." if prefix else ""
@@ -183,13 +182,15 @@ class Stream:
         return self.writer.finish(self.model, tokenizer)
 
 
-def _map_large_allocations() -> None:
+def map_large_allocations() -> None:
     """Fix glibc's mmap threshold at 1 MiB for this process, so that every block of 1 MiB or
     more is mapped on its own and handed back to the system when freed. glibc's default
     threshold rises (up to 32 MiB) as large blocks are freed, and a layer's solves then leave
     their temporaries of that size in heaps that fragment: the peak of a streamed run grows by
     chance from layer to layer (measured, GPTQ on a 1024-wide Llama, 16 layers: 1.04 GB, then
-    1.12 GB from layer 10 on; with this, 0.83 GB at every layer). No-op off glibc."""
+    1.12 GB from layer 10 on; with this, 0.83 GB at every layer). The price is a page fault
+    per page of every such block (GPTQ on a 2048-wide Llama: 1.5x the seconds), so compress()
+    pays it only when the model is larger than the memory available. No-op off glibc."""
     import ctypes
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD
