@@ -7,7 +7,8 @@ high-water mark) that compresses one with `--stream off` (the whole model in mem
 (one decoder layer at a time). Prints a markdown table: layers, model size, mode, peak RSS,
 seconds; JSON rows go to --out-dir/results.json as they finish.
 
-  python bench/bench_stream_memory.py                      # W4A16 GPTQ, 4/16/32 layers, off/on
+  python bench/bench_stream_memory.py                      # W4A16 GPTQ, 4/16/32 layers,
+                                                           # off / on / bounded
   python bench/bench_stream_memory.py --cap-gb 3 --cap-layers 48   # + capped runs (cgroup limit):
       W8A8-FP8 (data-free) and W4A16 GPTQ on the deepest model streamed inside a cgroup memory
       limit smaller than the model, each checkpoint then compared byte for byte with an
@@ -31,11 +32,15 @@ import json, sys, time
 from tritonpress.compress.api import compress
 from tritonpress.compress.report import peak_cpu_bytes
 c = json.loads(sys.argv[1])
+if c.get("bounded"):   # what compress() chooses when the model exceeds the memory available
+    from tritonpress.compress.stream import map_large_allocations
+    map_large_allocations()
 t0 = time.perf_counter()
 r = compress(c["model"], c["scheme"], c["out"], method=c.get("method"), dataset="canterbury",
              num_samples=c["n"], seq_len=c["seq"], group_size=c.get("group_size"),
              evaluate_quality=False, progress=False, device="cpu", stream=c["stream"],
              overwrite=True, max_shard_bytes=c.get("shard"))
+assert not c.get("bounded") or c["stream"] == "on"
 print(json.dumps({"cpu_rss": peak_cpu_bytes(), "seconds": time.perf_counter() - t0,
                   "streamed": r["streamed"], "compress_s": r["seconds"]["compress"]}))
 """
@@ -162,7 +167,10 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=4, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--cap-gb", type=float, default=None, help="also run capped at this size")
-    p.add_argument("--modes", default="off,on", help="stream modes of the depth rows ('' none)")
+    p.add_argument("--modes", default="off,on,bounded",
+                   help="depth rows: off (whole model in memory), on (streamed), bounded "
+                        "(streamed with the fixed mmap threshold compress() chooses when the "
+                        "model exceeds the memory available); '' for none")
     p.add_argument("--shard-mb", type=int, default=256, help="output shard size of the depth rows")
     p.add_argument("--cap-layers", type=int, default=None,
                    help="depth of the capped runs' model (default: the deepest of --layers)")
@@ -195,7 +203,8 @@ def main(argv=None):
         path = models / f"llama-h{a.hidden}-l{n}"
         size = make_model(path, n, a.hidden, a.intermediate)
         for mode in [m for m in a.modes.split(",") if m]:
-            r = run(dict(w4, model=str(path), out=str(out / f"ckpt-l{n}-{mode}"), stream=mode))
+            r = run(dict(w4, model=str(path), out=str(out / f"ckpt-l{n}-{mode}"),
+                         stream="on" if mode == "bounded" else mode, bounded=mode == "bounded"))
             record(dict(layers=n, model_bytes=size, stream=mode, shard=shard, **r))
             rows.append((n, size, mode, r))
     print("\n| layers | model bf16 GB | stream | peak RSS GB | compress s |\n|---|---|---|---|---|")
