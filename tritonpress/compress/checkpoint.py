@@ -337,7 +337,7 @@ class CheckpointWriter:
         self.scheme, self.overwrite, self.actorder = scheme, overwrite, actorder
         self.sparse_format, self.fmt = sparse_format, weight_format(scheme)
         self.max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
-        self.written: set[str] = set()         # tensor names already buffered or on disk
+        self.written: set[str] = set()         # tensor names already on disk
         self.quantized: set[str] = set()       # Linear names written compressed
         self.zeros = self.total = 0            # for the bitmask format's global_sparsity
         self.entries: list[tuple] = []         # the open shard's tensors, in its raw file
