@@ -33,6 +33,7 @@ from tritonpress.compress.api import compress
 from tritonpress.compress.report import peak_cpu_bytes
 c = json.loads(sys.argv[1])
 if c.get("bounded"):   # what compress() chooses when the model exceeds the memory available
+    assert c["stream"] == "on"
     from tritonpress.compress.stream import map_large_allocations
     map_large_allocations()
 t0 = time.perf_counter()
@@ -40,7 +41,6 @@ r = compress(c["model"], c["scheme"], c["out"], method=c.get("method"), dataset=
              num_samples=c["n"], seq_len=c["seq"], group_size=c.get("group_size"),
              evaluate_quality=False, progress=False, device="cpu", stream=c["stream"],
              overwrite=True, max_shard_bytes=c.get("shard"))
-assert not c.get("bounded") or c["stream"] == "on"
 print(json.dumps({"cpu_rss": peak_cpu_bytes(), "seconds": time.perf_counter() - t0,
                   "streamed": r["streamed"], "compress_s": r["seconds"]["compress"]}))
 """

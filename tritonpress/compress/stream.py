@@ -6,14 +6,16 @@ buffers such as rotary tables are real); the embeddings, final norm and lm_head 
 the safetensors shards when something needs them, each decoder layer just before its turn,
 and each layer is freed as soon as its compressed tensors are handed to the checkpoint writer
 (checkpoint.CheckpointWriter, the same writer and the same order as the in-memory path, so
-both write the same bytes). Peak memory: the non-layer tensors, one decoder layer, the
-calibration activations and one output shard, whatever the depth.
+both write the same bytes; it holds no tensor in memory). Peak memory: the non-layer
+tensors, one decoder layer and the calibration activations, whatever the depth (flat when the
+model exceeds memory, see map_large_allocations).
 
 Data-free schemes (RTN, FP8) never load the non-layer tensors into modules: after the last
 layer they are read from the input shards and handed to the writer as they are.
 """
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,24 +191,33 @@ def map_large_allocations() -> None:
     their temporaries of that size in heaps that fragment: the peak of a streamed run grows by
     chance from layer to layer (measured, GPTQ on a 1024-wide Llama, 16 layers: 1.04 GB, then
     1.12 GB from layer 10 on; with this, 0.83 GB at every layer). The price is a page fault
-    per page of every such block (GPTQ on a 2048-wide Llama: 1.5x the seconds), so compress()
-    pays it only when the model is larger than the memory available. No-op off glibc."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    per page of every such block (GPTQ on a 2048-wide Llama: 1.2-1.5x the seconds), so
+    compress() pays it only when the model is larger than the memory available. No-op off
+    glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)                          # M_MMAP_THRESHOLD
 
 
 def _return_freed_memory() -> None:
     """Hand the heap glibc keeps after a layer's solves back to the system (measured on a
     2048-wide Llama: the RSS at each layer's start stays at 0.66 GB instead of creeping to
     1.3 GB); under a memory limit that kept heap counts as used. No-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    """glibc's handle, or None elsewhere (musl, macOS, Windows)."""
     import ctypes
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim          # noqa: B018 (both are glibc's own)
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 class _Tensors(nn.Module):
