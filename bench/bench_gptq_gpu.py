@@ -202,8 +202,8 @@ def bench_solve(shapes, tokens, llmc_python, reps=3,
                 os.environ["TRITONPRESS_BACKEND"] = backend
                 try:
                     ms, (qw, Q2, info) = timed(
-                        lambda _: gptq_quantize(W, H, args, torch.bfloat16, blocksize=128,
-                                                dampening=DAMP),
+                        lambda _: gptq_quantize(W, H, args, torch.bfloat16, block_size=128,
+                                                damp=DAMP),
                         reps=reps if backend == "auto" else 1, warmup=int(backend == "auto"))
                 finally:
                     os.environ.pop("TRITONPRESS_BACKEND", None)
@@ -310,7 +310,7 @@ def precision_study(rows=512, cols=1024, tokens=4096):
         scale, zp = weight_qparams_ref(W, args, torch.bfloat16)
         base = None
         for p in ("ieee", "tf32x3", "bf16x3", "tf32", "bf16"):
-            Q, _, _, losses = gptq_solve_ref(W, U, args, scale, zp, blocksize=128, outer=512,
+            Q, _, _, losses = gptq_solve_ref(W, U, args, scale, zp, block_size=128, outer=512,
                                              precision=p)
             if base is None:
                 base = (Q, float(losses.sum()))

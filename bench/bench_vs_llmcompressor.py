@@ -323,7 +323,7 @@ def main(argv=None) -> list[dict]:
         if args.delete_checkpoints and "eval_error" not in row:
             shutil.rmtree(ckpt, ignore_errors=True)
 
-    from tritonpress.compress.api import DEFAULT_METHOD
+    from tritonpress.compress.options import DEFAULT_METHOD
     for scheme in args.schemes:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
         method = spec.get("method") or DEFAULT_METHOD[spec.get("scheme", scheme)]

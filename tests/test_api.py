@@ -139,7 +139,7 @@ def test_dtype_auto_keeps_an_fp32_model_fp32(tmp_path, text, capsys):
     assert t["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert t["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
     # the resume fingerprint pins parameter dtypes: an fp32 run never resumes a bf16 one
-    fp = [fingerprint(m, None, "gptq", None, {})["parameters"]
+    fp = [fingerprint(m, None, None, {})["parameters"]
           for m in (model, tiny_llama(seed=3)[0].to(torch.bfloat16))]
     assert fp[0] != fp[1]
 
@@ -152,3 +152,31 @@ def test_dtype_auto_keeps_an_fp32_model_fp32(tmp_path, text, capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--model", str(base), "--out", str(tmp_path / "x"), "--dtype", "half"])
     assert "float32" in capsys.readouterr().err
+
+
+def test_options_are_written_once():
+    """compress()'s defaults and the CLI's are Options' own; resolved() checks each option
+    before anything loads, and the report records all of them."""
+    import dataclasses
+    import inspect
+
+    from tritonpress.compress.options import Options
+    from tritonpress.schemes import get_scheme
+
+    sig = inspect.signature(compress).parameters
+    for f in dataclasses.fields(Options):
+        assert sig[f.name].default == getattr(Options(), f.name), f.name
+    w4, fp8 = get_scheme("W4A16"), get_scheme("W8A8_FP8")
+    assert Options().resolved(w4).method == "gptq"
+    assert Options().resolved(fp8) == Options(method="rtn", actorder=None)  # RTN orders nothing
+    for opts, match in [(Options(method="gptqq"), "unknown method 'gptqq'"),
+                        (Options(method="sparsegpt"), "prunes to 2:4"),
+                        (Options(method="awq"), None), (Options(damp=-0.1), "damp=-0.1"),
+                        (Options(block_size=0), "block_size=0")]:
+        if match is None:
+            opts.resolved(w4)
+            with pytest.raises(ValueError, match="AWQ is for W4A16"):
+                opts.resolved(get_scheme("W8A8_INT8"))
+            continue
+        with pytest.raises(ValueError, match=match):
+            opts.resolved(w4)

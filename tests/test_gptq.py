@@ -64,7 +64,7 @@ def test_blocked_sweep_matches_unblocked_obs(name, group, actorder, scales):
     args = _args(name, group)
     W = torch.randn(37, 120)
     H = correlated_hessian(120)
-    qw, Q, info = gptq_quantize(W, H, args, torch.float32, blocksize=32, actorder=actorder,
+    qw, Q, info = gptq_quantize(W, H, args, torch.float32, block_size=32, actorder=actorder,
                                 group_scales=scales)
     ref = obs_reference(W, H, args, actorder=bool(actorder), dynamic=scales == "dynamic")
     # dynamic scales come from float64 vs float32 weights: equal up to an ulp, not bit-exact
@@ -189,14 +189,14 @@ def test_non_pd_hessian_raises_dampening_then_falls_back():
     _, Q, info = gptq_quantize(W, H, _args("W8A8_INT8"), torch.float32)
     assert info["dampening_failed"] == pytest.approx([0.01, 0.1, 1.0])
     assert info["dampening"] == pytest.approx(10.0) and info["fallback"] is None
-    _, Q, info = gptq_quantize(W, H, _args("W8A8_INT8"), torch.float32, max_dampening=1.0)
+    _, Q, info = gptq_quantize(W, H, _args("W8A8_INT8"), torch.float32, max_damp=1.0)
     assert info["fallback"] == "rtn" and info["dampening"] is None
     assert torch.equal(Q, rtn_quantize(W, _args("W8A8_INT8"), torch.float32)[1])
     # singular (rank 1) PSD Hessian with no dampening: raised until it factors
     x = torch.randn(32, 1)
-    U, frac, failed = inverse_cholesky(x @ x.T, dampening=0.0)
+    U, frac, failed = inverse_cholesky(x @ x.T, damp=0.0)
     assert U is None or failed  # 0 never works on a rank-1 matrix
-    U, frac, failed = inverse_cholesky(x @ x.T, dampening=1e-12)
+    U, frac, failed = inverse_cholesky(x @ x.T, damp=1e-12)
     assert frac is not None and frac > 1e-12 and failed
     # NaN in H: straight to RTN
     H = correlated_hessian(32)

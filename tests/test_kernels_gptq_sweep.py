@@ -63,11 +63,11 @@ def test_layer_solve_matches_gptq_quantize(args, mode):
     rows, n = 37, 192
     W = torch.randn(rows, n) * 0.05
     H = _hessian(n)
-    qw, Q_ref, info = gptq_quantize(W, H, args, torch.bfloat16, blocksize=64, group_scales=mode)
+    qw, Q_ref, info = gptq_quantize(W, H, args, torch.bfloat16, block_size=64, group_scales=mode)
     U, frac, _ = inverse_cholesky(H.clone())
     s, z = (None, None) if mode == "dynamic" else weight_qparams_ref(W, args, torch.bfloat16)
     Q, scale, zp, losses = gptq_solve_triton(W, U, args, s, z, scale_dtype=torch.bfloat16,
-                                             blocksize=64, outer=128, block_m=32)
+                                             block_size=64, outer=128, block_m=32)
     same = (Q == Q_ref).float().mean().item()
     assert same > 0.99, f"only {same:.4f} of the values agree"
     assert abs(losses.sum().item() - info["loss"]) <= 1e-3 * info["loss"]
@@ -81,8 +81,8 @@ def test_solve_triton_matches_its_torch_reference_with_partial_block():
     args = QuantArgs(4, "int", False, "group", 8)
     W = torch.randn(21, 200)
     U = _factor(_hessian(200))
-    got = gptq_solve_triton(W, U, args, blocksize=64, outer=128, block_m=32)
-    want = gptq_solve_ref(W, U, args, blocksize=64, outer=128)
+    got = gptq_solve_triton(W, U, args, block_size=64, outer=128, block_m=32)
+    want = gptq_solve_ref(W, U, args, block_size=64, outer=128)
     assert (got[0] == want[0]).float().mean() > 0.99
     torch.testing.assert_close(got[3], want[3], rtol=1e-4, atol=1e-6)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
@@ -93,9 +93,9 @@ def test_stacked_rows_solve_like_separate_layers():
     n = 128
     U = _factor(_hessian(n))
     Wa, Wb = torch.randn(24, n), torch.randn(13, n)
-    both = gptq_solve_ref(torch.cat([Wa, Wb]), U, INT4_SYM, blocksize=64, outer=64)
-    a = gptq_solve_ref(Wa, U, INT4_SYM, blocksize=64, outer=64)
-    b = gptq_solve_ref(Wb, U, INT4_SYM, blocksize=64, outer=64)
+    both = gptq_solve_ref(torch.cat([Wa, Wb]), U, INT4_SYM, block_size=64, outer=64)
+    a = gptq_solve_ref(Wa, U, INT4_SYM, block_size=64, outer=64)
+    b = gptq_solve_ref(Wb, U, INT4_SYM, block_size=64, outer=64)
     assert torch.equal(both[0], torch.cat([a[0], b[0]]))
     torch.testing.assert_close(both[3], torch.cat([a[3], b[3]]))
 
@@ -140,13 +140,13 @@ def test_dispatch_and_bad_inputs(monkeypatch):
         sweep_block(W, U, s1[:, :1], None, INT8_CHAN)
     with pytest.raises(ValueError, match="Hinv"):
         sweep_block(W, torch.eye(8), s1, None, INT8_CHAN)
-    with pytest.raises(ValueError, match="divide blocksize"):
-        gptq_solve(W, U, QuantArgs(4, "int", True, "group", 16), blocksize=8, outer=8)
+    with pytest.raises(ValueError, match="divide block_size"):
+        gptq_solve(W, U, QuantArgs(4, "int", True, "group", 16), block_size=8, outer=8)
     with pytest.raises(ValueError, match="per-channel"):
         gptq_solve(W, U, INT8_CHAN)
     with pytest.raises(ValueError, match="zero point"):
         gptq_solve(W, U, INT4_ASYM.__class__(4, "int", False, "group", 16),
-                   torch.ones(5, 1), None, blocksize=16, outer=16)
+                   torch.ones(5, 1), None, block_size=16, outer=16)
 
 
 @pytest.mark.parametrize("args", [INT4_SYM, INT4_ASYM, INT8_CHAN],
@@ -158,10 +158,10 @@ def test_fused_solve_under_static_actorder_matches_the_torch_loop(args, monkeypa
     H = _hessian(n)
     H.diagonal().mul_(torch.rand(n) * 4 + 0.5)     # a diagonal out of order: a real permutation
     monkeypatch.setenv("TRITONPRESS_BACKEND", "torch")
-    qw_ref, Q_ref, info_ref = gptq_quantize(W, H, args, torch.bfloat16, blocksize=64,
+    qw_ref, Q_ref, info_ref = gptq_quantize(W, H, args, torch.bfloat16, block_size=64,
                                             actorder="static")
     monkeypatch.setenv("TRITONPRESS_BACKEND", "triton")
-    qw, Q, info = gptq_quantize(W, H, args, torch.bfloat16, blocksize=64, actorder="static")
+    qw, Q, info = gptq_quantize(W, H, args, torch.bfloat16, block_size=64, actorder="static")
     assert (qw.q == qw_ref.q).float().mean() > 0.99
     assert abs(info["loss"] - info_ref["loss"]) <= 1e-3 * info_ref["loss"]
     assert torch.equal(qw.scale, qw_ref.scale)

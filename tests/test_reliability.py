@@ -77,7 +77,7 @@ def test_non_pd_hessian_raises_dampening_and_reports_it():
     with pytest.warns(UserWarning, match=r"down_proj: Hessian not positive definite with "
                                          r"dampening \[0.0\]; needed dampening 0.0001"):
         res = compress_sequential(model, batches(), get_scheme("W4A16", group_size=32),
-                                  partial(gptq_layer, dampening=0.0), progress=False)
+                                  partial(gptq_layer, damp=0.0), progress=False)
     info = res.infos["model.layers.0.mlp.down_proj"]
     assert info["dampening_failed"] == [0.0] and info["dampening"] == pytest.approx(1e-4)
     assert info["fallback"] is None
@@ -85,7 +85,7 @@ def test_non_pd_hessian_raises_dampening_and_reports_it():
     model = tiny()
     with pytest.warns(UserWarning, match="down_proj: .*fell back to RTN"):
         res = compress_sequential(model, batches(), get_scheme("W4A16", group_size=32),
-                                  partial(gptq_layer, dampening=0.0, max_dampening=0.0),
+                                  partial(gptq_layer, damp=0.0, max_damp=0.0),
                                   progress=False)
     assert res.infos["model.layers.1.mlp.down_proj"]["fallback"] == "rtn"
 

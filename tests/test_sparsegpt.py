@@ -62,7 +62,7 @@ def test_reported_loss_is_the_dampened_hessian_loss(kind):
     out, n = 16, 96
     H = correlated_hessian(n)
     W = torch.randn(out, n)
-    qw, losses = run(kind, W, H, blocksize=32)
+    qw, losses = run(kind, W, H, block_size=32)
     Hd = H + 0.01 * H.diagonal().mean() * torch.eye(n)
     D = W - qw.dequantize()
     torch.testing.assert_close(losses, ((D @ Hd) * D).sum(1), rtol=1e-3, atol=0)
@@ -137,7 +137,7 @@ def test_bad_input_is_rejected_with_the_fix():
     with pytest.raises(ValueError, match="W8A8_FP8_24"):
         sparsegpt_24(torch.randn(4, 32), H, args=QuantArgs(4, "int", True, "group", 128))
     with pytest.raises(ValueError, match="multiple of 4"):
-        sparsegpt_24(torch.randn(4, 32), H, blocksize=6)
+        sparsegpt_24(torch.randn(4, 32), H, block_size=6)
     with pytest.raises(ValueError, match="NaN"):
         sparsegpt_24(torch.full((4, 32), float("nan")), H)
     with pytest.raises(ValueError, match="not positive definite"):

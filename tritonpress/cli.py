@@ -54,36 +54,40 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tritonpress", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    from .compress.options import METHODS, Options
+    d = Options()                          # the defaults, written once
     c = sub.add_parser("compress", help="compress a model into a compressed-tensors checkpoint")
     _add_common(c)
     c.add_argument("--scheme", default="W8A8_FP8",
                    help="W4A16, W4A16_ASYM, W8A8_INT8 (W8A8), W8A8_FP8 (FP8_DYNAMIC), W8A8_FP8_24")
-    c.add_argument("--method", default=None,
-                   help="rtn, gptq, awq, awq+gptq, sparsegpt, magnitude (default: by scheme)")
+    c.add_argument("--method", default=d.method,
+                   help=f"{', '.join(METHODS)} (default: by scheme)")
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    c.add_argument("--dataset", default="canterbury",
+    c.add_argument("--dataset", default=d.dataset,
                    help="calibration text: canterbury, code, a+b mixes, .txt/.jsonl files, "
                         "or a `datasets` name")
-    c.add_argument("--num-samples", type=int, default=128)
-    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--num-samples", type=int, default=d.num_samples)
+    c.add_argument("--seq-len", type=int, default=d.seq_len)
     c.add_argument("--group-size", type=int, default=None)
     c.add_argument("--asym", action="store_true", help="asymmetric int weights")
     c.add_argument("--ignore", nargs="*", default=None,
                    help="module names (or re:regex) to leave unquantized (default: lm_head)")
-    c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening fraction")
-    c.add_argument("--block-size", type=int, default=128)
-    c.add_argument("--actorder", default="static", choices=["static", "none"],
+    c.add_argument("--damp", type=float, default=d.damp,
+                   help="GPTQ's and SparseGPT's dampening, a fraction of the Hessian's mean "
+                        f"diagonal (default {d.damp})")
+    c.add_argument("--block-size", type=int, default=d.block_size)
+    c.add_argument("--actorder", default=d.actorder or "none", choices=["static", "none"],
                    help="GPTQ activation order: static (default, as llm-compressor: columns swept "
                         "by decreasing Hessian diagonal, groups kept on the original columns, "
                         "no g_idx) or none")
-    c.add_argument("--clip", default="on", choices=["on", "off"],
+    c.add_argument("--clip", default="on" if d.clip else "off", choices=["on", "off"],
                    help="clipping search of 4-bit group scales, AWQ's and GPTQ's (default on)")
-    c.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+    c.add_argument("--smoothquant", type=float, default=d.smoothquant, metavar="ALPHA",
                    help="SmoothQuant before W8A8_INT8 with strength ALPHA (e.g. 0.5)")
     c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])
     c.add_argument("--no-eval", action="store_true", help="skip perplexity/KL")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=d.seed)
     c.add_argument("--resume-dir", default=None,
                    help="save per-layer state there; rerun with it to resume after a crash")
     c.add_argument("--stream", default="auto", choices=["auto", "on", "off"],

@@ -12,14 +12,12 @@ import torch
 from torch import nn
 
 from ..schemes import Scheme, get_scheme
+from .options import Options
 from .targets import check_group_sizes
 from .report import dir_size, format_report, peak_memory, profile_table, profiling, save_json, timed
 
-DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
-                  "W8A8_FP8": "rtn", "W8A8_FP8_24": "sparsegpt"}
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
-GPTQ_METHODS = ("gptq", "awq+gptq")      # the methods whose weights GPTQ quantizes (actorder)
 STREAM_MODES = ("auto", "on", "off")
+_D = Options()          # the defaults, written once (options.py)
 
 
 def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:
@@ -43,13 +41,14 @@ def check_finite(model: nn.Module) -> None:
                          "compression; re-download or re-convert it")
 
 
-def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
-             dataset="canterbury", num_samples=128, seq_len=512, group_size=None,
-             symmetric=None, ignore=None, damp=0.01, block_size=128, actorder="static", clip=True,
-             smoothquant=None, sparse_format="dense", eval_dataset="canterbury+code",
+def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.method,
+             dataset=_D.dataset, num_samples=_D.num_samples, seq_len=_D.seq_len,
+             group_size=None, symmetric=None, ignore=None, damp=_D.damp,
+             block_size=_D.block_size, actorder=_D.actorder, clip=_D.clip,
+             smoothquant=_D.smoothquant, sparse_format="dense", eval_dataset="canterbury+code",
              eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
-             overwrite=False, cache_dir=None, seed=0, progress=True, json_path=None,
-             partial_last_group=False, resume_dir=None, spill_dir=None,
+             overwrite=False, cache_dir=None, seed=_D.seed, progress=True, json_path=None,
+             partial_last_group=_D.partial_last_group, resume_dir=None, spill_dir=None,
              print_report=False, dtype="auto", act_sim="vllm", stream="auto",
              max_shard_bytes=None) -> dict:
     """Compress `model` (a built-in name, a local HF directory, or a loaded model with
@@ -81,14 +80,11 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
 
     t_start = time.perf_counter()
     scheme = get_scheme(scheme, group_size=group_size, symmetric=symmetric, ignore=ignore)
-    method = (method or DEFAULT_METHOD[scheme.name]).lower()
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    _check_method(scheme, method)
-    from .gptq import check_actorder
-    actorder = check_actorder(actorder)          # a bad value fails here, before any loading
-    if method not in GPTQ_METHODS:
-        actorder = None                          # only GPTQ orders columns
+    # every option checked here, before any loading; what the report and resume record
+    opts = Options(method=method, dataset=dataset, num_samples=num_samples, seq_len=seq_len,
+                   seed=seed, damp=damp, block_size=block_size, actorder=actorder, clip=clip,
+                   smoothquant=smoothquant,
+                   partial_last_group=partial_last_group).resolved(scheme)
     evaluate.check_act_sim(act_sim)
     stream = {True: "on", False: "off"}.get(stream, stream)
     if stream not in STREAM_MODES:
@@ -104,10 +100,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     torch.manual_seed(seed)
 
     report = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-              "scheme": scheme.name, "method": method, "device": str(device), "notes": [],
-              "options": dict(group_size=scheme.weights.group_size, num_samples=num_samples,
-                              seq_len=seq_len, dataset=dataset, damp=damp, actorder=actorder,
-                              clip=clip, smoothquant=smoothquant, seed=seed, stream=stream)}
+              "scheme": scheme.name, "method": opts.method, "device": str(device),
+              "notes": [], "options": dict(opts.as_dict(), group_size=scheme.weights.group_size,
+                                           stream=stream)}
     with timed(report, "load"):
         src = None                               # a stream.Stream when streaming
         if isinstance(model, (str, Path)):
@@ -137,11 +132,11 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
             check_finite(model)                  # streamed: each layer as it is read
         linears = all_target_linears(model, scheme)
         check_group_sizes(model, scheme, None, scheme.ignore, partial_last_group)
-        if src is not None and (evaluate_quality or method not in ("rtn", "magnitude")):
+        if src is not None and (evaluate_quality or not opts.data_free):
             # embeddings for the capture; lm_head only for the evaluation's logits
             src.load_rest(lm_head=evaluate_quality)
     report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    if method not in ("rtn", "magnitude") and not distributed.active():
+    if not opts.data_free and not distributed.active():
         from .stream import check_memory
         plan = report["memory_plan"] = check_memory(model, num_samples * seq_len,
                                                     src is not None, spill_dir)
@@ -157,7 +152,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
     writer = contextlib.nullcontext()
     if src is not None and out is not None:     # layers are written as they finish
         writer = src.writer = checkpoint.CheckpointWriter(
-            out, scheme, overwrite=overwrite, sparse_format=sparse_format, actorder=actorder,
+            out, scheme, overwrite=overwrite, sparse_format=sparse_format, actorder=opts.actorder,
             max_shard_bytes=max_shard_bytes)
     with writer:
         # held-out text, one set of windows per source ("canterbury+code" -> two), and the
@@ -178,14 +173,13 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
 
         with timed(report, "compress"), profiling() as prof:
             batches = None
-            if method != "rtn" and method != "magnitude":
+            if not opts.data_free:
                 batches = data.calibration_batches(
-                    tokenizer, dataset, num_samples, seq_len, seed=seed, cache_dir=cache_dir,
+                    tokenizer, opts.dataset, opts.num_samples, opts.seq_len, seed=opts.seed,
+                    cache_dir=cache_dir,
                     max_positions=getattr(model.config, "max_position_embeddings", None))
             qweights, layer_info = _run_method(
-                model, scheme, method, linears, batches, device, damp=damp,
-                block_size=block_size, actorder=actorder, clip=clip, smoothquant=smoothquant,
-                progress=progress, partial_last_group=partial_last_group,
+                model, scheme, opts, linears, batches, device, progress=progress,
                 resume_dir=resume_dir, spill_dir=spill_dir, stream=src)
         report["layers"] = layer_info
         # a streamed evaluation ran inside the layer loop: its seconds are not compression's
@@ -220,7 +214,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=None,
                     path = checkpoint.save_checkpoint(model, tokenizer, qweights, scheme, out,
                                                       overwrite=overwrite,
                                                       sparse_format=sparse_format,
-                                                      actorder=actorder,
+                                                      actorder=opts.actorder,
                                                       max_shard_bytes=max_shard_bytes)
             report["out"] = str(path)
             report["size_bytes"] = dir_size(path)
@@ -258,18 +252,8 @@ def _open_stream(path, torch_dtype, stream, report):
         return None
 
 
-def _check_method(scheme: Scheme, method: str) -> None:
-    if method in ("sparsegpt", "magnitude") and not scheme.sparsity_24:
-        raise ValueError(f"method {method} prunes to 2:4: use it with scheme W8A8_FP8_24")
-    if scheme.sparsity_24 and method not in ("sparsegpt", "magnitude"):
-        raise ValueError("scheme W8A8_FP8_24 needs method sparsegpt (default) or magnitude")
-    if method.startswith("awq") and scheme.weights.num_bits != 4:
-        raise ValueError("AWQ is for W4A16 schemes (W4A16_ASYM by default)")
-
-
-def _run_method(model, scheme, method, linears, batches, device, *, damp, block_size, actorder,
-                clip, smoothquant, progress, partial_last_group, resume_dir=None, spill_dir=None,
-                stream=None):
+def _run_method(model, scheme, opts: Options, linears, batches, device, *, progress,
+                resume_dir=None, spill_dir=None, stream=None):
     """One algorithm over the model; each writes dequantized weights back into the model.
     Returns (qweights by full Linear name, per-Linear info); streamed, the qweights went to
     the stream's writer layer by layer and none are returned."""
@@ -277,8 +261,9 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
 
     from . import awq, gptq, pipeline, rtn, smoothquant as sq, sparsegpt, targets
 
+    method = opts.method
     data_free = {"rtn": lambda lin: rtn.quantize_linears_rtn(lin, scheme, device,
-                                                             partial_last_group),
+                                                             opts.partial_last_group),
                  "magnitude": lambda lin: sparsegpt.magnitude_linears(lin, scheme, device)}
     if method in data_free and stream is None:
         return data_free[method](linears)
@@ -294,31 +279,30 @@ def _run_method(model, scheme, method, linears, batches, device, *, damp, block_
             infos.update(info)
             stream.done(i, layer, lp, qw)
         return {}, infos
-    gptq_opts = dict(blocksize=block_size, dampening=damp, actorder=actorder, clip=clip)
     from . import distributed, resume
     wrap = None
     if resume_dir is not None:   # per-layer state; finished layers are restored, not redone
-        fp = resume.fingerprint(model, scheme, method, batches, dict(
-            gptq_opts, smoothquant=smoothquant, partial_last_group=partial_last_group))
+        fp = resume.fingerprint(model, scheme, batches, opts.as_dict())
         state = resume.ResumeState(resume_dir, fp, write=distributed.is_main())
         wrap = lambda fn: resume.resumable(fn, state)  # noqa: E731
     if distributed.active():     # torchrun: batches split over ranks, Hessians all-reduced
-        return distributed.run_method(model, batches, scheme, method, device, gptq_opts=gptq_opts,
-                                      partial_last_group=partial_last_group, progress=progress,
-                                      wrap=wrap, spill_dir=spill_dir, smoothquant=smoothquant)
+        return distributed.run_method(model, batches, scheme, opts, device, progress=progress,
+                                      wrap=wrap, spill_dir=spill_dir)
     layer_fn = {
-        "gptq": partial(gptq.gptq_layer, **gptq_opts),
-        "awq": partial(awq.awq, clip=clip),
-        "awq+gptq": partial(awq.awq, gptq=gptq_opts),
-        "sparsegpt": partial(sparsegpt.sparsegpt_method, blocksize=block_size, percdamp=damp),
+        "gptq": partial(gptq.gptq_layer, **opts.gptq()),
+        "awq": partial(awq.awq, clip=opts.clip),
+        "awq+gptq": partial(awq.awq, gptq=opts.gptq()),
+        "sparsegpt": partial(sparsegpt.sparsegpt_method, block_size=opts.block_size,
+                             damp=opts.damp),
     }[method]
-    if smoothquant is not None:
-        layer_fn = pipeline.chain(partial(sq.smoothquant_layer, alpha=smoothquant), layer_fn)
+    if opts.smoothquant is not None:
+        layer_fn = pipeline.chain(partial(sq.smoothquant_layer, alpha=opts.smoothquant),
+                                  layer_fn)
     if wrap is not None:
         layer_fn = wrap(layer_fn)
     res = pipeline.compress_sequential(model, batches, scheme, layer_fn, device=device,
-                                       partial_last_group=partial_last_group, progress=progress,
-                                       spill_dir=spill_dir, stream=stream)
+                                       partial_last_group=opts.partial_last_group,
+                                       progress=progress, spill_dir=spill_dir, stream=stream)
     return res.qweights, res.infos
 
 

@@ -116,8 +116,8 @@ def collect_hessians_allreduced(layer, linears, inputs) -> dict[str, tuple[torch
 
 # ----------------------------------------------------------------------------- GPTQ
 
-def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
-                           dampening: float = 0.01, max_dampening: float = 10.0,
+def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, block_size: int = 128,
+                           damp: float = 0.01, max_damp: float = 10.0,
                            actorder: str | None = "static", group_scales: str | None = None,
                            clip: bool = True):
     """gptq.gptq_layer's contract (static activation order by default), with all-reduced
@@ -136,8 +136,8 @@ def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: 
             continue
         done = gptq.gptq_linears({n: ctx.linears[n] for n in members},
                                  {n: hessians[n][0] for n in members}, ctx.scheme.weights,
-                                 ctx.scale_dtype, blocksize=blocksize, dampening=dampening,
-                                 max_dampening=max_dampening,
+                                 ctx.scale_dtype, block_size=block_size, damp=damp,
+                                 max_damp=max_damp,
                                  actorder=gptq.check_actorder(actorder),
                                  group_scales=group_scales or gptq.DEFAULT_GROUP_SCALES,
                                  clip=clip, partial_last_group=ctx.partial_last_group)
@@ -161,21 +161,21 @@ def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, blocksize: 
     return qweights, infos
 
 
-def run_method(model, batches, scheme, method: str, device, *, gptq_opts: dict,
-               partial_last_group: bool = False, progress: bool = True, wrap=None,
-               spill_dir=None, smoothquant=None):
+def run_method(model, batches, scheme, opts, device, *, progress: bool = True, wrap=None,
+               spill_dir=None):
     """api._run_method's contract when a process group is active: (qweights, infos), the same
     on every rank."""
-    if method != "gptq":
-        raise ValueError(f"method {method} does not run on several processes yet: use gptq, "
+    if opts.method != "gptq":
+        raise ValueError(f"method {opts.method} does not run on several processes yet: use gptq, "
                          "or run it in a single process (python, not torchrun)")
-    if smoothquant is not None:
+    if opts.smoothquant is not None:
         raise ValueError("SmoothQuant does not run on several processes yet: drop --smoothquant "
                          "or run in a single process (python, not torchrun)")
-    fn = partial(gptq_layer_distributed, **gptq_opts)
+    fn = partial(gptq_layer_distributed, **opts.gptq())
     if wrap is not None:                 # resume.resumable
         fn = wrap(fn)
     res = compress_sequential(model, split_batches(list(batches)), scheme, fn,
-                              device=local_device(device), partial_last_group=partial_last_group,
+                              device=local_device(device),
+                              partial_last_group=opts.partial_last_group,
                               progress=progress and is_main(), spill_dir=spill_dir)
     return res.qweights, res.infos

@@ -66,10 +66,10 @@ def check_actorder(actorder) -> str | None:
                      "diagonal, groups on the original columns) or None/'none' (no ordering)")
 
 
-def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: float = 10.0,
+def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_damp: float = 10.0,
                      overwrite: bool = False):
     """Upper Cholesky factor of (H + frac * mean(|diag H|) * I)^-1, raising frac x10 from
-    `dampening` (0 -> 1e-4) up to `max_dampening` until both factorizations succeed.
+    `damp` (0 -> 1e-4) up to `max_damp` until both factorizations succeed.
     overwrite: dampen H itself (it is left dampened; no n x n copy, for callers done with H).
 
     Returns (U or None, frac used or None, fractions that failed)."""
@@ -78,9 +78,9 @@ def inverse_cholesky(H: torch.Tensor, dampening: float = 0.01, max_dampening: fl
         return None, None, []
     if diag_mean == 0:
         diag_mean = torch.ones_like(diag_mean)
-    frac, failed = dampening, []
+    frac, failed = damp, []
     diag = H.diagonal().clone()
-    while frac <= max_dampening * (1 + 1e-9):
+    while frac <= max_damp * (1 + 1e-9):
         damped = H if overwrite else H.clone()   # H + frac * mean * I, no identity made
         damped.diagonal().copy_(diag).add_(frac * diag_mean)
         # one Cholesky and one triangular inverse (kernels/gptq_sweep.py): the same U as
@@ -106,8 +106,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, args: QuantArgs,
 @torch.no_grad()
 @step("gptq solve")
 def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: QuantArgs,
-                          scale_dtype: torch.dtype | None = None, *, blocksize: int = 128,
-                          dampening: float = 0.01, max_dampening: float = 10.0,
+                          scale_dtype: torch.dtype | None = None, *, block_size: int = 128,
+                          damp: float = 0.01, max_damp: float = 10.0,
                           actorder: str | None = None, group_scales: str = DEFAULT_GROUP_SCALES,
                           partial_last_group: bool = False, clip: bool = False) -> list[tuple]:
     """GPTQ several weights that read the same input (q/k/v, gate/up) against their shared
@@ -155,7 +155,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
         torch.arange(cols, device=W.device)
     W, H, gcol = W[:, perm], H[perm][:, perm], gidx[perm]
 
-    Hinv, frac, failed = inverse_cholesky(H, dampening, max_dampening, overwrite=True)
+    Hinv, frac, failed = inverse_cholesky(H, damp, max_damp, overwrite=True)
     del H                                       # the sweep needs only its inverse factor
     info.update(dampening=frac, dampening_failed=failed)
     if Hinv is None:
@@ -165,7 +165,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
 
     # Block boundaries; in dynamic mode also wherever the sweep first meets a group, so that
     # its scale is computed from weights carrying all earlier updates.
-    bounds = set(range(0, cols, blocksize)) | {cols}
+    bounds = set(range(0, cols, block_size)) | {cols}
     if dynamic:
         first = torch.full((int(gidx.max()) + 1,), cols, dtype=torch.long, device=W.device)
         first = first.scatter_reduce(0, gcol, torch.arange(cols, device=W.device), "amin")
@@ -179,16 +179,16 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
     # then skipped. The solve takes columns in sweep order: under activation order each swept
     # column gets its (original) group's scale, as groups of one column.
     if use_triton(W, Hinv) and args.strategy in ("group", "channel") \
-            and (not dynamic or (not actorder and blocksize % args.group_size == 0)):
+            and (not dynamic or (not actorder and block_size % args.group_size == 0)):
         from ..kernels.gptq_sweep import gptq_solve
         if actorder and args.strategy == "group":
             Q, _, _, Losses = gptq_solve(W, Hinv, dataclasses.replace(args, group_size=1),
                                          expand(scale, gcol, rows), expand(zp, gcol, rows),
-                                         scale_dtype=scale_dtype, blocksize=blocksize)
+                                         scale_dtype=scale_dtype, block_size=block_size)
         else:
             Q, scale, zp, Losses = gptq_solve(W, Hinv, args, None if dynamic else scale,
                                               None if dynamic else zp, scale_dtype=scale_dtype,
-                                              blocksize=blocksize)
+                                              block_size=block_size)
         bounds = bounds[-1:]
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         if dynamic and not seen[gcol[i1]]:
@@ -286,8 +286,8 @@ def gptq_linears(linears: dict[str, torch.nn.Linear], hessians: dict[str, torch.
     return out
 
 
-def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
-               dampening: float = 0.01, max_dampening: float = 10.0,
+def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, block_size: int = 128,
+               damp: float = 0.01, max_damp: float = 10.0,
                actorder: str | None = DEFAULT_ACTORDER, group_scales: str = DEFAULT_GROUP_SCALES,
                clip: bool = True):
     """Pipeline method function: one Hessian per distinct Linear input of the layer (from the
@@ -296,8 +296,8 @@ def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, blocksize: int = 128,
     functools.partial(gptq_layer, actorder=None)."""
     hessians = collect_hessians(layer, ctx.linears, inputs)
     done = gptq_linears(ctx.linears, {n: st.H for n, st in hessians.items()}, ctx.scheme.weights,
-                        ctx.scale_dtype, blocksize=blocksize, dampening=dampening,
-                        max_dampening=max_dampening, actorder=check_actorder(actorder),
+                        ctx.scale_dtype, block_size=block_size, damp=damp,
+                        max_damp=max_damp, actorder=check_actorder(actorder),
                         group_scales=group_scales, clip=clip,
                         partial_last_group=ctx.partial_last_group)
     qweights, infos = {}, {}

@@ -15,7 +15,7 @@ architecture is hard-coded):
 Public interface (stable; other methods plug in here):
 
   compress_sequential(model, batches, scheme, method_fn, device=None, targets=None,
-                      ignore=None, offload=True, partial_last_group=False, options=None,
+                      ignore=None, offload=True, partial_last_group=False,
                       progress=True, spill_dir=None, keep_final=False, stream=None)
       -> SequentialResult(qweights, infos, final, seconds_per_layer)
   method_fn(layer_idx: int, layer: nn.Module, prefix: str, inputs: LayerInputs,
@@ -24,11 +24,11 @@ Public interface (stable; other methods plug in here):
       prefix + "." + the Linear's name inside the layer. Methods with options are bound with
       functools.partial; ``chain(fn1, fn2)`` runs several on one layer (SmoothQuant, then GPTQ).
   LayerContext: scheme, device, layer_idx, prefix, linears (dict full_name -> nn.Linear
-      to compress in this layer), scale_dtype, partial_last_group, options (dict).
+      to compress in this layer), scale_dtype, partial_last_group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -51,7 +51,6 @@ class LayerContext:
     linears: dict[str, nn.Linear]
     scale_dtype: torch.dtype
     partial_last_group: bool = False
-    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -81,7 +80,7 @@ def chain(*fns: MethodFn) -> MethodFn:
 def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, method_fn: MethodFn,
                         device=None, targets: Iterable[str] | None = None,
                         ignore: Iterable[str] | None = None, offload: bool = True,
-                        partial_last_group: bool = False, options: dict | None = None,
+                        partial_last_group: bool = False,
                         progress: bool = True, spill_dir=None,
                         keep_final: bool = False, stream=None) -> SequentialResult:
     """Calibrate `model` layer by layer with `method_fn` (see the module docstring).
@@ -133,8 +132,7 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         # scales are stored in the weights' dtype (bf16 model -> bf16 scales)
         scale_dtype = next(iter(linears.values())).weight.dtype if linears else \
             next(layer.parameters()).dtype
-        ctx = LayerContext(scheme, device, i, lp, linears, scale_dtype, partial_last_group,
-                           dict(options or {}))
+        ctx = LayerContext(scheme, device, i, lp, linears, scale_dtype, partial_last_group)
         qw, info = method_fn(i, layer, lp, inputs, ctx)
         if stream is None:
             qweights.update(qw)

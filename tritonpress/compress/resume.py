@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 
-def fingerprint(model, scheme, method: str, batches, options: dict) -> dict:
-    """What a resume folder's state depends on; compared key by key on resume."""
+def fingerprint(model, scheme, batches, options: dict) -> dict:
+    """What a resume folder's state depends on (options: Options.as_dict(), the method
+    included); compared key by key on resume."""
     h = hashlib.sha256()
     for b in batches or []:
         ids = b if isinstance(b, torch.Tensor) else b["input_ids"]
@@ -34,7 +35,7 @@ def fingerprint(model, scheme, method: str, batches, options: dict) -> dict:
     shapes = hashlib.sha256(repr([(n, tuple(p.shape), str(p.dtype))
                                   for n, p in model.named_parameters()]).encode()).hexdigest()
     return {"model_config": hashlib.sha256(cfg.encode()).hexdigest(), "parameters": shapes,
-            "scheme": repr(scheme), "method": method,
+            "scheme": repr(scheme),
             "options": json.dumps(options, sort_keys=True, default=str),
             "calibration": h.hexdigest()}
 
@@ -100,7 +101,6 @@ def resumable(method_fn, state: ResumeState):
             with torch.no_grad():
                 for k, v in s["changed"].items():
                     sd[k].copy_(v)
-            ctx.options.setdefault("resumed_layers", []).append(layer_idx)
             return s["qweights"], s["infos"]
         before = {k: v.detach().clone() for k, v in sd.items()}
         qw, info = method_fn(layer_idx, layer, prefix, inputs, ctx)

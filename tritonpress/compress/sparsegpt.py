@@ -48,22 +48,22 @@ class InverseHessian(NamedTuple):
     damp: float          # the value added to the diagonal
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> InverseHessian:
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01) -> InverseHessian:
     """Dampen H [in, in] and factor its inverse. The dampening grows x10 while the
     factorization fails (as GPTQ). Linears sharing an input (q/k/v, gate/up) share this."""
     H = H.float().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
-    U, frac, failed = inverse_cholesky(H, percdamp)
+    U, frac, failed = inverse_cholesky(H, damp)
     if U is None:
         raise ValueError(f"the Hessian is not positive definite even with dampening up to "
-                         f"{failed[-1] if failed else percdamp}: it holds NaN/Inf or too few "
+                         f"{failed[-1] if failed else damp}: it holds NaN/Inf or too few "
                          "tokens; use more calibration samples")
     # the same value gptq.inverse_cholesky added
     return InverseHessian(U, dead, frac, frac * float(H.diagonal().abs().mean()))
 
 
-def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
+def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int = 128,
                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocked OBS sweep: W [out, in] fp32 -> (2:4 weights, on the fp8 grid times `scale`
     when a per-channel scale [out, 1] is given; loss of each row [out]).
@@ -73,8 +73,8 @@ def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
     W = W.clone()
     cols = W.shape[1]
     losses = torch.zeros(W.shape[0], device=W.device)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
         Q1, Err1 = prune24_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale)
         W[:, i1:i2] = Q1
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)    # the lazy trailing update
@@ -84,7 +84,7 @@ def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int = 128,
 
 def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT_MODE,
                  scale_from: str = "original", headroom: float = HEADROOM,
-                 blocksize: int = 128, percdamp: float = 0.01, args: QuantArgs = FP8_CHANNEL,
+                 block_size: int = 128, damp: float = 0.01, args: QuantArgs = FP8_CHANNEL,
                  scale_dtype: torch.dtype | None = None, hinv: InverseHessian | None = None
                  ) -> tuple[QuantizedWeight, torch.Tensor]:
     """SparseGPT 2:4 + fp8 per-channel weights of one Linear (W [out, in], H [in, in] fp32)
@@ -93,8 +93,8 @@ def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT
     scale_from (joint mode): "original" takes the fp8 scale from the unpruned rows; "sparse"
     runs a float sweep first and takes it from the 2:4 weights it gives (twice the work);
     either amax is multiplied by `headroom` (see the module docstring).
-    hinv: inverse_hessian_cholesky(H, percdamp) when already computed (then H may be None)."""
-    _check(W, H if hinv is None else hinv.U, args, blocksize)
+    hinv: inverse_hessian_cholesky(H, damp) when already computed (then H may be None)."""
+    _check(W, H if hinv is None else hinv.U, args, block_size)
     if mode not in MODES:
         raise ValueError(f"unknown SparseGPT mode {mode!r}: choose one of {', '.join(MODES)}")
     if not headroom >= 1:
@@ -102,19 +102,19 @@ def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT
     if scale_from not in SCALE_FROM:
         raise ValueError(f"scale_from={scale_from!r}: choose one of {', '.join(SCALE_FROM)}")
     scale_dtype = scale_dtype or W.dtype
-    Hinv, dead, _, _ = hinv if hinv is not None else inverse_hessian_cholesky(H, percdamp)
+    Hinv, dead, _, _ = hinv if hinv is not None else inverse_hessian_cholesky(H, damp)
     W = W.float().masked_fill(dead, 0.0)     # inputs never seen: nothing to preserve
     if mode == "prune_then_quantize":
-        Wq, _ = sparsegpt_sweep(W, Hinv, blocksize)
+        Wq, _ = sparsegpt_sweep(W, Hinv, block_size)
         scale = weight_qparams_ref(Wq, args, scale_dtype)[0]
         qw = _to_quantized(Wq, scale, args, scale_dtype)
         # the fp8 rounding came after the sweep: the loss of the final weights under the
         # same dampened H is ||(W - Wq) U^-1||^2
         E = torch.linalg.solve_triangular(Hinv, W - qw.dequantize(), upper=True, left=False)
         return qw, E.square().sum(1)
-    source = W if scale_from == "original" else sparsegpt_sweep(W, Hinv, blocksize)[0]
+    source = W if scale_from == "original" else sparsegpt_sweep(W, Hinv, block_size)[0]
     scale = weight_qparams_ref(source * headroom, args, scale_dtype)[0]
-    Wq, losses = sparsegpt_sweep(W, Hinv, blocksize, scale)
+    Wq, losses = sparsegpt_sweep(W, Hinv, block_size, scale)
     return _to_quantized(Wq, scale, args, scale_dtype), losses
 
 
@@ -163,9 +163,8 @@ def _row_quadratic(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAULT_MODE,
                      scale_from: str = "original", headroom: float = HEADROOM,
-                     blocksize: int | None = None, percdamp: float | None = None):
-    """Per-layer method for pipeline.compress_sequential (bind options with functools.partial;
-    block_size and damp default to ctx.options, then 128 and 0.01).
+                     block_size: int = 128, damp: float = 0.01):
+    """Per-layer method for pipeline.compress_sequential (bind options with functools.partial).
 
     One Hessian per distinct input, from the layer as it was. Linears sharing it (q/k/v,
     gate/up) share its inverse and are stacked along rows into one sweep (rows never
@@ -173,8 +172,6 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     from .hooks import collect_hessians
 
     check_24_shapes(ctx.linears)
-    blocksize = blocksize or ctx.options.get("block_size", 128)
-    percdamp = ctx.options.get("damp", 0.01) if percdamp is None else percdamp
     hessians = collect_hessians(layer, ctx.linears, inputs)
     groups: dict[int, list[str]] = {}
     for name in ctx.linears:
@@ -186,12 +183,12 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     qweights, infos = {}, {}
     for names in groups.values():
         with step("sparsegpt solve"):    # the factorisation and the reported losses too
-            _solve_group(names, hessians, ctx, mode, scale_from, headroom, blocksize, percdamp,
+            _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, damp,
                          qweights, infos)
     return qweights, infos
 
 
-def _solve_group(names, hessians, ctx, mode, scale_from, headroom, blocksize, percdamp,
+def _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, damp,
                  qweights, infos) -> None:
     """One stacked SparseGPT solve of the Linears in `names` (one shared Hessian)."""
     t0 = time.perf_counter()
@@ -199,7 +196,7 @@ def _solve_group(names, hessians, ctx, mode, scale_from, headroom, blocksize, pe
     lins = [ctx.linears[n] for n in names]
     W = torch.cat([lin.weight.data for lin in lins])
     try:
-        hinv = inverse_hessian_cholesky(st.H, percdamp)
+        hinv = inverse_hessian_cholesky(st.H, damp)
     except ValueError:
         hinv = None
     if hinv is None:                   # no usable Hessian: the data-free baseline
@@ -207,7 +204,7 @@ def _solve_group(names, hessians, ctx, mode, scale_from, headroom, blocksize, pe
                                   scale_dtype=ctx.scale_dtype), None
     else:
         qw, losses = sparsegpt_24(W, None, mode=mode, scale_from=scale_from,
-                                  headroom=headroom, blocksize=blocksize,
+                                  headroom=headroom, block_size=block_size,
                                   args=ctx.scheme.weights, scale_dtype=ctx.scale_dtype,
                                   hinv=hinv)
     deq = qw.dequantize(torch.float32)
@@ -261,7 +258,7 @@ def check_24_shapes(linears: dict) -> None:
                          f"dense: ignore={names}")
 
 
-def _check(W, H, args, blocksize):
+def _check(W, H, args, block_size):
     out, cols = W.shape
     if cols % 4:
         raise ValueError(f"2:4 sparsity needs in-features divisible by 4, this layer has {cols}: "
@@ -269,8 +266,8 @@ def _check(W, H, args, blocksize):
     if H is not None and H.shape != (cols, cols):
         raise ValueError(f"Hessian must be [{cols}, {cols}] for a weight [{out}, {cols}], "
                          f"got {list(H.shape)}")
-    if blocksize <= 0 or blocksize % 4:
-        raise ValueError(f"block size must be a positive multiple of 4, got {blocksize}")
+    if block_size <= 0 or block_size % 4:
+        raise ValueError(f"block size must be a positive multiple of 4, got {block_size}")
     if not (args.type == "float" and args.num_bits == 8 and args.strategy == "channel"):
         raise ValueError("SparseGPT 2:4 here stores fp8 e4m3 per-channel weights "
                          f"(scheme W8A8_FP8_24), got {args}")

@@ -16,7 +16,7 @@ drives it with two-level lazy updates on tensor cores.
      scale=None (group strategy) they are computed in the kernel when the sweep reaches the
      group's first column, from the updated weights -- gptq.py's "dynamic" mode;
    - errors go to the later columns in two levels: inside a super-block of `outer` columns
-     after every block (K = blocksize), to the columns right of the super-block once per
+     after every block (K = block_size), to the columns right of the super-block once per
      super-block (K = outer). The same sums, but the big update is one GEMM with K = 1024
      instead of eight memory-bound K = 128 ones;
    - the trailing GEMM runs on tensor cores at `precision` (see TRAILING_PRECISION).
@@ -93,18 +93,18 @@ def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
 
 def gptq_solve_ref(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
                    scale: torch.Tensor | None = None, zp: torch.Tensor | None = None, *,
-                   scale_dtype: torch.dtype = torch.bfloat16, blocksize: int = 128,
+                   scale_dtype: torch.dtype = torch.bfloat16, block_size: int = 128,
                    outer: int = 1024, precision: str = "ieee"):
     """gptq_solve in torch: the same two-level schedule, per-column loop in Python."""
     from .quant import qparams_from_minmax
     W, rows, cols, gsize, scale, zp, dynamic = _solve_setup(W, Hinv, args, scale, zp,
-                                                           scale_dtype, blocksize, outer)
+                                                           scale_dtype, block_size, outer)
     losses = torch.zeros(rows, device=W.device)
     for j1 in range(0, cols, outer):
         j2 = min(j1 + outer, cols)
         E = torch.empty(rows, j2 - j1, device=W.device)
-        for i1 in range(j1, j2, blocksize):
-            i2 = min(i1 + blocksize, j2)
+        for i1 in range(j1, j2, block_size):
+            i2 = min(i1 + block_size, j2)
             for c in range(i1, i2):
                 g = c // gsize
                 if dynamic and c % gsize == 0:
@@ -358,11 +358,11 @@ def trailing_update_triton(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 
 def gptq_solve_triton(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
                       scale: torch.Tensor | None = None, zp: torch.Tensor | None = None, *,
-                      scale_dtype: torch.dtype = torch.bfloat16, blocksize: int = 128,
+                      scale_dtype: torch.dtype = torch.bfloat16, block_size: int = 128,
                       outer: int = 1024, precision: str = TRAILING_PRECISION,
                       block_m: int | None = None):
     W, rows, cols, gsize, scale, zp, dynamic = _solve_setup(W, Hinv, args, scale, zp,
-                                                           scale_dtype, blocksize, outer)
+                                                           scale_dtype, block_size, outer)
     Hinv = _rowmajor(Hinv.float())
     losses = torch.zeros(rows, device=W.device)
     E = torch.empty(rows, min(outer, cols), device=W.device)
@@ -372,8 +372,8 @@ def gptq_solve_triton(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
         zp = zp.contiguous()
     for j1 in range(0, cols, outer):
         j2 = min(j1 + outer, cols)
-        for i1 in range(j1, j2, blocksize):
-            i2 = min(i1 + blocksize, j2)
+        for i1 in range(j1, j2, block_size):
+            i2 = min(i1 + block_size, j2)
             Wb = W[:, i1:i2]
             _launch_sweep(Wb, Hinv[i1:i2, i1:i2], scale, zp, Wb, E[:, i1 - j1:], losses, args,
                           i1, gdiv, stride_sc, dynamic, False, scale_dtype, block_m)
@@ -405,24 +405,24 @@ def sweep_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale1: torch.Tensor,
 
 def gptq_solve(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
                scale: torch.Tensor | None = None, zp: torch.Tensor | None = None, *,
-               scale_dtype: torch.dtype = torch.bfloat16, blocksize: int = 128,
+               scale_dtype: torch.dtype = torch.bfloat16, block_size: int = 128,
                outer: int | None = None, precision: str = TRAILING_PRECISION):
     """GPTQ sweep of a whole weight W [rows, cols] (columns in order) given U = Hinv, the upper
     Cholesky factor of the dampened H^-1.
 
     scale/zp: [rows, ngroups] qparams fixed before the sweep (values already rounded to the
     storage dtype; zp fp32 or None), or scale=None with group strategy: computed when the sweep
-    reaches each group, from the updated weights (needs blocksize % group_size == 0).
+    reaches each group, from the updated weights (needs block_size % group_size == 0).
     Returns (Q dequantized fp32 [rows, cols], scale, zp, losses [rows]: half the sum of
     (w - q)^2 / U_ii^2, the paper's loss). W is not modified.
-    outer: super-block width for the two-level update (default: the multiple of blocksize
+    outer: super-block width for the two-level update (default: the multiple of block_size
     nearest 1024 from below)."""
-    outer = outer or blocksize * max(1, 1024 // blocksize)
+    outer = outer or block_size * max(1, 1024 // block_size)
     if use_triton(W, Hinv):
         return gptq_solve_triton(W, Hinv, args, scale, zp, scale_dtype=scale_dtype,
-                                 blocksize=blocksize, outer=outer, precision=precision)
+                                 block_size=block_size, outer=outer, precision=precision)
     return gptq_solve_ref(W, Hinv, args, scale, zp, scale_dtype=scale_dtype,
-                          blocksize=blocksize, outer=outer, precision="ieee")
+                          block_size=block_size, outer=outer, precision="ieee")
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -431,12 +431,12 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _solve_setup(W, Hinv, args, scale, zp, scale_dtype, blocksize, outer):
+def _solve_setup(W, Hinv, args, scale, zp, scale_dtype, block_size, outer):
     rows, cols = W.shape
     if Hinv.shape != (cols, cols):
         raise ValueError(f"Hinv {list(Hinv.shape)} does not match weight {list(W.shape)}")
-    if blocksize <= 0 or outer % blocksize:
-        raise ValueError(f"outer ({outer}) must be a positive multiple of blocksize ({blocksize})")
+    if block_size <= 0 or outer % block_size:
+        raise ValueError(f"outer ({outer}) must be a positive multiple of block_size ({block_size})")
     if args.strategy not in ("group", "channel"):
         raise ValueError(f"the fused GPTQ sweep handles group and channel weights, not "
                          f"{args.strategy}; use compress/gptq.py's torch path")
@@ -450,9 +450,9 @@ def _solve_setup(W, Hinv, args, scale, zp, scale_dtype, blocksize, outer):
         if args.strategy != "group":
             raise ValueError("scale=None (computed in the sweep) is for group strategy only: "
                              "pass per-channel scales computed from the weight")
-        if blocksize % gsize:
+        if block_size % gsize:
             raise ValueError(f"qparams computed in the sweep need groups inside blocks: group "
-                             f"size {gsize} must divide blocksize {blocksize}")
+                             f"size {gsize} must divide block_size {block_size}")
         scale = torch.empty(rows, ngroups, device=W.device)
         zp = None if args.symmetric else torch.empty_like(scale)
     else:

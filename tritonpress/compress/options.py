@@ -1,0 +1,70 @@
+"""The options of one compression run, in one place.
+
+compress() builds an `Options` from its arguments and checks it once (`resolved`); the CLI
+takes its defaults from here; the report prints `as_dict()`; a resume folder is pinned to it.
+Each knob has one name everywhere: `damp` (GPTQ's and SparseGPT's dampening, a fraction of
+the Hessian's mean diagonal), `block_size` (the column block of their sweeps).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..schemes import Scheme
+from .gptq import check_actorder
+
+# the method each scheme gets when none is named
+DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
+                  "W8A8_FP8": "rtn", "W8A8_FP8_24": "sparsegpt"}
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
+DATA_FREE = ("rtn", "magnitude")          # no calibration data, no layer loop
+GPTQ_METHODS = ("gptq", "awq+gptq")      # the methods whose weights GPTQ quantizes (actorder)
+
+
+@dataclass(frozen=True)
+class Options:
+    method: str | None = None      # None: DEFAULT_METHOD of the scheme
+    dataset: str = "canterbury"    # calibration text
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    damp: float = 0.01
+    block_size: int = 128
+    actorder: str | None = "static"   # GPTQ: "static" (as llm-compressor) or None (in order)
+    clip: bool = True              # the clipping search of 4-bit group scales (GPTQ, AWQ)
+    smoothquant: float | None = None   # SmoothQuant strength before GPTQ (W8A8_INT8)
+    partial_last_group: bool = False
+
+    def resolved(self, scheme: Scheme) -> "Options":
+        """The method named (or the scheme's default), every value checked against the
+        scheme; actorder None for methods that do not run GPTQ (it is then meaningless)."""
+        method = (self.method or DEFAULT_METHOD[scheme.name]).lower()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        if method in ("sparsegpt", "magnitude") and not scheme.sparsity_24:
+            raise ValueError(f"method {method} prunes to 2:4: use it with scheme W8A8_FP8_24")
+        if scheme.sparsity_24 and method not in ("sparsegpt", "magnitude"):
+            raise ValueError("scheme W8A8_FP8_24 needs method sparsegpt (default) or magnitude")
+        if method.startswith("awq") and scheme.weights.num_bits != 4:
+            raise ValueError("AWQ is for W4A16 schemes (W4A16_ASYM by default)")
+        actorder = check_actorder(self.actorder)
+        if not self.damp >= 0:
+            raise ValueError(f"damp={self.damp}: the dampening is a fraction >= 0 of the "
+                             "Hessian's mean diagonal (default 0.01)")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size={self.block_size}: use a positive number of "
+                             "columns (default 128)")
+        return dataclasses.replace(self, method=method,
+                                   actorder=actorder if method in GPTQ_METHODS else None)
+
+    @property
+    def data_free(self) -> bool:
+        return self.method in DATA_FREE
+
+    def gptq(self) -> dict:
+        """The keyword arguments of gptq.gptq_layer (and gptq_quantize_stacked)."""
+        return dict(block_size=self.block_size, damp=self.damp, actorder=self.actorder,
+                    clip=self.clip)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
