@@ -78,9 +78,10 @@ def main(argv=None) -> int:
                         f"diagonal (default {d.damp})")
     c.add_argument("--block-size", type=int, default=d.block_size)
     c.add_argument("--actorder", default=d.actorder or "none", choices=["static", "none"],
-                   help="GPTQ activation order: static (default, as llm-compressor: columns swept "
-                        "by decreasing Hessian diagonal, groups kept on the original columns, "
-                        "no g_idx) or none")
+                   help="activation order of GPTQ and SparseGPT: static (default; GPTQ as "
+                        "llm-compressor: columns swept by decreasing Hessian diagonal, groups "
+                        "kept on the original columns, no g_idx; SparseGPT: its 2:4 groups "
+                        "by decreasing Hessian diagonal) or none")
     c.add_argument("--clip", default="on" if d.clip else "off", choices=["on", "off"],
                    help="clipping search of 4-bit group scales, AWQ's and GPTQ's (default on)")
     c.add_argument("--smoothquant", type=float, default=d.smoothquant, metavar="ALPHA",

@@ -61,6 +61,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
     actorder: GPTQ's activation order, "static" (default, as llm-compressor: columns swept by
     decreasing Hessian diagonal, groups and scales on the original columns, no g_idx) or None
     ("none"); the checkpoint records it for GPTQ-quantized weights (null for other methods).
+    SparseGPT takes it too: "static" sweeps its 2:4 groups of 4 columns by decreasing sum of
+    H_ii (compressed-tensors has no field for that; the report says it).
     clip: the clipping search of 4-bit group scales, AWQ's and GPTQ's (each group's range shrunk
     to minimise its output error on the calibration data; SmolLM2 W4A16 g64 GPTQ: mean KL
     0.217 -> 0.128 on held-out text, README).
@@ -152,7 +154,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
     writer = contextlib.nullcontext()
     if src is not None and out is not None:     # layers are written as they finish
         writer = src.writer = checkpoint.CheckpointWriter(
-            out, scheme, overwrite=overwrite, sparse_format=sparse_format, actorder=opts.actorder,
+            out, scheme, overwrite=overwrite, sparse_format=sparse_format,
+            actorder=opts.checkpoint_actorder,
             max_shard_bytes=max_shard_bytes)
     with writer:
         # held-out text, one set of windows per source ("canterbury+code" -> two), and the
@@ -214,7 +217,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
                     path = checkpoint.save_checkpoint(model, tokenizer, qweights, scheme, out,
                                                       overwrite=overwrite,
                                                       sparse_format=sparse_format,
-                                                      actorder=opts.actorder,
+                                                      actorder=opts.checkpoint_actorder,
                                                       max_shard_bytes=max_shard_bytes)
             report["out"] = str(path)
             report["size_bytes"] = dir_size(path)
@@ -293,7 +296,7 @@ def _run_method(model, scheme, opts: Options, linears, batches, device, *, progr
         "awq": partial(awq.awq, clip=opts.clip),
         "awq+gptq": partial(awq.awq, gptq=opts.gptq()),
         "sparsegpt": partial(sparsegpt.sparsegpt_method, block_size=opts.block_size,
-                             damp=opts.damp),
+                             damp=opts.damp, actorder=opts.actorder),
     }[method]
     if opts.smoothquant is not None:
         layer_fn = pipeline.chain(partial(sq.smoothquant_layer, alpha=opts.smoothquant),

@@ -18,7 +18,8 @@ DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
                   "W8A8_FP8": "rtn", "W8A8_FP8_24": "sparsegpt"}
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
 DATA_FREE = ("rtn", "magnitude")          # no calibration data, no layer loop
-GPTQ_METHODS = ("gptq", "awq+gptq")      # the methods whose weights GPTQ quantizes (actorder)
+GPTQ_METHODS = ("gptq", "awq+gptq")      # the methods whose weights GPTQ quantizes
+ORDERED_METHODS = GPTQ_METHODS + ("sparsegpt",)   # the sweeps that take an actorder
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,14 @@ class Options:
     seed: int = 0
     damp: float = 0.01
     block_size: int = 128
-    actorder: str | None = "static"   # GPTQ: "static" (as llm-compressor) or None (in order)
+    actorder: str | None = "static"   # GPTQ, SparseGPT: "static" or None (columns in order)
     clip: bool = True              # the clipping search of 4-bit group scales (GPTQ, AWQ)
     smoothquant: float | None = None   # SmoothQuant strength before GPTQ (W8A8_INT8)
     partial_last_group: bool = False
 
     def resolved(self, scheme: Scheme) -> "Options":
         """The method named (or the scheme's default), every value checked against the
-        scheme; actorder None for methods that do not run GPTQ (it is then meaningless)."""
+        scheme; actorder None for methods that sweep no columns (it is then meaningless)."""
         method = (self.method or DEFAULT_METHOD[scheme.name]).lower()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -55,11 +56,17 @@ class Options:
             raise ValueError(f"block_size={self.block_size}: use a positive number of "
                              "columns (default 128)")
         return dataclasses.replace(self, method=method,
-                                   actorder=actorder if method in GPTQ_METHODS else None)
+                                   actorder=actorder if method in ORDERED_METHODS else None)
 
     @property
     def data_free(self) -> bool:
         return self.method in DATA_FREE
+
+    @property
+    def checkpoint_actorder(self) -> str | None:
+        """What the checkpoint records: compressed-tensors' actorder is GPTQ's (as
+        llm-compressor writes it); SparseGPT's order of 2:4 groups leaves no trace in it."""
+        return self.actorder if self.method in GPTQ_METHODS else None
 
     def gptq(self) -> dict:
         """The keyword arguments of gptq.gptq_layer (and gptq_quantize_stacked)."""
