@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tritonpress.compress.gptq import _sweep_block_ref, gptq_quantize, inverse_cholesky
+from tritonpress.compress.gptq import gptq_quantize, inverse_cholesky
+from tritonpress.kernels.gptq_sweep import sweep_block_ref as _sweep_block_ref
 from tritonpress.compress.rtn import expand, group_index, group_qparams, rtn_quantize
 from tritonpress.kernels.quant import dequantize_ref, quantize_ref, quantize_weight_ref
 from tritonpress.schemes import get_scheme

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tritonpress.compress.gptq import _sweep_block_ref, gptq_quantize, inverse_cholesky
+from tritonpress.compress.gptq import gptq_quantize, inverse_cholesky
+from tritonpress.kernels.gptq_sweep import sweep_block_ref as _sweep_block_ref
 from tritonpress.kernels import gptq_sweep
 from tritonpress.kernels.gptq_sweep import (gptq_solve, gptq_solve_ref, gptq_solve_triton,
                                             inverse_hessian_factor, lower_triangular_inverse,

@@ -18,24 +18,20 @@ first reaches a group ("dynamic", as the paper); see DEFAULT_GROUP_SCALES.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 
 import torch
 
-from ..kernels.dispatch import use_triton
-from ..kernels.quant import qparams_from_minmax, quantize_ref
+from ..kernels.quant import expand, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
 from .hooks import collect_hessians
 from .qweight import QuantizedWeight
 from .report import step
-from .rtn import (clip_search, expand, group_index, group_qparams, hessian_blocks,
-                  rtn_quantize)
-# The in-block column sweep (quantize, error, update the later columns) with its contract and
-# torch reference lives beside its fused kernel; sweep_block picks one by device.
-from ..kernels.gptq_sweep import inverse_hessian_factor, sweep_block
-from ..kernels.gptq_sweep import sweep_block_ref as _sweep_block_ref  # noqa: F401
+from .rtn import clip_search, group_index, group_qparams, hessian_blocks, rtn_quantize
+# The column sweep (quantize, error, update the later columns) with its contract and torch
+# reference lives beside its fused kernels; gptq_sweep picks the implementation by device.
+from ..kernels.gptq_sweep import gptq_sweep, inverse_hessian_factor
 
 # Static group scales (from the weights before the sweep, as llm-compressor), chosen by an
 # earlier measurement on SmolLM2-135M W4A16 g64 against scales made as the sweep meets a group.
@@ -163,51 +159,10 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
         info.update(fallback="rtn")
         return _split(weight, qw, deq, None, H0, splits, info, t0)
 
-    # Block boundaries; in dynamic mode also wherever the sweep first meets a group, so that
-    # its scale is computed from weights carrying all earlier updates.
-    bounds = set(range(0, cols, block_size)) | {cols}
-    if dynamic:
-        first = torch.full((int(gidx.max()) + 1,), cols, dtype=torch.long, device=W.device)
-        first = first.scatter_reduce(0, gcol, torch.arange(cols, device=W.device), "amin")
-        bounds |= set(first.tolist())
-    bounds = sorted(bounds)
-
-    Q = torch.zeros_like(W)
-    Losses = torch.zeros(rows, device=W.device)
-    seen = torch.zeros(scale.shape[1], dtype=torch.bool, device=W.device)
-    # The whole sweep in the fused kernels (kernels/gptq_sweep.py) on a GPU; the loop below is
-    # then skipped. The solve takes columns in sweep order: under activation order each swept
-    # column gets its (original) group's scale, as groups of one column.
-    if use_triton(W, Hinv) and args.strategy in ("group", "channel") \
-            and (not dynamic or (not actorder and block_size % args.group_size == 0)):
-        from ..kernels.gptq_sweep import gptq_solve
-        if actorder and args.strategy == "group":
-            Q, _, _, Losses = gptq_solve(W, Hinv, dataclasses.replace(args, group_size=1),
-                                         expand(scale, gcol, rows), expand(zp, gcol, rows),
-                                         scale_dtype=scale_dtype, block_size=block_size)
-        else:
-            Q, scale, zp, Losses = gptq_solve(W, Hinv, args, None if dynamic else scale,
-                                              None if dynamic else zp, scale_dtype=scale_dtype,
-                                              block_size=block_size)
-        bounds = bounds[-1:]
-    for i1, i2 in zip(bounds[:-1], bounds[1:]):
-        if dynamic and not seen[gcol[i1]]:
-            g = int(gcol[i1])
-            Wg = W[:, gcol == g]
-            s, z = qparams_from_minmax(Wg.amin(1, keepdim=True), Wg.amax(1, keepdim=True), args,
-                                       scale_dtype)
-            scale[:, g:g + 1] = s
-            if zp is not None:
-                zp[:, g:g + 1] = z
-            seen[g] = True
-        W1 = W[:, i1:i2].clone()
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        Q1, Err1, Losses1 = sweep_block(W1, Hinv1, expand(scale, gcol[i1:i2], rows),
-                                        expand(zp, gcol[i1:i2], rows), args)
-        Q[:, i1:i2] = Q1
-        Losses += Losses1.sum(1) / 2
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
+    # the sweep (kernels/gptq_sweep.py): the fused whole-layer solve on a GPU when it applies,
+    # else the paper's loop over blocks of columns
+    Q, scale, zp, Losses = gptq_sweep(W, Hinv, args, scale, zp, gcol, dynamic=dynamic,
+                                      scale_dtype=scale_dtype, block_size=block_size)
     del W                                       # swept: only Q is needed now
     Q = Q[:, torch.argsort(perm)]
     q = quantize_ref(Q, *_per_column(scale, zp, gidx, cols), args)   # the integers (exact)

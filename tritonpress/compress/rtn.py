@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
+from ..kernels.quant import dequantize_ref, expand, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs, Scheme
 from .qweight import QuantizedWeight
 from .report import step
@@ -96,13 +96,6 @@ def group_qparams(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
     lo = lo.scatter_reduce(1, idx, w, "amin")
     hi = hi.scatter_reduce(1, idx, w, "amax")
     return qparams_from_minmax(lo, hi, args, scale_dtype)
-
-
-def expand(p: torch.Tensor | None, gidx: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """[rows or 1, ngroups] -> [rows, cols]: each column gets its group's value."""
-    if p is None:
-        return None
-    return p[:, gidx].expand(rows, -1) if p.shape[0] == 1 else p[:, gidx]
 
 
 @step("rtn")

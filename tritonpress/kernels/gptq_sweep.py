@@ -27,8 +27,14 @@ drives it with two-level lazy updates on tensor cores.
    Cholesky and one triangular inverse instead of Cholesky, cholesky_inverse and Cholesky:
    if J reverses the index order and J H J = L L^T, then H = R R^T with R = J L J upper, and
    U = R^-1 = J L^-1 J. Half the O(n^3) work of the usual route, all in torch (cuSOLVER).
+
+4. gptq_sweep(W, Hinv, args, scale, zp, gcol, ...): what compress/gptq.py calls, any column
+   order (gcol: each swept column's group); the one place the implementation is chosen: 2.
+   on CUDA when it applies, else the paper's loop over blocks with 1.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -423,6 +429,67 @@ def gptq_solve(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
                                  block_size=block_size, outer=outer, precision=precision)
     return gptq_solve_ref(W, Hinv, args, scale, zp, scale_dtype=scale_dtype,
                           block_size=block_size, outer=outer, precision="ieee")
+
+
+def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs, scale: torch.Tensor,
+               zp: torch.Tensor | None, gcol: torch.Tensor, *, dynamic: bool = False,
+               scale_dtype: torch.dtype = torch.bfloat16, block_size: int = 128):
+    """The whole GPTQ sweep of W [rows, cols] fp32, its columns in sweep order, given U =
+    Hinv (the upper Cholesky factor of the dampened H^-1 in that order). Column j belongs to
+    group gcol[j] of scale/zp [rows, ngroups] (under activation order the groups are
+    scattered). dynamic (group strategy): a group's qparams are computed from the updated
+    weights when the sweep first meets it, into scale/zp.
+
+    The one place the implementation is chosen: on CUDA the fused whole-layer solve
+    (gptq_solve) whenever it applies; else the paper's loop: per block of block_size
+    columns, sweep_block (the fused block kernel on CUDA, its reference elsewhere), then
+    the block's errors to every later column in one matmul. Returns (Q [rows, cols] fp32 in
+    sweep order, scale, zp, losses [rows]); W is overwritten."""
+    from .quant import expand, qparams_from_minmax
+    rows, cols = W.shape
+    gsize = args.group_size if args.strategy == "group" else cols
+    # the fused solve indexes groups as column // group size: columns in that order
+    in_order = args.strategy == "channel" or torch.equal(
+        gcol, torch.arange(cols, device=gcol.device) // gsize)
+    if use_triton(W, Hinv) and args.strategy in ("group", "channel"):
+        if in_order and (not dynamic or block_size % gsize == 0):
+            return gptq_solve(W, Hinv, args, None if dynamic else scale,
+                              None if dynamic else zp, scale_dtype=scale_dtype,
+                              block_size=block_size)
+        if not dynamic:             # scattered groups: each column its group's qparams
+            Q, _, _, losses = gptq_solve(W, Hinv, dataclasses.replace(args, group_size=1),
+                                         expand(scale, gcol, rows), expand(zp, gcol, rows),
+                                         scale_dtype=scale_dtype, block_size=block_size)
+            return Q, scale, zp, losses
+
+    # Block boundaries; in dynamic mode also wherever the sweep first meets a group, so that
+    # its scale is computed from weights carrying all earlier updates.
+    bounds = set(range(0, cols, block_size)) | {cols}
+    if dynamic:
+        first = torch.full((int(gcol.max()) + 1,), cols, dtype=torch.long, device=W.device)
+        first = first.scatter_reduce(0, gcol, torch.arange(cols, device=W.device), "amin")
+        bounds |= set(first.tolist())
+    bounds = sorted(bounds)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(rows, device=W.device)
+    seen = torch.zeros(scale.shape[1], dtype=torch.bool, device=W.device)
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        if dynamic and not seen[gcol[i1]]:
+            g = int(gcol[i1])
+            Wg = W[:, gcol == g]
+            s, z = qparams_from_minmax(Wg.amin(1, keepdim=True), Wg.amax(1, keepdim=True), args,
+                                       scale_dtype)
+            scale[:, g:g + 1] = s
+            if zp is not None:
+                zp[:, g:g + 1] = z
+            seen[g] = True
+        Q1, Err1, L1 = sweep_block(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2],
+                                   expand(scale, gcol[i1:i2], rows),
+                                   expand(zp, gcol[i1:i2], rows), args)
+        Q[:, i1:i2] = Q1
+        losses += L1.sum(1) / 2
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q, scale, zp, losses
 
 
 # ----------------------------------------------------------------------------- plumbing
