@@ -21,7 +21,7 @@ from pathlib import Path
 CASES = [("W8A8_FP8", "rtn", {}), ("W4A16", "gptq", {"group_size": 32}),
          ("W8A8_INT8", "gptq", {"smoothquant": 0.5}), ("W4A16_ASYM", "awq", {"group_size": 32}),
          ("W4A16", "awq+gptq", {"group_size": 32}), ("W8A8_FP8_24", "sparsegpt", {}),
-         ("W8A8_FP8_24", "magnitude", {})]
+         ("W8A8_FP8_24", "sparsegpt", {"actorder": None}), ("W8A8_FP8_24", "magnitude", {})]
 
 CHILD = r"""
 import json, sys
@@ -56,19 +56,20 @@ def main(argv=None):
     out = Path(a.out_dir)
     rows = []
     for scheme, method, opts in CASES:
+        label = method + "".join(f" {k}={v}" for k, v in opts.items())
         dirs = []
         for tag, tree, stream in (("a", a.tree_a, None), ("b", a.tree_b, a.stream_b)):
-            d = out / f"{scheme}-{method}-{tag}"
+            d = out / f"{scheme}-{label.replace(' ', '-')}-{tag}"
             c = dict(model=a.model, scheme=scheme, method=method, opts=opts, n=a.samples,
                      seq=a.seq_len, out=str(d), stream=stream)
             r = subprocess.run([sys.executable, "-c", CHILD, str(Path(tree).resolve()),
                                 json.dumps(c)], capture_output=True, text=True)
             if r.returncode:
-                sys.exit(f"{scheme} {method} ({tree}): {r.stderr.strip().splitlines()[-1]}")
+                sys.exit(f"{scheme} {label} ({tree}): {r.stderr.strip().splitlines()[-1]}")
             dirs.append(d)
         diff = differing(*dirs)
-        rows.append((scheme, method, "identical" if not diff else "differ: " + ", ".join(diff)))
-        print(f"| {scheme} | {method} | {rows[-1][2]} |", flush=True)
+        rows.append((scheme, label, "identical" if not diff else "differ: " + ", ".join(diff)))
+        print(f"| {scheme} | {label} | {rows[-1][2]} |", flush=True)
     return 0 if all(r[2] == "identical" for r in rows) else 1
 
 
