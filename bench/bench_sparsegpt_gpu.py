@@ -168,8 +168,8 @@ def bench_layers(shapes, tokens, device, py, reps):
         W = (torch.randn(out, n, device=device) * 0.02).bfloat16()
         ms_joint, (qw, _) = timed(lambda: sparsegpt_24(W, H), device, reps)
 
-        def float_only():
-            inv = inverse_hessian_cholesky(H)
+        def float_only():            # columns in order, as llm-compressor's sweep
+            inv = inverse_hessian_cholesky(H, actorder=None)
             return sparsegpt_sweep(W.float().masked_fill(inv.dead, 0.0), inv.U)[0]
         ms_float, Wf = timed(float_only, device, reps)
         loss_joint = hessian_loss(W, qw.dequantize(), H)

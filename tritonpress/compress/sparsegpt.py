@@ -20,8 +20,9 @@ The joint scale is 2 x amax(original row) / 448: the error updates push the larg
 about two rows in three above the original amax, and e4m3 is a float, so one binade of
 headroom keeps the same grid for every normal value while (in column order) nothing clips;
 the static group order lets a rare code saturate, its clipping error compensated like any
-rounding error. On SmolLM2-135M (in column order) this matched taking the amax from a first float sweep ("sparse", twice the work) and beat
-both the plain amax and prune-then-quantize (bench/bench_sparsegpt_gpu.py --quality).
+rounding error. On SmolLM2-135M (in column order) this matched taking the amax from a first
+float sweep ("sparse", twice the work) and beat both the plain amax and prune-then-quantize
+(bench/bench_sparsegpt_gpu.py --quality).
 magnitude_24 is the data-free baseline: keep the 2 largest |w| of every 4, no update.
 """
 from __future__ import annotations
