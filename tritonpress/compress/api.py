@@ -99,7 +99,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(seed)
+    torch.manual_seed(opts.seed)
 
     report = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
               "scheme": scheme.name, "method": opts.method, "device": str(device),
@@ -133,14 +133,14 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
         if src is None:
             check_finite(model)                  # streamed: each layer as it is read
         linears = all_target_linears(model, scheme)
-        check_group_sizes(model, scheme, None, scheme.ignore, partial_last_group)
+        check_group_sizes(model, scheme, None, scheme.ignore, opts.partial_last_group)
         if src is not None and (evaluate_quality or not opts.data_free):
             # embeddings for the capture; lm_head only for the evaluation's logits
             src.load_rest(lm_head=evaluate_quality)
     report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     if not opts.data_free and not distributed.active():
         from .stream import check_memory
-        plan = report["memory_plan"] = check_memory(model, num_samples * seq_len,
+        plan = report["memory_plan"] = check_memory(model, opts.num_samples * opts.seq_len,
                                                     src is not None, spill_dir)
         avail = plan["available"]
         if src is not None and avail is not None and avail < report["original_bytes"]:

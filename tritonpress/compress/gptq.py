@@ -26,6 +26,7 @@ import torch
 from ..kernels.quant import expand, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
 from .hooks import collect_hessians
+from .options import check_actorder
 from .qweight import QuantizedWeight
 from .report import step
 from .rtn import clip_search, group_index, group_qparams, hessian_blocks, rtn_quantize
@@ -40,26 +41,6 @@ DEFAULT_GROUP_SCALES = "static"
 # the original columns (no g_idx). compress(), gptq_layer and the distributed path use it;
 # gptq_quantize itself orders only when asked (it is also the fused kernels' oracle).
 DEFAULT_ACTORDER = "static"
-
-
-def check_actorder(actorder) -> str | None:
-    """The one spelling of an actorder option: "static" or None (off).
-
-    Accepts "static", None or "none" (any case); the old spellings "desc" and True mean
-    "static", False means None. Anything else (e.g. "group", which would need a g_idx)
-    raises ValueError naming the allowed values."""
-    if actorder is None or actorder is False:
-        return None
-    if actorder is True:
-        return "static"
-    if isinstance(actorder, str):
-        key = actorder.strip().lower()
-        if key in ("static", "desc"):
-            return "static"
-        if key == "none":
-            return None
-    raise ValueError(f"actorder={actorder!r}: use 'static' (sweep columns by decreasing Hessian "
-                     "diagonal, groups on the original columns) or None/'none' (no ordering)")
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_damp: float = 10.0,
@@ -127,7 +108,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
     splits = [w.shape[0] for w in weights]
     scale_dtype = scale_dtype or weight.dtype
     W = weight.to(torch.float32, copy=True)
-    rows, cols = W.shape
+    cols = W.shape[1]
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian {tuple(H.shape)} does not match weight {tuple(W.shape)}")
     H0 = H.float()

@@ -4,6 +4,7 @@ compress() builds an `Options` from its arguments and checks it once (`resolved`
 takes its defaults from here; the report prints `as_dict()`; a resume folder is pinned to it.
 Each knob has one name everywhere: `damp` (GPTQ's and SparseGPT's dampening, a fraction of
 the Hessian's mean diagonal), `block_size` (the column block of their sweeps).
+Plain Python (no torch): the CLI builds its parser from here before anything heavy loads.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..schemes import Scheme
-from .gptq import check_actorder
 
 # the method each scheme gets when none is named
 DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
@@ -75,3 +75,23 @@ class Options:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_actorder(actorder) -> str | None:
+    """The one spelling of an actorder option: "static" or None (off).
+
+    Accepts "static", None or "none" (any case); the old spellings "desc" and True mean
+    "static", False means None. Anything else (e.g. "group", which would need a g_idx)
+    raises ValueError naming the allowed values."""
+    if actorder is None or actorder is False:
+        return None
+    if actorder is True:
+        return "static"
+    if isinstance(actorder, str):
+        key = actorder.strip().lower()
+        if key in ("static", "desc"):
+            return "static"
+        if key == "none":
+            return None
+    raise ValueError(f"actorder={actorder!r}: use 'static' (sweep columns by decreasing Hessian "
+                     "diagonal, groups on the original columns) or None/'none' (no ordering)")

@@ -36,7 +36,8 @@ import torch
 from ..kernels.quant import quantize_ref, weight_qparams_ref
 from ..kernels.sparse24 import keep_2_of_4, prune24_block
 from ..schemes import QuantArgs
-from .gptq import check_actorder, inverse_cholesky
+from .gptq import inverse_cholesky
+from .options import check_actorder
 from .qweight import QuantizedWeight
 from .report import step
 

@@ -447,11 +447,11 @@ def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs, scale: torc
     sweep order, scale, zp, losses [rows]); W is overwritten."""
     from .quant import expand, qparams_from_minmax
     rows, cols = W.shape
-    gsize = args.group_size if args.strategy == "group" else cols
-    # the fused solve indexes groups as column // group size: columns in that order
-    in_order = args.strategy == "channel" or torch.equal(
-        gcol, torch.arange(cols, device=gcol.device) // gsize)
     if use_triton(W, Hinv) and args.strategy in ("group", "channel"):
+        gsize = args.group_size if args.strategy == "group" else cols
+        # the fused solve indexes groups as column // group size: columns in that order
+        in_order = args.strategy == "channel" or torch.equal(
+            gcol, torch.arange(cols, device=gcol.device) // gsize)
         if in_order and (not dynamic or block_size % gsize == 0):
             return gptq_solve(W, Hinv, args, None if dynamic else scale,
                               None if dynamic else zp, scale_dtype=scale_dtype,
