@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,18 +31,17 @@ from pathlib import Path
 
 import torch
 
-CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
+
+CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 FULL = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000,
             samples=64, seq_len=2048, batch=4, eval_windows=4)
 TINY = dict(hidden=256, intermediate=768, heads=4, kv_heads=2, vocab=1000,
             samples=8, seq_len=128, batch=4, eval_windows=2)
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- shared
@@ -64,10 +62,6 @@ def rel_mse(h: torch.Tensor, ref: torch.Tensor) -> float:
     return float((h - ref).pow(2).mean() / ref.pow(2).mean())
 
 
-def peak_gib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else None
-
-
 # ----------------------------------------------------------------------------- ours
 
 def build_model(cfg, seed=0):
@@ -85,16 +79,14 @@ def run_ours(model, state, batches, method, eval_ids, ref, group_size):
     model.load_state_dict(state)
     model.to("cpu")
     scheme = get_scheme("W4A16_ASYM", group_size=group_size)
-    if CUDA:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    sync()
+    common.reset_peak_memory(empty_cache=True)
+    common.sync()
     t0 = time.perf_counter()
     res = compress_sequential(model, batches, scheme, method, device=DEV, offload=True,
                               progress=False)
-    sync()
+    common.sync()
     seconds = time.perf_counter() - t0
-    peak = peak_gib()
+    peak = common.peak_gib()
     loss = rel_mse(final_hidden(model.to(DEV), eval_ids), ref)
     model.to("cpu")
     ratios = [v["ratio"] for v in res.infos.values() if "smooth" in v]
@@ -115,7 +107,7 @@ def warm_up(group_size):
     ids = torch.randint(0, 512, (2, 256))
     compress_sequential(m, [{"input_ids": ids}], get_scheme("W4A16_ASYM", group_size=group_size),
                         awq, device=DEV, progress=False)
-    sync()
+    common.sync()
     return time.perf_counter() - t0
 
 
@@ -135,15 +127,13 @@ def llmc_oneshot(model, calib_ids, eval_ids, ref, group_size):
         recipe = AWQModifier(targets="Linear", ignore=["lm_head"], config_groups={"group_0": {
             "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False,
                                                "strategy": "group", "group_size": group_size}}})
-    if CUDA:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    sync()
+    common.reset_peak_memory(empty_cache=True)
+    common.sync()
     t0 = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib_ids.shape[0],
             max_seq_length=calib_ids.shape[1], shuffle_calibration_samples=False)
-    sync()
-    r = dict(seconds=time.perf_counter() - t0, peak_gib=peak_gib())
+    common.sync()
+    r = dict(seconds=time.perf_counter() - t0, peak_gib=common.peak_gib())
     try:
         try:   # oneshot may leave offloading hooks; evaluate with the whole model on the GPU
             from accelerate.hooks import remove_hook_from_module
@@ -173,11 +163,9 @@ def run_llmc(model, state, calib_ids, eval_ids, ref, group_size, llmc_python):
     except ImportError:
         if not llmc_python or not Path(llmc_python).exists():
             return {"note": "llm-compressor not importable and no --llmc-python"}
-        from tritonpress.compress.models import byte_tokenizer
         with tempfile.TemporaryDirectory(prefix="bench_awq_llmc_") as d:
             model.load_state_dict(state)
-            model.save_pretrained(f"{d}/model")
-            byte_tokenizer().save_pretrained(f"{d}/model")
+            common.save_with_tokenizer(model, f"{d}/model")
             torch.save(dict(calib=calib_ids, eval=eval_ids, ref=ref, group_size=group_size),
                        f"{d}/data.pt")
             p = subprocess.run([llmc_python, __file__, "--llmc-worker", d], capture_output=True,
@@ -192,15 +180,10 @@ def run_llmc(model, state, calib_ids, eval_ids, ref, group_size, llmc_python):
 
 # ----------------------------------------------------------------------------- main
 
-def fmt(x, nd=3):
-    return "-" if x is None else (f"{x:.{nd}g}" if isinstance(x, float) else str(x))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", nargs="?", default=str(ROOT / "out" / "bench_awq_gpu"))
-    default_llmc = ROOT / ".venv-llmc" / "bin" / "python"
-    ap.add_argument("--llmc-python", default=str(default_llmc) if default_llmc.exists() else None)
+    ap.add_argument("--llmc-python", default=common.llmc_venv_python())
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--search-tokens", type=int, default=8192)
     ap.add_argument("--skip-llmc", action="store_true")
@@ -209,7 +192,6 @@ def main():
     if a.llmc_worker:
         return llmc_worker(a.llmc_worker)
 
-    sys.path.insert(0, str(ROOT))
     from tritonpress.compress.awq import awq
     from tritonpress.compress.rtn import rtn_layer
 
@@ -260,9 +242,9 @@ def main():
               else "-")
         mv = (f"{r['peak_gib'] / base['peak_gib']:.2f}"
               if base.get("peak_gib") and r.get("peak_gib") else "-")
-        print(" | ".join([name, fmt(r.get("seconds")), fmt(r.get("peak_gib")),
-                          fmt(r.get("loss"), 4), tv, mv]) + (f"  ({r['note']})" if "note" in r
-                                                              else ""))
+        print(" | ".join([name, common.fmt(r.get("seconds")), common.fmt(r.get("peak_gib")),
+                          common.fmt(r.get("loss"), 4), tv, mv])
+              + (f"  ({r['note']})" if "note" in r else ""))
     print("targets: time <= 0.25, memory <= 0.33, loss <= llm-compressor's")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "results.json").write_text(json.dumps(out, indent=1))

@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,14 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 if not CUDA:  # must precede the kernels' import
     os.environ.setdefault("TRITON_INTERPRET", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from tritonpress.schemes import QuantArgs  # noqa: E402
 
@@ -56,37 +58,12 @@ SCHEMES = {"int4_g128": INT4_G128, "int8_chan": INT8_CH}
 DAMP = 0.01
 
 
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def timed(fn, reps=3, warmup=1, setup=None):
-    """Median wall ms of fn(setup()) over reps (setup not timed); and the last result."""
-    out = None
-    for _ in range(warmup):
-        out = fn(setup() if setup else None)
-    ts = []
-    for _ in range(reps):
-        arg = setup() if setup else None
-        sync()
-        t = time.perf_counter()
-        out = fn(arg)
-        sync()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts), out
-
-
 def table(title, header, rows):
     print(f"\n{title}")
     w = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(str(h).rjust(n) for h, n in zip(header, w)))
     for r in rows:
         print("  ".join(str(c).rjust(n) for c, n in zip(r, w)))
-
-
-def fmt(x, nd=3):
-    return "-" if x is None else (f"{x:.{nd}g}" if isinstance(x, float) else str(x))
 
 
 # ----------------------------------------------------------------------------- (a) Hessian
@@ -96,15 +73,15 @@ def bench_hessian(features, tokens):
     for n in features:
         x = torch.randn(tokens, n, device=DEV).to(torch.bfloat16)
         H = torch.zeros(n, n, device=DEV)
-        ours, _ = timed(lambda _: xtx_accumulate_triton(H, x))
+        ours, _ = common.timed(lambda: xtx_accumulate_triton(H, x))
 
-        def llmc_way(_):  # accumulate_hessian in llm-compressor: fp32 copy, sqrt(2), matmul
+        def llmc_way():  # accumulate_hessian in llm-compressor: fp32 copy, sqrt(2), matmul
             xs = math.sqrt(2) * x.to(torch.float32)
             return H.addmm_(xs.t(), xs)
-        addmm, _ = timed(llmc_way)
+        addmm, _ = common.timed(llmc_way)
         bf16mm = None
         if CUDA:
-            bf16mm, _ = timed(lambda _: torch.mm(x.t(), x, out_dtype=torch.float32))
+            bf16mm, _ = common.timed(lambda: torch.mm(x.t(), x, out_dtype=torch.float32))
         # accuracy against an fp64 product (on a slice of columns for memory)
         k = min(n, 1024)
         H1 = xtx_accumulate_triton(torch.zeros(n, n, device=DEV), x)[:, :k]
@@ -120,9 +97,10 @@ def bench_hessian(features, tokens):
     table("(a) Hessian H += X^T X (bf16 X, fp32 H)",
           ["in", "tokens", "ours ms", "fp32 addmm ms", "bf16 mm ms", "speedup", "TFLOP/s*",
            "rel err"],
-          [[r["features"], r["tokens"], fmt(r["ours_ms"]), fmt(r["fp32_addmm_ms"]),
-            fmt(r["bf16_mm_fp32out_ms"]), f"{r['speedup_vs_addmm']:.1f}x",
-            fmt(r["ours_tflops"]), f"{r['max_rel_err_vs_fp64']:.1e}"] for r in rows])
+          [[r["features"], r["tokens"], common.fmt(r["ours_ms"]),
+            common.fmt(r["fp32_addmm_ms"]), common.fmt(r["bf16_mm_fp32out_ms"]),
+            f"{r['speedup_vs_addmm']:.1f}x", common.fmt(r["ours_tflops"]),
+            f"{r['max_rel_err_vs_fp64']:.1e}"] for r in rows])
     print("  * dense-equivalent (2 * tokens * in^2 / time); the kernel does half of it")
     return rows
 
@@ -184,8 +162,8 @@ def bench_solve(shapes, tokens, llmc_python, reps=3,
             r = dict(shape=f"{rows_}x{cols}", scheme=sname)
             ref_Q = None
             for p in precisions:
-                ms, (Q, _, _, losses) = timed(lambda H_: ours_gptq(W, H_, args, scale, zp, p),
-                                              reps=reps, setup=H.clone)
+                ms, (Q, _, _, losses) = common.timed(
+                    lambda H_: ours_gptq(W, H_, args, scale, zp, p), reps=reps, setup=H.clone)
                 r[f"ours_{p}_ms"], r[f"ours_{p}_loss"] = ms, float(losses.sum())
                 r[f"ours_{p}_out_err"] = out_err(W, Q, H)
                 if ref_Q is None:
@@ -201,9 +179,9 @@ def bench_solve(shapes, tokens, llmc_python, reps=3,
                     continue
                 os.environ["TRITONPRESS_BACKEND"] = backend
                 try:
-                    ms, (qw, Q2, info) = timed(
-                        lambda _: gptq_quantize(W, H, args, torch.bfloat16, block_size=128,
-                                                damp=DAMP),
+                    ms, (qw, Q2, info) = common.timed(
+                        lambda: gptq_quantize(W, H, args, torch.bfloat16, block_size=128,
+                                              damp=DAMP),
                         reps=reps if backend == "auto" else 1, warmup=int(backend == "auto"))
                 finally:
                     os.environ.pop("TRITONPRESS_BACKEND", None)
@@ -239,14 +217,15 @@ def bench_solve(shapes, tokens, llmc_python, reps=3,
           ["shape", "scheme", f"ours {p0}", "ours tf32", "ours bf16x3", "ours ieee",
            "gptq.py", "gptq.py torch", "llmc", "speedup vs llmc", "loss ours", "loss llmc",
            "loss llmc fp32 s", "out_err ours", "out_err llmc", "differ tf32", "differ bf16x3"],
-          [[r["shape"], r["scheme"], fmt(r[f"ours_{p0}_ms"]), fmt(r.get("ours_tf32_ms")),
-            fmt(r.get("ours_bf16x3_ms")), fmt(r.get("ours_ieee_ms")), fmt(r.get("gptqpy_ms")),
-            fmt(r["gptqpy_torch_ms"]), fmt(r.get("llmc_ms")),
+          [[r["shape"], r["scheme"], common.fmt(r[f"ours_{p0}_ms"]),
+            common.fmt(r.get("ours_tf32_ms")), common.fmt(r.get("ours_bf16x3_ms")),
+            common.fmt(r.get("ours_ieee_ms")), common.fmt(r.get("gptqpy_ms")),
+            common.fmt(r["gptqpy_torch_ms"]), common.fmt(r.get("llmc_ms")),
             (f"{r['llmc_ms'] / r[f'ours_{p0}_ms']:.1f}x" if r.get("llmc_ms") else "-"),
-            fmt(r[f"ours_{p0}_loss"], 5), fmt(r.get("llmc_loss"), 5),
-            fmt(r.get("llmc_loss_fp32_scales"), 5),
-            fmt(r[f"ours_{p0}_out_err"], 4), fmt(r.get("llmc_out_err"), 4),
-            fmt(r.get("ours_tf32_differ"), 2), fmt(r.get("ours_bf16x3_differ"), 2)]
+            common.fmt(r[f"ours_{p0}_loss"], 5), common.fmt(r.get("llmc_loss"), 5),
+            common.fmt(r.get("llmc_loss_fp32_scales"), 5),
+            common.fmt(r[f"ours_{p0}_out_err"], 4), common.fmt(r.get("llmc_out_err"), 4),
+            common.fmt(r.get("ours_tf32_differ"), 2), common.fmt(r.get("ours_bf16x3_differ"), 2)]
            for r in results])
     print("  ours = dampening + one-Cholesky inverse factor + fused solve (kernels/gptq_sweep.py);"
           " gptq.py = gptq_quantize as the pipeline calls it")
@@ -263,10 +242,10 @@ def llmc_solve(W, H, args, scale, zp, reps):
     # Scales in the weight's dtype, as its observers give them: fake_quantize then dequantizes
     # in bf16, which costs int8 accuracy. Also run once with fp32 scales, the same values.
     s = scale.to(W.dtype)[None]
-    ms, (Q, losses, fallback) = timed(
+    ms, (Q, losses, fallback) = common.timed(
         lambda a: quantize_weight(a[0], a[1], s, z, None, qa, blocksize=128, percdamp=DAMP),
         reps=reps, setup=setup)
-    _, (Q32, losses32, _) = timed(
+    _, (Q32, losses32, _) = common.timed(
         lambda a: quantize_weight(a[0], a[1], scale.float()[None], z, None, qa, blocksize=128,
                                   percdamp=DAMP), reps=1, warmup=0, setup=setup)
     return {"llmc_ms": ms, "llmc_loss": float(losses.sum()), "llmc_out_err": out_err(W, Q[0], H),
@@ -319,7 +298,7 @@ def precision_study(rows=512, cols=1024, tokens=4096):
                             values_differ=float((Q != base[0]).float().mean())))
     table(f"Trailing-GEMM precision (emulated), {rows}x{cols}, vs exact fp32",
           ["scheme", "precision", "loss", "loss rel diff", "values differ"],
-          [[r["scheme"], r["precision"], fmt(r["loss"], 6), f"{r['loss_rel_diff']:+.1e}",
+          [[r["scheme"], r["precision"], common.fmt(r["loss"], 6), f"{r['loss_rel_diff']:+.1e}",
             f"{r['values_differ']:.1e}"] for r in out])
     return out
 
@@ -344,16 +323,15 @@ def bench_e2e(llmc_python, samples=64, seq_len=2048, batch=4, small=False):
         for run in ("ours_s", "ours_warm_s") if scheme_name == "W4A16" else ("ours_s",):
             model = random_llama(**shape, layers=2, vocab=vocab, device=DEV)
             batches = [{"input_ids": ids[i:i + batch]} for i in range(0, samples, batch)]
-            if CUDA:
-                torch.cuda.reset_peak_memory_stats()
-            sync()
+            common.reset_peak_memory()
+            common.sync()
             t = time.perf_counter()
             compress_sequential(model, batches, get_scheme(scheme_name),
                                 functools.partial(gptq_layer), device=DEV, offload=False,
                                 progress=False)
-            sync()
+            common.sync()
             r[run] = time.perf_counter() - t
-            r["ours_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else None
+            r["ours_peak_gib"] = common.peak_gib()
             del model
             if CUDA:
                 torch.cuda.empty_cache()
@@ -364,8 +342,8 @@ def bench_e2e(llmc_python, samples=64, seq_len=2048, batch=4, small=False):
         print(json.dumps(r), flush=True)
     table(f"(c) end to end, 2-layer Llama, {samples} x {seq_len} tokens, seconds",
           ["scheme", "ours s", "ours warm s", "ours peak GiB", "llmc s", "speedup"],
-          [[r["scheme"], fmt(r["ours_s"]), fmt(r.get("ours_warm_s")), fmt(r["ours_peak_gib"]),
-            fmt(r.get("llmc_s")),
+          [[r["scheme"], common.fmt(r["ours_s"]), common.fmt(r.get("ours_warm_s")),
+            common.fmt(r["ours_peak_gib"]), common.fmt(r.get("llmc_s")),
             (f"{r['llmc_s'] / r['ours_s']:.1f}x" if r.get("llmc_s") else "-")] for r in rows])
     return rows
 
@@ -376,16 +354,14 @@ def run_llmc_oneshot(model_factory, ids, recipe, llmc_python):
     venv and reads its wall time (oneshot only, model load excluded)."""
     if not llmc_python or not Path(llmc_python).exists():
         return {"llmc_note": "no --llmc-python"}
-    from tritonpress.compress.models import byte_tokenizer
     with tempfile.TemporaryDirectory(prefix="bench_gptq_e2e_") as d:
         model = model_factory()
-        model.save_pretrained(f"{d}/model")
-        byte_tokenizer().save_pretrained(f"{d}/model")
+        common.save_with_tokenizer(model, f"{d}/model")
         del model
         torch.save(ids, f"{d}/calib.pt")
-        p = subprocess.run([llmc_python, str(ROOT / "bench" / "llmc_oneshot.py"), "--model",
-                            f"{d}/model", "--calib", f"{d}/calib.pt", "--recipe", recipe,
-                            "--group-size", "128"], capture_output=True, text=True, timeout=900)
+        p = subprocess.run([llmc_python, str(common.LLMC_ONESHOT), *common.llmc_oneshot_args(
+                            f"{d}/model", f"{d}/calib.pt", recipe, group_size=128)],
+                           capture_output=True, text=True, timeout=900)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or not lines:
         return {"llmc_note": f"oneshot failed: {p.stderr[-800:]}"}
@@ -397,8 +373,7 @@ def run_llmc_oneshot(model_factory, ids, recipe, llmc_python):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_gptq_gpu"))
-    default_llmc = ROOT / ".venv-llmc" / "bin" / "python"
-    ap.add_argument("--llmc-python", default=str(default_llmc) if default_llmc.exists() else None,
+    ap.add_argument("--llmc-python", default=common.llmc_venv_python(),
                     help="python of a venv with llmcompressor 0.14 (when not importable here)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--e2e", action="store_true", help="run (c) on CPU too (tiny model)")

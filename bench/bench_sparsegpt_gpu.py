@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
 
 ANCHOR_LAYER_MS = {(4096, 4096): 1421, (14336, 4096): 1104}   # llmc sparsify_weight, H200
 ANCHOR_E2E_S = 22.86                                          # llmc oneshot, H200
@@ -42,24 +43,6 @@ LLMC_MODULES = ("llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify",   # 0
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, reps=3):
-    """(median ms of `reps` runs after one warm-up, last result)."""
-    out = fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), out
-
 
 def correlated_hessian(n, tokens, device, seed=0):
     """2/T X^T X of correlated tokens with uneven channel scales (activation-like)."""
@@ -70,23 +53,9 @@ def correlated_hessian(n, tokens, device, seed=0):
     return 2 * X.T @ X / tokens
 
 
-def llmc_python() -> str | None:
-    """An interpreter that can import llm-compressor: this one, or .venv-llmc's."""
-    try:
-        import llmcompressor  # noqa: F401
-        return sys.executable
-    except Exception:
-        pass
-    venv = ROOT / ".venv-llmc" / "bin" / "python"
-    return str(venv) if venv.exists() else None
-
-
 def table(headers, rows) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in cells[1:]])
+    """A right-aligned markdown table of _fmt cells."""
+    return common.md_table(headers, [[_fmt(c) for c in r] for r in rows], right=True)
 
 
 def _fmt(c):
@@ -123,7 +92,8 @@ def _llmc_layer_main(inp, outp):
     names = inspect.signature(fn).parameters
     opts = {k: v for k, v in opts.items() if k in names}
     # it takes its Hessian out of the dict and factorizes it in place: a fresh copy per run
-    ms, out = timed(lambda: fn(lin, {lin: H.clone()}, **opts), device, d["reps"])
+    ms, out = common.timed(lambda: fn(lin, {lin: H.clone()}, **opts), reps=d["reps"],
+                           device=device)
     Wq = out[1] if isinstance(out, tuple) else out
     torch.save({"ms": ms, "W": Wq.cpu(), "signature": str(inspect.signature(fn))}, outp)
 
@@ -142,13 +112,11 @@ def llmc_layer(W, H, reps, py):
 
 def llmc_oneshot(model, ids, py, tmp):
     """Save the model + calibration ids; time llm-compressor's oneshot in its interpreter."""
-    from tritonpress.compress.models import byte_tokenizer
     mdir = Path(tmp) / "model"
-    model.save_pretrained(mdir)
-    byte_tokenizer().save_pretrained(mdir)   # llmc_oneshot loads one; ids are given directly
+    common.save_with_tokenizer(model, mdir)   # llmc_oneshot loads one; ids are given directly
     torch.save(ids, Path(tmp) / "calib.pt")
-    r = subprocess.run([py, str(ROOT / "bench" / "llmc_oneshot.py"), "--model", str(mdir),
-                        "--calib", str(Path(tmp) / "calib.pt"), "--recipe", "sparsegpt-fp8"],
+    r = subprocess.run([py, str(common.LLMC_ONESHOT), *common.llmc_oneshot_args(
+                        mdir, Path(tmp) / "calib.pt", "sparsegpt-fp8")],
                        capture_output=True, text=True)
     if r.returncode != 0:
         return None, f"llm-compressor oneshot failed: {r.stderr.strip()[-400:]}"
@@ -166,12 +134,12 @@ def bench_layers(shapes, tokens, device, py, reps):
         torch.manual_seed(0)
         H = correlated_hessian(n, tokens, device)
         W = (torch.randn(out, n, device=device) * 0.02).bfloat16()
-        ms_joint, (qw, _) = timed(lambda: sparsegpt_24(W, H), device, reps)
+        ms_joint, (qw, _) = common.timed(lambda: sparsegpt_24(W, H), reps=reps, device=device)
 
         def float_only():            # columns in order, as llm-compressor's sweep
             inv = inverse_hessian_cholesky(H, actorder=None)
             return sparsegpt_sweep(W.float().masked_fill(inv.dead, 0.0), inv.U)[0]
-        ms_float, Wf = timed(float_only, device, reps)
+        ms_float, Wf = common.timed(float_only, reps=reps, device=device)
         loss_joint = hessian_loss(W, qw.dequantize(), H)
         loss_float = hessian_loss(W, Wf, H)
         r = {"shape": f"{out}x{n}", "tokens": tokens, "ours_joint_fp8_ms": ms_joint,
@@ -222,15 +190,13 @@ def bench_e2e(cfg, samples, seq_len, device, py):
     res = {"config": cfg, "samples": samples, "seq_len": seq_len}
     for run in ("cold", "warm"):
         model = copy.deepcopy(base)
-        if torch.device(device).type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sync(device)
+        common.reset_peak_memory(device)
+        common.sync(device)
         t0 = time.perf_counter()
         out = ours_end_to_end(model, batches, device)
-        sync(device)
+        common.sync(device)
         res[f"ours_{run}_s"] = time.perf_counter() - t0
-        res["ours_peak_gib"] = (torch.cuda.max_memory_allocated() / 2 ** 30
-                                if torch.device(device).type == "cuda" else None)
+        res["ours_peak_gib"] = common.peak_gib(device)
         assert all(q.is_24_sparse() for q in out.qweights.values())
         del model, out
     res["llmc_s"] = res["note"] = None
@@ -335,7 +301,7 @@ def main():
                                                a.variants.split(","))
         md.append(txt)
     else:
-        py = None if a.skip_llmc else llmc_python()
+        py = None if a.skip_llmc else common.find_llmc_python()
         report["llmc_python"] = py
         if cuda:
             shapes, tokens, reps = [(4096, 4096), (14336, 4096)], 8192, 3
