@@ -28,12 +28,9 @@ GPU memory, or peak RSS on the CPU) when matplotlib is installed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import importlib.util
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -43,12 +40,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-import plots  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common, plots  # noqa: E402
 
 SHAPES = {   # random_llama arguments (2 decoder layers each)
     "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000),
@@ -105,15 +100,14 @@ def write_calibration_text(path: Path, n_chars: int, seed: int = 0) -> Path:
 
 def build_model(model_dir: Path, shape: str, seed: int = 0) -> Path:
     """Save a 2-layer random Llama of the given shape with the byte-level tokenizer."""
-    from tritonpress.compress.models import byte_tokenizer, random_llama
+    from tritonpress.compress.models import random_llama
     if (model_dir / "config.json").is_file():
         return model_dir
     device = "cuda" if torch.cuda.is_available() else "cpu"   # random numbers are faster there
     model = random_llama(**SHAPES[shape], layers=2, seed=seed, max_positions=4096, device=device)
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    byte_tokenizer().save_pretrained(tmp)
+    common.save_with_tokenizer(model, tmp)
     os.replace(tmp, model_dir)
     del model
     if device == "cuda":
@@ -172,19 +166,10 @@ print(json.dumps({"peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.c
 """
 
 
-def find_llmc_python(arg: str | None) -> str | None:
-    if arg:
-        return arg
-    if importlib.util.find_spec("llmcompressor") is not None:
-        return sys.executable
-    venv = ROOT / ".venv-llmc" / "bin" / "python"
-    return str(venv) if venv.exists() else None
-
-
 def run_llmc(python: str, scheme: str, model_dir: Path, calib_ids: Path, timeout: float) -> dict:
     recipe = SCHEMES[scheme][1]
-    cmd = [python, "-c", LLMC_WRAPPER % str(HERE / "llmc_oneshot.py"), "--model", str(model_dir),
-           "--calib", str(calib_ids), "--recipe", recipe, "--group-size", "128"]
+    cmd = [python, "-c", LLMC_WRAPPER % str(common.LLMC_ONESHOT),
+           *common.llmc_oneshot_args(model_dir, calib_ids, recipe, group_size=128)]
     row = dict(tool="llm-compressor", scheme=scheme, method=recipe)
     t = time.perf_counter()
     try:
@@ -238,21 +223,15 @@ def run(out_dir: str, shape: str, samples: int, seq_len: int, schemes: list[str]
                                                                  samples, seq_len, seed=0)])
     torch.save(ids, work / "calib_ids.pt")
 
-    info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                capability=list(torch.cuda.get_device_capability()) if device == "cuda" else None,
-                torch=torch.__version__, python=platform.python_version(),
-                date=datetime.date.today().isoformat(), shape=shape, layers=2,
+    info = dict(common.env_info(device == "cuda", date=True), shape=shape, layers=2,
                 model=SHAPES[shape], samples=samples, seq_len=seq_len, build_model_s=build_s,
                 llmc_python=llmc_python, llmc=llmc_version(llmc_python) if llmc_python else None,
                 warm_up=warm)
-    for mod in ("triton", "transformers"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
+    common.add_versions(info, ("triton", "transformers"))
     path = out / "compress_speed.json"
     rows, skipped = [], []
-    previous = signal.signal(signal.SIGTERM, _stop)   # `timeout` ends us: keep what we have
+    # `timeout` ends us: keep what we have
+    previous = signal.signal(signal.SIGTERM, common.raise_stopped)
     try:
         for scheme in schemes:
             if budget_s is not None and time.time() - t_start > budget_s:
@@ -277,7 +256,7 @@ def run(out_dir: str, shape: str, samples: int, seq_len: int, schemes: list[str]
                 rows.append(r)
                 print(f"  {scheme:<12} llm-compressor {_cell(r)}", flush=True)
             assemble(info, rows, skipped, t_start, path)   # a later kill keeps these rows
-    except Stopped:
+    except common.Stopped:
         print("  stopped (SIGTERM): reporting what was measured", flush=True)
         done = {r["scheme"] for r in rows}
         skipped += [s for s in schemes if s not in done and s not in skipped]
@@ -288,14 +267,6 @@ def run(out_dir: str, shape: str, samples: int, seq_len: int, schemes: list[str]
     png = plot(result, out / "compress_speed.png")
     print(f"\nwrote {path}" + (f" and {png}" if png else " (no plot: matplotlib is not installed)"))
     return result
-
-
-class Stopped(BaseException):
-    """SIGTERM arrived (not an Exception: the per-scheme handlers must not swallow it)."""
-
-
-def _stop(signum, frame):
-    raise Stopped()
 
 
 def assemble(info: dict, rows: list[dict], skipped: list[str], t_start: float, path: Path):
@@ -399,7 +370,7 @@ def main(argv=None):
     bad = [s for s in schemes if s not in SCHEMES]
     if bad:
         p.error(f"unknown scheme(s) {bad}: choose from {', '.join(SCHEMES)}")
-    llmc = None if a.skip_llmc else find_llmc_python(a.llmc_python)
+    llmc = None if a.skip_llmc else common.find_llmc_python(a.llmc_python)
     result = run(a.out_dir, shape, samples, seq_len, schemes, llmc, a.budget, device,
                  warm=(device == "cuda" and not a.no_warm_up), llmc_timeout=a.llmc_timeout)
     if not a.keep_work:

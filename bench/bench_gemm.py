@@ -20,15 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
 from tritonpress.kernels import gemm  # noqa: E402
 from tritonpress.kernels.quant import quantize_per_token_ref, quantize_weight_ref  # noqa: E402
 from tritonpress.schemes import PRESETS, QuantArgs  # noqa: E402
@@ -51,18 +52,13 @@ def _per_token(x, args):
     return getattr(quant, "quantize_per_token", quantize_per_token_ref)(x, args)
 
 
-def _prune24(w):
-    g = w.reshape(w.shape[0], -1, 4)
-    return g.scatter(-1, g.abs().argsort(-1)[..., :2], 0.0).reshape_as(w)
-
-
 def _weights(n, k, device):
     """One set of every format, made from the same random bf16 weight."""
     w = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16)
     q4, s4, _ = quantize_weight_ref(w, INT4, torch.bfloat16)
     q8, s8, _ = quantize_weight_ref(w, INT8, torch.float32)
     f8, sf8, _ = quantize_weight_ref(w, FP8, torch.float32)
-    q24, s24, _ = quantize_weight_ref(_prune24(w.float()), FP8, torch.float32)
+    q24, s24, _ = quantize_weight_ref(common.prune24(w.float()), FP8, torch.float32)
     return dict(
         bf16=w, w4=gemm.prepare(q4, s4, None, INT4),
         i8=gemm.prepare(q8, s8, None, INT8, INT8_ACT), f8=gemm.prepare(f8, sf8, None, FP8, FP8_ACT),
@@ -142,30 +138,6 @@ def _search_alg(W, I):
     return int(alg[0] if isinstance(alg, (tuple, list)) else alg)
 
 
-def _time_gpu(fn, sets):
-    """Median ms per call: a CUDA graph of calls cycling through the rotating sets."""
-    import triton
-    i = [0]
-
-    def call():
-        fn(*sets[i[0] % len(sets)])
-        i[0] += 1
-    try:
-        return triton.testing.do_bench_cudagraph(call, rep=10, return_mode="median")
-    except Exception:   # something not capturable: plain events (includes launch overhead)
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(call, warmup=5, rep=40, return_mode="median")
-
-
-def _time_cpu(fn, sets, reps=5):
-    times = []
-    for r in range(reps):
-        t = time.perf_counter()
-        fn(*sets[r % len(sets)])
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def run(out_dir: str, cpu: bool):
     device = "cpu" if cpu else "cuda"
     if cpu:
@@ -196,7 +168,8 @@ def run(out_dir: str, cpu: bool):
                     for W, I in zip(sets_w, sets_i):
                         fn(W, I)
                     sets = list(zip(sets_w, sets_i))
-                    ms_ = _time_cpu(fn, sets) if cpu else _time_gpu(fn, sets)
+                    # median ms per call, cycling through the rotating sets
+                    ms_ = common.cpu_ms(fn, sets, reps=5) if cpu else common.graph_ms(fn, sets, 10)
                     row[name] = ms_
                     records.append(dict(n=n, k=k, m=m, impl=name, ms=ms_, rel_err=err,
                                         tflops=2 * m * n * k / ms_ / 1e9))
@@ -206,15 +179,9 @@ def run(out_dir: str, cpu: bool):
                                         error=f"{type(e).__name__}: {e}"[:200]))
             _print_row(n, k, m, row, first=(m == ms[0]))
     summary = _targets(records) if not cpu else []
-    info = dict(device=("cpu" if cpu else torch.cuda.get_device_name()),
-                capability=None if cpu else list(torch.cuda.get_device_capability()),
-                torch=torch.__version__, python=platform.python_version(),
-                seconds=round(time.time() - t_start, 1), mode="cpu-reference" if cpu else "gpu")
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
+    info = dict(common.env_info(not cpu), seconds=round(time.time() - t_start, 1),
+                mode="cpu-reference" if cpu else "gpu")
+    common.add_versions(info)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "bench_gemm.json")
     with open(path, "w") as f:

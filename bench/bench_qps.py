@@ -36,24 +36,21 @@ folder given. --cpu (automatic without a GPU): tiny layer, M up to 256, torch re
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import signal
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-
-import plots  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common, plots  # noqa: E402
 from tritonpress.kernels import gemm  # noqa: E402
 from tritonpress.kernels.quant import quantize_weight_ref  # noqa: E402
 from tritonpress.schemes import PRESETS, QuantArgs  # noqa: E402
@@ -90,12 +87,6 @@ def layer_shapes(cfg: dict, separate: bool = False) -> list[tuple[str, int, int]
     return [("qkv", q + 2 * kv, h), ("o", h, q), ("gate_up", 2 * i, h), ("down", h, i)]
 
 
-def prune24(w: torch.Tensor) -> torch.Tensor:
-    """Keep the two largest of every four consecutive inputs (magnitude 2:4)."""
-    g = w.reshape(w.shape[0], -1, 4)
-    return g.scatter(-1, g.abs().argsort(-1)[..., :2], 0.0).reshape_as(w)
-
-
 def make_layer(shapes, device, seed: int) -> dict[str, list]:
     """scheme -> the layer's weights in that scheme's kernel layout, all from the same bf16
     weights (N(0, 0.02), like a trained layer's scale)."""
@@ -106,7 +97,7 @@ def make_layer(shapes, device, seed: int) -> dict[str, list]:
         q4, s4, _ = quantize_weight_ref(w, INT4, torch.bfloat16)
         q8, s8, _ = quantize_weight_ref(w, INT8, torch.float32)
         f8, sf8, _ = quantize_weight_ref(w, FP8, torch.float32)
-        f24, sf24, _ = quantize_weight_ref(prune24(w.float()), FP8, torch.float32)
+        f24, sf24, _ = quantize_weight_ref(common.prune24(w.float()), FP8, torch.float32)
         layer["bf16"].append(w)
         layer["W4A16"].append(gemm.prepare(q4, s4, None, INT4))
         layer["W8A8-INT8"].append(gemm.prepare(q8, s8, None, INT8, INT8_ACT))
@@ -154,30 +145,6 @@ def kernels_used(scheme: str, weights: list, xs) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- timing
-
-def time_gpu(fn, n_sets: int) -> float:
-    """Median ms per call over CUDA-graph replays; each call uses the next weight copy."""
-    import triton
-    i = [0]
-
-    def call():
-        fn(i[0] % n_sets)
-        i[0] += 1
-    try:
-        return triton.testing.do_bench_cudagraph(call, rep=20, return_mode="median")
-    except Exception:   # not capturable: CUDA events (includes launch overhead)
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(call, warmup=5, rep=40, return_mode="median")
-
-
-def time_cpu(fn, n_sets: int, reps: int = 3) -> float:
-    times = []
-    for r in range(reps):
-        t = time.perf_counter()
-        fn(r % n_sets)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
 
 def measure_order(ms: list[int]) -> list[int]:
     """Coarse to fine (1, 4096, 64, ...), so a run cut short by its budget still spans M."""
@@ -237,6 +204,7 @@ def run(out_dir: str, cpu: bool, separate: bool = False, ms: list[int] | None = 
     shapes = layer_shapes(cfg, separate)
     schemes = SCHEMES + ([] if cpu else YARDSTICKS)
     n_sets = 1 if cpu else ROTATE
+    copies = [(j,) for j in range(n_sets)]   # timed call k runs fn(k % n_sets): the next copy
     sets = [make_layer(shapes, device, seed) for seed in range(n_sets)]
     widths = sorted({k for _, _, k in shapes})
     gen = torch.Generator(device=device).manual_seed(1234)
@@ -262,23 +230,17 @@ def run(out_dir: str, cpu: bool, separate: bool = False, ms: list[int] | None = 
             checks[s] = dict(error=f"{type(e).__name__}: {e}"[:300])
     runnable = [s for s in schemes if "error" not in checks[s]]
 
-    info = dict(device="cpu" if cpu else torch.cuda.get_device_name(),
-                capability=None if cpu else list(torch.cuda.get_device_capability()),
-                torch=torch.__version__, python=platform.python_version(),
-                date=datetime.date.today().isoformat(),
+    info = dict(common.env_info(not cpu, date=True),
                 mode="cpu-reference" if cpu else "gpu", layer="tiny" if cpu else "llama-3-8b",
                 config=cfg, shapes=[dict(name=nm, n=n, k=k) for nm, n, k in shapes],
                 fused=not separate, layers_for_tokens_per_s=LAYERS,
                 cslt=(not cpu and gemm.cslt_available()))
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
+    common.add_versions(info)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "qps.json")
     records, rows, skipped, stopped = [], {}, [], False
-    previous = signal.signal(signal.SIGTERM, _stop)   # `timeout` ends us: keep what we have
+    # `timeout` ends us: keep what we have
+    previous = signal.signal(signal.SIGTERM, common.raise_stopped)
     try:
         for m in measure_order(ms):
             if stopped or (budget_s is not None and time.time() - t_start > budget_s):
@@ -292,7 +254,7 @@ def run(out_dir: str, cpu: bool, separate: bool = False, ms: list[int] | None = 
                 try:
                     for j in range(n_sets):          # compile, autotune, first-use allocations
                         fn(j)
-                    t = time_cpu(fn, n_sets) if cpu else time_gpu(fn, n_sets)
+                    t = common.cpu_ms(fn, copies) if cpu else common.graph_ms(fn, copies, 20)
                     row[s] = t
                     recs.append(dict(scheme=s, m=m, ms=t,
                                      kernels=kernels_used(s, sets[0][s], xs_sets[0])))
@@ -309,7 +271,7 @@ def run(out_dir: str, cpu: bool, separate: bool = False, ms: list[int] | None = 
             if not cpu:
                 del xs_sets
                 torch.cuda.empty_cache()
-    except Stopped:
+    except common.Stopped:
         print("  stopped (SIGTERM): reporting what was measured", flush=True)
         skipped += [m for m in ms if m not in rows and m not in skipped]
     finally:
@@ -320,14 +282,6 @@ def run(out_dir: str, cpu: bool, separate: bool = False, ms: list[int] | None = 
     print(f"\n{info['device']}: {result['info']['seconds']} s; wrote {path}"
           + (f" and {png}" if png else " (no plot: matplotlib is not installed)"))
     return result
-
-
-class Stopped(BaseException):
-    """SIGTERM arrived (not an Exception: the per-scheme handlers must not swallow it)."""
-
-
-def _stop(signum, frame):
-    raise Stopped()
 
 
 def assemble(info, ms, schemes, checks, records, rows, skipped, t_start, path) -> dict:

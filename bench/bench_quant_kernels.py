@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 if not CUDA:  # must precede the kernels' import
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tritonpress.kernels import quant as Q  # noqa: E402
 from tritonpress.schemes import QuantArgs  # noqa: E402
@@ -41,12 +44,7 @@ def bench_ms(fn) -> float:
     if CUDA:
         import triton.testing
         return triton.testing.do_bench(fn, return_mode="median")
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return common.cpu_ms(fn, reps=3)
 
 
 def copy_gbps(device) -> float:

@@ -12,8 +12,8 @@ Groups put each kernel beside its baseline measured in the same run:
 One round is CALLS calls then a synchronize (so launch overhead overlaps, as in a model);
 pytest-benchmark's times are per round, extra_info["us_per_call"] per call.
 """
-import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +22,10 @@ pytest.importorskip("pytest_benchmark")
 if not torch.cuda.is_available():
     pytest.skip("kernel benchmarks need a CUDA GPU", allow_module_level=True)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
 from tritonpress.kernels import gemm, quant  # noqa: E402
 from tritonpress.schemes import PRESETS, QuantArgs  # noqa: E402
 
@@ -35,11 +37,6 @@ INT4 = QuantArgs(4, "int", True, "group", 128)
 W8 = {s: (PRESETS[s].weights, PRESETS[s].input_activations) for s in ("W8A8_INT8", "W8A8_FP8")}
 
 
-def _prune24(w):
-    g = w.reshape(w.shape[0], -1, 4)
-    return g.scatter(-1, g.abs().argsort(-1)[..., :2], 0.0).reshape_as(w)
-
-
 @pytest.fixture(scope="module")
 def weights():
     torch.manual_seed(0)
@@ -48,7 +45,7 @@ def weights():
     q4, s4, _ = quant.quantize_weight_ref(w, INT4, torch.bfloat16)
     q8, s8, _ = quant.quantize_weight_ref(w, wi, torch.float32)
     f8, sf8, _ = quant.quantize_weight_ref(w, wf, torch.float32)
-    f24, sf24, _ = quant.quantize_weight_ref(_prune24(w.float()), wf, torch.float32)
+    f24, sf24, _ = quant.quantize_weight_ref(common.prune24(w.float()), wf, torch.float32)
     return {"bf16": w, "w4a16": gemm.prepare(q4, s4, None, INT4),
             "int8": gemm.prepare(q8, s8, None, wi, ai), "fp8": gemm.prepare(f8, sf8, None, wf, af),
             "2:4 fp8": gemm.prepare(f24, sf24, None, wf, af, sparse24=True)}
