@@ -34,8 +34,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:   # `python bench/X.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
 
 # scheme -> llm-compressor recipe (bench/llmc_oneshot.py) and our uncalibrated reference
 SCHEMES = {
@@ -84,9 +86,8 @@ def _last_json(text: str, key: str) -> dict:
 def run_llmc(llmc_python: str, model_dir: Path, calib: Path, recipe: str, group_size: int,
              out: Path, logs: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [llmc_python, str(ROOT / "bench" / "llmc_oneshot.py"), "--model", str(model_dir),
-           "--calib", str(calib), "--recipe", recipe, "--group-size", str(group_size),
-           "--out", str(out)]
+    cmd = [llmc_python, str(common.LLMC_ONESHOT),
+           *common.llmc_oneshot_args(model_dir, calib, recipe, group_size=group_size, out=out)]
     text, wall, cpu, load = _run_logged(cmd, logs / f"{out.name}.log")
     res = _last_json(text, '"seconds"')
     return {"compress_s": res["seconds"], "process_s": wall, "process_cpu_s": cpu,
@@ -180,10 +181,7 @@ def table(rows: list[dict]) -> str:
                       _f(r.get("zero_fraction"), 3),
                       *(_f(q.get(s, {}).get("ppl"), 3) for s in SOURCES),
                       *(_f(q.get(s, {}).get("kl"), 5) for s in SOURCES)))
-    w = [max(len(str(l[i])) for l in lines) for i in range(len(COLUMNS))]
-    fmt = lambda l: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(l)) + " |"  # noqa: E731
-    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|",
-                      *map(fmt, lines[1:])])
+    return common.md_table(lines[0], lines[1:])
 
 
 def profile_table(rows: list[dict]) -> str:
@@ -203,10 +201,7 @@ def profile_table(rows: list[dict]) -> str:
         lines.append((r["scheme"], r["method"],
                       *(_f(p[k]["seconds"], 1) if k in p else "-" for k in (*steps, "other")),
                       _f(r["compress_s"], 1), _f(llmc.get(r["scheme"]), 1)))
-    w = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
-    fmt = lambda l: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(l)) + " |"  # noqa: E731
-    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|",
-                      *map(fmt, lines[1:])])
+    return common.md_table(lines[0], lines[1:])
 
 
 def save(rows: list[dict], meta: dict, path: Path) -> None:
@@ -240,7 +235,7 @@ def parse(argv=None):
     ap.add_argument("--no-reference", action="store_true", help="skip our RTN reference rows")
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-ours", action="store_true", help="only llm-compressor's rows")
-    ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
+    ap.add_argument("--llmc-python", default=str(common.LLMC_VENV_PYTHON))
     ap.add_argument("--out-dir", default=str(ROOT / "out" / "bench_vs_llmc"))
     ap.add_argument("--delete-checkpoints", action="store_true",
                     help="remove each checkpoint once scored (kept by default, in OUT_DIR/checkpoints)")
