@@ -118,6 +118,9 @@ def launches():
     for qnt in (False, True):
         add(f"prune24 block fp32[256,128] fp8={qnt}", lambda qnt=qnt: sparse24.prune24_block(
             torch.randn(256, 128), hinv(128), torch.rand(256, 1) + 0.1 if qnt else None))
+    add("prune24 block fp32[256,128] fp8=True fixed mask", lambda: sparse24.prune24_block(
+        torch.randn(256, 128), hinv(128), torch.rand(256, 1) + 0.1,
+        sparse24.keep_2_of_4(torch.rand(256, 128))))
 
     w4 = gemm_w4a16
 

@@ -48,6 +48,25 @@ def test_kernel_matches_reference_odd_rows(quant):
         assert torch.equal(fp8_round_ref(Qt / scale) * scale, Qt)  # on the fp8 grid
 
 
+def test_kernel_fixed_mask_matches_reference_and_keeps_the_mask():
+    """With `keep` given, the sweep only rounds and compensates: exactly keep's pattern."""
+    rows, n = 29, 44
+    W = torch.randn(rows, n)
+    Hinv = _hinv(n)
+    keep = keep_2_of_4(torch.rand(rows, n))
+    scale = _fp8_scale(W) * 2
+    Qr, Er = prune24_block_ref(W, Hinv, scale, keep)
+    Qt, Et = prune24_block_triton(W, Hinv, scale, keep, block_m=8)
+    assert torch.equal(Qr != 0, keep & (Qr != 0)) and (Qr != 0).sum() > 0.95 * keep.sum()
+    assert torch.equal(Qr == 0, Qt == 0)
+    torch.testing.assert_close(Qt, Qr, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(Et, Er, rtol=1e-5, atol=1e-6)
+    # a mask equal to the one the sweep picks itself gives the same sweep
+    Q0, _ = prune24_block_ref(W, Hinv, scale)
+    Q1, _ = prune24_block_ref(W, Hinv, scale, Q0 != 0)
+    assert torch.equal(Q0, Q1)
+
+
 def test_kernel_partial_block_and_strided_input():
     """A last block narrower than the tile (n=20 in a 32-wide tile), read from a column slice."""
     rows, n = 21, 20
@@ -78,6 +97,8 @@ def test_bad_block_shapes_are_rejected():
         prune24_block(torch.randn(4, 6), torch.eye(6))
     with pytest.raises(ValueError, match="per output channel"):
         prune24_block(torch.randn(4, 8), torch.eye(8), torch.ones(8, 1))
+    with pytest.raises(ValueError, match="keep must be"):
+        prune24_block(torch.randn(4, 8), torch.eye(8), None, torch.ones(4, 4, dtype=bool))
 
 
 @triton.jit

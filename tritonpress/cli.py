@@ -86,6 +86,10 @@ def main(argv=None) -> int:
                    help="clipping search of 4-bit group scales, AWQ's and GPTQ's (default on)")
     c.add_argument("--smoothquant", type=float, default=d.smoothquant, metavar="ALPHA",
                    help="SmoothQuant before W8A8_INT8 with strength ALPHA (e.g. 0.5)")
+    c.add_argument("--refit", type=float, default=d.refit, metavar="RIDGE",
+                   help="SparseGPT: refit the kept weights for the chosen 2:4 mask under "
+                        "H + RIDGE * mean(diag H) * I before the fp8 sweep (e.g. 0.1; "
+                        "default off)")
     c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])
     c.add_argument("--no-eval", action="store_true", help="skip perplexity/KL")
     c.add_argument("--seed", type=int, default=d.seed)
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
                      num_samples=args.num_samples, seq_len=args.seq_len,
                      group_size=args.group_size, symmetric=False if args.asym else None,
                      ignore=args.ignore, damp=args.damp, block_size=args.block_size,
-                     actorder=args.actorder, smoothquant=args.smoothquant,
+                     actorder=args.actorder, smoothquant=args.smoothquant, refit=args.refit,
                      clip=args.clip == "on",
                      sparse_format=args.sparse_format, eval_dataset=args.eval_dataset,
                      eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,

@@ -45,7 +45,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
              dataset=_D.dataset, num_samples=_D.num_samples, seq_len=_D.seq_len,
              group_size=None, symmetric=None, ignore=None, damp=_D.damp,
              block_size=_D.block_size, actorder=_D.actorder, clip=_D.clip,
-             smoothquant=_D.smoothquant, sparse_format="dense", eval_dataset="canterbury+code",
+             smoothquant=_D.smoothquant, refit=_D.refit, sparse_format="dense", eval_dataset="canterbury+code",
              eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=_D.seed, progress=True, json_path=None,
              partial_last_group=_D.partial_last_group, resume_dir=None, spill_dir=None,
@@ -63,6 +63,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
     ("none"); the checkpoint records it for GPTQ-quantized weights (null for other methods).
     SparseGPT takes it too: "static" sweeps its 2:4 groups of 4 columns by decreasing sum of
     H_ii (compressed-tensors has no field for that; the report says it).
+    refit: SparseGPT only, off by default: after a float sweep chooses the 2:4 mask, refit
+    the kept weights to the least-squares optimum under H + refit * mean(diag H) * I, then
+    round them to fp8 on that mask (sparsegpt.py; README, "2:4 sparse + FP8").
     clip: the clipping search of 4-bit group scales, AWQ's and GPTQ's (each group's range shrunk
     to minimise its output error on the calibration data; SmolLM2 W4A16 g64 GPTQ: mean KL
     0.217 -> 0.128 on held-out text, README).
@@ -85,7 +88,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
     # every option checked here, before any loading; what the report and resume record
     opts = Options(method=method, dataset=dataset, num_samples=num_samples, seq_len=seq_len,
                    seed=seed, damp=damp, block_size=block_size, actorder=actorder, clip=clip,
-                   smoothquant=smoothquant,
+                   smoothquant=smoothquant, refit=refit,
                    partial_last_group=partial_last_group).resolved(scheme)
     evaluate.check_act_sim(act_sim)
     stream = {True: "on", False: "off"}.get(stream, stream)
@@ -295,8 +298,7 @@ def _run_method(model, scheme, opts: Options, linears, batches, device, *, progr
         "gptq": partial(gptq.gptq_layer, **opts.gptq()),
         "awq": partial(awq.awq, clip=opts.clip),
         "awq+gptq": partial(awq.awq, gptq=opts.gptq()),
-        "sparsegpt": partial(sparsegpt.sparsegpt_method, block_size=opts.block_size,
-                             damp=opts.damp, actorder=opts.actorder),
+        "sparsegpt": partial(sparsegpt.sparsegpt_method, **opts.sparsegpt()),
     }[method]
     if opts.smoothquant is not None:
         layer_fn = pipeline.chain(partial(sq.smoothquant_layer, alpha=opts.smoothquant),

@@ -34,6 +34,7 @@ class Options:
     actorder: str | None = "static"   # GPTQ, SparseGPT: "static" or None (columns in order)
     clip: bool = True              # the clipping search of 4-bit group scales (GPTQ, AWQ)
     smoothquant: float | None = None   # SmoothQuant strength before GPTQ (W8A8_INT8)
+    refit: float | None = None     # SparseGPT: ridge of the kept weights' refit (None: off)
     partial_last_group: bool = False
 
     def resolved(self, scheme: Scheme) -> "Options":
@@ -52,6 +53,10 @@ class Options:
         if not self.damp >= 0:
             raise ValueError(f"damp={self.damp}: the dampening is a fraction >= 0 of the "
                              "Hessian's mean diagonal (default 0.01)")
+        if self.refit is not None and (method != "sparsegpt" or not self.refit > 0):
+            raise ValueError(f"refit={self.refit}: SparseGPT's refit of the kept weights takes "
+                             "a ridge > 0, a fraction of the Hessian's mean diagonal (e.g. "
+                             "0.1), with method sparsegpt")
         if self.block_size <= 0:
             raise ValueError(f"block_size={self.block_size}: use a positive number of "
                              "columns (default 128)")
@@ -72,6 +77,11 @@ class Options:
         """The keyword arguments of gptq.gptq_layer (and gptq_quantize_stacked)."""
         return dict(block_size=self.block_size, damp=self.damp, actorder=self.actorder,
                     clip=self.clip)
+
+    def sparsegpt(self) -> dict:
+        """The keyword arguments of sparsegpt.sparsegpt_method."""
+        return dict(block_size=self.block_size, damp=self.damp, actorder=self.actorder,
+                    refit=self.refit)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

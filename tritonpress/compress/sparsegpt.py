@@ -89,9 +89,11 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01,
 
 
 def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int = 128,
-                    scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: torch.Tensor | None = None, keep: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocked OBS sweep: W [out, in] fp32 -> (2:4 weights, on the fp8 grid times `scale`
-    when a per-channel scale [out, 1] is given; loss of each row [out]).
+    when a per-channel scale [out, 1] is given; loss of each row [out]). With `keep` [out, in]
+    the 2:4 mask is that one instead of the sweep's own choice.
 
     W - Wq = Err @ U with U = Hinv (upper, U^T U = H^-1), so each row's loss
     (w - wq) H (w - wq)^T under the dampened H is exactly its sum of err^2."""
@@ -100,19 +102,49 @@ def sparsegpt_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int = 128,
     losses = torch.zeros(W.shape[0], device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        Q1, Err1 = prune24_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale)
+        Q1, Err1 = prune24_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale,
+                                 None if keep is None else keep[:, i1:i2])
         W[:, i1:i2] = Q1
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)    # the lazy trailing update
         losses += Err1.square().sum(1)
     return W, losses
 
 
+def refit_kept(W0: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, A: torch.Tensor,
+               iters: int = 50, tol: float = 1e-3) -> torch.Tensor:
+    """The kept weights refit for a fixed mask: per row, argmin (w - w0) A (w - w0)^T over the
+    w that are 0 where keep is False, by conjugate gradients from W (already 0 there), with
+    A's diagonal as preconditioner (the inputs' scales differ by orders of magnitude). Rows
+    are independent systems, solved side by side: one [out, in] x [in, in] product a step.
+    Stops when every row's residual is below `tol` of where it started."""
+    M = keep.float()
+    inv_d = 1.0 / A.diagonal().clamp_min(1e-12)
+    W = W.clone()
+    r = ((W0 - W) @ A) * M                     # minus half the gradient, on the kept set
+    z = r * inv_d
+    p, rz = z, (r * z).sum(1)
+    stop = tol * tol * rz.clamp_min(1e-30)
+    for _ in range(iters):
+        Ap = (p @ A) * M
+        pAp = (p * Ap).sum(1)
+        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(1e-30), torch.zeros_like(rz))
+        W.addcmul_(alpha[:, None], p)
+        r.addcmul_(alpha[:, None], Ap, value=-1)
+        z = r * inv_d
+        rz_new = (r * z).sum(1)
+        if bool((rz_new <= stop).all()):
+            break
+        p = z + (rz_new / rz.clamp_min(1e-30))[:, None] * p
+        rz = rz_new
+    return W
+
+
 def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT_MODE,
                  scale_from: str = "original", headroom: float = HEADROOM,
                  block_size: int = 128, damp: float = 0.01,
                  actorder: str | None = DEFAULT_ACTORDER, args: QuantArgs = FP8_CHANNEL,
-                 scale_dtype: torch.dtype | None = None, hinv: InverseHessian | None = None
-                 ) -> tuple[QuantizedWeight, torch.Tensor]:
+                 scale_dtype: torch.dtype | None = None, hinv: InverseHessian | None = None,
+                 refit: float | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
     """SparseGPT 2:4 + fp8 per-channel weights of one Linear (W [out, in], H [in, in] fp32)
     and the loss of each row [out] under the dampened H (their sum: tr((W-Wq) H (W-Wq)^T)).
 
@@ -121,7 +153,11 @@ def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT
     either amax is multiplied by `headroom` (see the module docstring).
     actorder: "static" (default: 2:4 groups by decreasing H_ii) or None (columns in order).
     hinv: inverse_hessian_cholesky(H, damp, actorder) when already computed (then H may be
-    None; its order is used)."""
+    None unless refit is given; its order is used).
+    refit (joint mode; needs H): a float sweep chooses the mask, the kept weights are refit
+    to the least-squares optimum for it under H + refit * mean(diag H) * I (the ridge keeps
+    them near the originals, so the fit holds on text unlike the calibration text), then
+    the joint sweep rounds them to fp8 on that mask."""
     _check(W, H if hinv is None else hinv.U, args, block_size)
     if mode not in MODES:
         raise ValueError(f"unknown SparseGPT mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -129,6 +165,9 @@ def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT
         raise ValueError(f"headroom must be >= 1 (a multiple of the amax), got {headroom}")
     if scale_from not in SCALE_FROM:
         raise ValueError(f"scale_from={scale_from!r}: choose one of {', '.join(SCALE_FROM)}")
+    if refit is not None and (mode != "joint" or H is None or not refit > 0):
+        raise ValueError(f"refit={refit}: a ridge > 0 (a fraction of H's mean diagonal), in "
+                         "joint mode, with H given")
     scale_dtype = scale_dtype or W.dtype
     Hinv, dead, _, _, perm = hinv if hinv is not None else \
         inverse_hessian_cholesky(H, damp, actorder)
@@ -143,9 +182,22 @@ def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT
         # same dampened H is ||(W - Wq) U^-1||^2
         E = torch.linalg.solve_triangular(Hinv, W - qw.dequantize(), upper=True, left=False)
         return _unpermuted(qw, perm), E.square().sum(1)
-    source = W if scale_from == "original" else sparsegpt_sweep(W, Hinv, block_size)[0]
+    keep, start = None, W
+    if refit is not None:
+        Wf = sparsegpt_sweep(W, Hinv, block_size)[0]
+        keep = Wf != 0
+        A = H.float() if perm is None else H.float()[perm][:, perm]
+        A = A + refit * float(A.diagonal().mean()) * torch.eye(A.shape[0], device=A.device)
+        start = refit_kept(W, Wf, keep, A)
+    source = W if scale_from == "original" else \
+        (start if refit is not None else sparsegpt_sweep(W, Hinv, block_size)[0])
     scale = weight_qparams_ref(source * headroom, args, scale_dtype)[0]
-    Wq, losses = sparsegpt_sweep(W, Hinv, block_size, scale)
+    Wq, losses = sparsegpt_sweep(start, Hinv, block_size, scale, keep)
+    if refit is not None:
+        # the sweep's losses are against its start; the loss against W under the dampened H
+        # is ||(W - Wq) U^-1||^2, as in prune_then_quantize
+        E = torch.linalg.solve_triangular(Hinv, W - Wq, upper=True, left=False)
+        losses = E.square().sum(1)
     return _unpermuted(_to_quantized(Wq, scale, args, scale_dtype), perm), losses
 
 
@@ -202,7 +254,7 @@ def _row_quadratic(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAULT_MODE,
                      scale_from: str = "original", headroom: float = HEADROOM,
                      block_size: int = 128, damp: float = 0.01,
-                     actorder: str | None = DEFAULT_ACTORDER):
+                     actorder: str | None = DEFAULT_ACTORDER, refit: float | None = None):
     """Per-layer method for pipeline.compress_sequential (bind options with functools.partial).
 
     One Hessian per distinct input, from the layer as it was. Linears sharing it (q/k/v,
@@ -223,12 +275,12 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     for names in groups.values():
         with step("sparsegpt solve"):    # the factorisation and the reported losses too
             _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, damp,
-                         check_actorder(actorder), qweights, infos)
+                         check_actorder(actorder), refit, qweights, infos)
     return qweights, infos
 
 
 def _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, damp,
-                 actorder, qweights, infos) -> None:
+                 actorder, refit, qweights, infos) -> None:
     """One stacked SparseGPT solve of the Linears in `names` (one shared Hessian)."""
     t0 = time.perf_counter()
     st = hessians[names[0]]
@@ -242,10 +294,10 @@ def _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, d
         qw, losses = magnitude_24(W, args=ctx.scheme.weights,
                                   scale_dtype=ctx.scale_dtype), None
     else:
-        qw, losses = sparsegpt_24(W, None, mode=mode, scale_from=scale_from,
-                                  headroom=headroom, block_size=block_size,
-                                  args=ctx.scheme.weights, scale_dtype=ctx.scale_dtype,
-                                  hinv=hinv)
+        qw, losses = sparsegpt_24(W, None if refit is None else st.H, mode=mode,
+                                  scale_from=scale_from, headroom=headroom,
+                                  block_size=block_size, args=ctx.scheme.weights,
+                                  scale_dtype=ctx.scale_dtype, hinv=hinv, refit=refit)
     deq = qw.dequantize(torch.float32)
     err = hessian_loss_rows(W, deq, st.H) if losses is None else \
         undampened_loss_rows(losses, W, deq, hinv)
@@ -260,7 +312,8 @@ def _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, d
                                          qw.args)
         e, r = float(err[rows].sum()), float(ref[rows].sum())
         infos[name] = {
-            "method": "sparsegpt", "mode": mode, "actorder": actorder, "tokens": st.n,
+            "method": "sparsegpt", "mode": mode, "actorder": actorder, "refit": refit,
+            "tokens": st.n,
             "hessian_shared_with": [m for m in st.members if m != name],
             "fallback": None if hinv is not None else "magnitude",
             "dampening": None if hinv is None else hinv.frac,
