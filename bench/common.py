@@ -155,9 +155,10 @@ def peak_gib(device=None) -> float | None:
 # ----------------------------------------------------------------------------- weights
 
 def prune24(w: torch.Tensor) -> torch.Tensor:
-    """Keep the two largest of every four consecutive inputs (magnitude 2:4)."""
-    g = w.reshape(w.shape[0], -1, 4)
-    return g.scatter(-1, g.abs().argsort(-1)[..., :2], 0.0).reshape_as(w)
+    """Keep the two largest of every four consecutive inputs (magnitude 2:4; the library's
+    mask, ties to the lower column)."""
+    from tritonpress.kernels.sparse24 import keep_2_of_4
+    return torch.where(keep_2_of_4(w.abs()), w, torch.zeros_like(w))
 
 
 def save_with_tokenizer(model, path):

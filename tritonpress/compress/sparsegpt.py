@@ -178,10 +178,8 @@ def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT
         Wq, _ = sparsegpt_sweep(W, Hinv, block_size)
         scale = weight_qparams_ref(Wq, args, scale_dtype)[0]
         qw = _to_quantized(Wq, scale, args, scale_dtype)
-        # the fp8 rounding came after the sweep: the loss of the final weights under the
-        # same dampened H is ||(W - Wq) U^-1||^2
-        E = torch.linalg.solve_triangular(Hinv, W - qw.dequantize(), upper=True, left=False)
-        return _unpermuted(qw, perm), E.square().sum(1)
+        # the fp8 rounding came after the sweep
+        return _unpermuted(qw, perm), _dampened_loss_rows(W, qw.dequantize(), Hinv)
     keep, start = None, W
     if refit is not None:
         Wf = sparsegpt_sweep(W, Hinv, block_size)[0]
@@ -193,12 +191,15 @@ def sparsegpt_24(W: torch.Tensor, H: torch.Tensor | None, *, mode: str = DEFAULT
         (start if refit is not None else sparsegpt_sweep(W, Hinv, block_size)[0])
     scale = weight_qparams_ref(source * headroom, args, scale_dtype)[0]
     Wq, losses = sparsegpt_sweep(start, Hinv, block_size, scale, keep)
-    if refit is not None:
-        # the sweep's losses are against its start; the loss against W under the dampened H
-        # is ||(W - Wq) U^-1||^2, as in prune_then_quantize
-        E = torch.linalg.solve_triangular(Hinv, W - Wq, upper=True, left=False)
-        losses = E.square().sum(1)
+    if refit is not None:        # the sweep's losses are against its start, not W
+        losses = _dampened_loss_rows(W, Wq, Hinv)
     return _unpermuted(_to_quantized(Wq, scale, args, scale_dtype), perm), losses
+
+
+def _dampened_loss_rows(W: torch.Tensor, Wq: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    # (w - wq) H (w - wq)^T per row under the dampened H = (U^T U)^-1: ||(W - Wq) U^-1||^2
+    E = torch.linalg.solve_triangular(U, W - Wq, upper=True, left=False)
+    return E.square().sum(1)
 
 
 def _unpermuted(qw: QuantizedWeight, perm: torch.Tensor | None) -> QuantizedWeight:
