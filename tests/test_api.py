@@ -174,7 +174,9 @@ def test_options_are_written_once():
     for opts, match in [(Options(method="gptqq"), "unknown method 'gptqq'"),
                         (Options(method="sparsegpt"), "prunes to 2:4"),
                         (Options(method="awq"), None), (Options(damp=-0.1), "damp=-0.1"),
-                        (Options(block_size=0), "block_size=0")]:
+                        (Options(block_size=0), "block_size=0"),
+                        (Options(sequential=True), "SparseGPT's"),
+                        (Options(permute=True), "SparseGPT's")]:
         if match is None:
             opts.resolved(w4)
             with pytest.raises(ValueError, match="AWQ is for W4A16"):

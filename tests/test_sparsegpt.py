@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tritonpress.compress.sparsegpt import (FP8_CHANNEL, check_24_shapes, hessian_loss,
-                                            hessian_loss_rows,
+                                            hessian_loss_rows, spread_channels,
                                             inverse_hessian_cholesky, magnitude_24,
                                             magnitude_linears, sparsegpt_24, sparsegpt_method,
                                             undampened_loss_rows)
@@ -263,3 +263,75 @@ def test_refit_lowers_the_loss_keeps_the_mask_and_reports_it():
     for bad in (dict(refit=0.0), dict(refit=0.1, mode="prune_then_quantize")):
         with pytest.raises(ValueError, match="refit"):
             sparsegpt_24(W, H, **bad)
+
+
+def test_linear_groups_are_in_call_order():
+    from tritonpress.compress.activations import LayerInputs
+    from tritonpress.compress.hooks import linear_groups
+    model = _tiny_llama()
+    layer = model.model.layers[0]
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    hidden = [torch.randn(2, 8, model.config.hidden_size)]
+    pos = model.model.rotary_emb(hidden[0], torch.arange(8)[None])
+    inputs = LayerInputs(hidden, [{"position_embeddings": pos}], [None], torch.device("cpu"),
+                         torch.device("cpu"))
+    assert linear_groups(layer, linears, inputs) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_spread_channels_puts_one_channel_of_each_quartile_in_every_group():
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    H, W = correlated_hessian(n), torch.randn(7, n, generator=g)
+    perm = spread_channels(H, W)
+    assert sorted(perm.tolist()) == list(range(n))
+    score = H.diagonal() * W.square().sum(0)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[torch.argsort(score, descending=True)] = torch.arange(n)
+    quartiles = (rank[perm] // (n // 4)).reshape(-1, 4)
+    assert (quartiles.sort(1).values == torch.arange(4)).all()
+
+
+@pytest.mark.parametrize("opts", [dict(sequential=True), dict(permute=True),
+                                  dict(sequential=True, permute=True)])
+def test_sequential_and_permuted_layers_stay_24_and_keep_the_function(opts):
+    """sequential: each group's Hessian from the layer with the earlier groups compressed
+    (the first group's is the one-pass Hessian, so q/k/v come out the same); permute: the MLP's
+    channels reordered, gate/up rows with down columns, so the uncompressed model's function is
+    unchanged and the compressed one is exactly 2:4 in the permuted order it is saved in."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (2, 24), generator=g) for _ in range(3)]
+    base, model = _tiny_llama(), _tiny_llama()
+    r0 = _compress(base, functools.partial(sparsegpt_method), batches)
+    res = _compress(model, functools.partial(sparsegpt_method, **opts), batches)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n != "lm_head"}
+    assert set(res.qweights) == set(linears)
+    for name, qw in res.qweights.items():
+        assert qw.is_24_sparse()
+        assert torch.equal(linears[name].weight.data, qw.dequantize(linears[name].weight.dtype))
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(res.qweights[q].q, r0.qweights[q].q)
+    down = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(res.qweights[down].q, r0.qweights[down].q)
+
+
+def test_permute_mlp_keeps_the_layer_function():
+    from tritonpress.compress.hooks import HessianStats
+    from tritonpress.compress.sparsegpt import _permute_mlp
+    model = _tiny_llama()
+    layer = model.model.layers[0]
+    x = torch.randn(2, 8, model.config.hidden_size)
+    down = layer.mlp.down_proj
+    W, H = down.weight.data.clone(), correlated_hessian(down.in_features)
+    perm = spread_channels(H, W)
+    st = HessianStats(H.clone(), 1)
+    with torch.no_grad():
+        before = layer.mlp(x)
+        names = {f"model.layers.0.mlp.{p}": getattr(layer.mlp, p)
+                 for p in ("gate_proj", "up_proj", "down_proj")}
+        _permute_mlp(layer, "model.layers.0", {"model.layers.0.mlp.down_proj": down},
+                     {"model.layers.0.mlp.down_proj": st}, names)
+        torch.testing.assert_close(layer.mlp(x), before, rtol=1e-5, atol=1e-6)
+    assert torch.equal(down.weight.data, W[:, perm]) and torch.equal(st.H, H[perm][:, perm])

@@ -45,7 +45,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
              dataset=_D.dataset, num_samples=_D.num_samples, seq_len=_D.seq_len,
              group_size=None, symmetric=None, ignore=None, damp=_D.damp,
              block_size=_D.block_size, actorder=_D.actorder, clip=_D.clip,
-             smoothquant=_D.smoothquant, refit=_D.refit, sparse_format="dense",
+             smoothquant=_D.smoothquant, refit=_D.refit, sequential=_D.sequential, permute=_D.permute,
+             sparse_format="dense",
              eval_dataset="canterbury+code", eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=_D.seed, progress=True, json_path=None,
              partial_last_group=_D.partial_last_group, resume_dir=None, spill_dir=None,
@@ -88,7 +89,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
     # every option checked here, before any loading; what the report and resume record
     opts = Options(method=method, dataset=dataset, num_samples=num_samples, seq_len=seq_len,
                    seed=seed, damp=damp, block_size=block_size, actorder=actorder, clip=clip,
-                   smoothquant=smoothquant, refit=refit,
+                   smoothquant=smoothquant, refit=refit, sequential=sequential, permute=permute,
                    partial_last_group=partial_last_group).resolved(scheme)
     evaluate.check_act_sim(act_sim)
     stream = {True: "on", False: "off"}.get(stream, stream)

@@ -112,6 +112,15 @@ def run_with_linear_inputs(layer: nn.Module, linears: dict[str, nn.Module], inpu
     return hooks.groups
 
 
+def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs
+                  ) -> list[list[str]]:
+    """The Linears grouped by shared input (q/k/v, gate/up), groups in the order the forward
+    calls them, from the first calibration batch alone."""
+    first = LayerInputs([inputs.hidden[0]], inputs.kwargs[:1], inputs.token_masks[:1],
+                        inputs.device, inputs.storage)
+    return list(run_with_linear_inputs(layer, linears, first, lambda *a: None).values())
+
+
 @torch.no_grad()
 def capture_module_io(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs,
                       outputs: bool = False, storage=None) -> dict[str, list]:

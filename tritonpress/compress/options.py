@@ -35,6 +35,8 @@ class Options:
     clip: bool = True              # the clipping search of 4-bit group scales (GPTQ, AWQ)
     smoothquant: float | None = None   # SmoothQuant strength before GPTQ (W8A8_INT8)
     refit: float | None = None     # SparseGPT: ridge of the kept weights' refit (None: off)
+    sequential: bool = False       # SparseGPT: each Hessian after the Linears called before it
+    permute: bool = False          # SparseGPT: spread the MLP's channels over the 2:4 groups
     partial_last_group: bool = False
 
     def resolved(self, scheme: Scheme) -> "Options":
@@ -57,6 +59,9 @@ class Options:
             raise ValueError(f"refit={self.refit}: SparseGPT's refit of the kept weights takes "
                              "a ridge > 0, a fraction of the Hessian's mean diagonal (e.g. "
                              "0.1), with method sparsegpt")
+        if (self.sequential or self.permute) and method != "sparsegpt":
+            raise ValueError("sequential and permute are SparseGPT's: use them with method "
+                             "sparsegpt (scheme W8A8_FP8_24)")
         if self.block_size <= 0:
             raise ValueError(f"block_size={self.block_size}: use a positive number of "
                              "columns (default 128)")
@@ -81,7 +86,8 @@ class Options:
     def sparsegpt(self) -> dict:
         """The keyword arguments of sparsegpt.sparsegpt_method."""
         return dict(block_size=self.block_size, damp=self.damp, actorder=self.actorder,
-                    refit=self.refit)
+                    refit=self.refit, sequential=self.sequential,
+                    permute=self.permute)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -69,6 +69,17 @@ def group_order(H: torch.Tensor) -> torch.Tensor:
     return (first[:, None] * 4 + torch.arange(4, device=H.device)).reshape(-1)
 
 
+def spread_channels(H: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """A permutation of the input channels for the 2:4 groups: channels ranked by their output
+    energy H_jj * |W_:j|^2, the r-th into group r mod (in / 4), so every group of 4 holds one
+    channel of each quartile and no group is made of 4 important ones (of which every row must
+    lose 2)."""
+    n = H.shape[0]
+    score = H.diagonal().float() * W.float().square().sum(0)
+    ranked = torch.argsort(score, descending=True, stable=True)
+    return ranked.reshape(4, n // 4).t().reshape(-1)
+
+
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float = 0.01,
                              actorder: str | None = DEFAULT_ACTORDER) -> InverseHessian:
     """Dampen H [in, in], put its columns in the sweep's order (actorder "static": by 2:4
@@ -255,29 +266,63 @@ def _row_quadratic(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAULT_MODE,
                      scale_from: str = "original", headroom: float = HEADROOM,
                      block_size: int = 128, damp: float = 0.01,
-                     actorder: str | None = DEFAULT_ACTORDER, refit: float | None = None):
+                     actorder: str | None = DEFAULT_ACTORDER, refit: float | None = None,
+                     sequential: bool = False, permute: bool = False):
     """Per-layer method for pipeline.compress_sequential (bind options with functools.partial).
 
-    One Hessian per distinct input, from the layer as it was. Linears sharing it (q/k/v,
-    gate/up) share its inverse and are stacked along rows into one sweep (rows never
-    interact). Dequantized weights go back into the layer."""
-    from .hooks import collect_hessians
+    One Hessian per distinct input. Linears sharing it (q/k/v, gate/up) share its inverse and
+    are stacked along rows into one sweep (rows never interact). Dequantized weights go back
+    into the layer. sequential=False: every Hessian from the layer as it was (one pass);
+    True: each group's Hessian from the layer with the groups called before it already
+    compressed (one more pass per group, cut short after the group's input)."""
+    from .hooks import collect_hessians, linear_groups
 
     check_24_shapes(ctx.linears)
-    hessians = collect_hessians(layer, ctx.linears, inputs)
-    groups: dict[int, list[str]] = {}
-    for name in ctx.linears:
-        if name not in hessians:
-            raise RuntimeError(f"{name} was not called during the calibration forward: "
-                               "no Hessian to prune it with (add it to ignore)")
-        groups.setdefault(id(hessians[name]), []).append(name)
+    if sequential:                    # each group's Hessian when its turn comes
+        order, hessians = linear_groups(layer, ctx.linears, inputs), {}
+    else:                             # all from one pass over the layer as it was
+        hessians = collect_hessians(layer, ctx.linears, inputs)
+        order = list({id(hessians[n]): [m for m in hessians[n].members if m in ctx.linears]
+                      for n in hessians}.values())
+    missing = [n for n in ctx.linears if not any(n in g for g in order)]
+    if missing:
+        raise RuntimeError(f"{missing[0]} was not called during the calibration forward: "
+                           "no Hessian to prune it with (add it to ignore)")
 
+    if permute:                       # before any solve: gate/up rows move too
+        downs = {n: m for n, m in ctx.linears.items() if n.endswith(".down_proj")}
+        _permute_mlp(layer, prefix, downs, collect_hessians(layer, downs, inputs)
+                     if sequential else hessians, ctx.linears)
     qweights, infos = {}, {}
-    for names in groups.values():
+    for names in order:
+        if sequential:                # the groups called before it are compressed by now
+            hessians = collect_hessians(layer, {n: ctx.linears[n] for n in names}, inputs)
         with step("sparsegpt solve"):    # the factorisation and the reported losses too
             _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, damp,
                          check_actorder(actorder), refit, qweights, infos)
     return qweights, infos
+
+
+def _permute_mlp(layer, prefix, linears, hessians, compressed) -> None:
+    """Permute the MLP's intermediate channels by spread_channels of down_proj: gate/up rows
+    and down columns together (the layer computes the same function), and down's Hessian.
+    Only where gate, up and down are all in `compressed` (the Linears being compressed)."""
+    for name, down in linears.items():
+        if not name.endswith(".down_proj") or name not in hessians:
+            continue
+        mlp = name[:-len(".down_proj")]
+        if not all(f"{mlp}.{p}" in compressed for p in ("gate_proj", "up_proj")):
+            continue                  # an ignored gate/up would be saved unpermuted
+        mlp = layer.get_submodule(mlp[len(prefix) + 1:])
+        gate, up = mlp.gate_proj, mlp.up_proj
+        st = hessians[name]
+        perm = spread_channels(st.H, down.weight.data).to(st.H.device)
+        st.H.copy_(st.H[perm][:, perm])
+        down.weight.data = down.weight.data[:, perm].contiguous()
+        for lin in (gate, up):
+            lin.weight.data = lin.weight.data[perm].contiguous()
+            if lin.bias is not None:
+                lin.bias.data = lin.bias.data[perm].contiguous()
 
 
 def _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, damp,
