@@ -284,9 +284,9 @@ def test_spread_channels_puts_one_channel_of_each_quartile_in_every_group():
     g = torch.Generator().manual_seed(0)
     n = 40
     H, W = correlated_hessian(n), torch.randn(7, n, generator=g)
-    perm = spread_channels(H, W)
-    assert sorted(perm.tolist()) == list(range(n))
     score = H.diagonal() * W.square().sum(0)
+    perm = spread_channels(score)
+    assert sorted(perm.tolist()) == list(range(n))
     rank = torch.empty(n, dtype=torch.long)
     rank[torch.argsort(score, descending=True)] = torch.arange(n)
     quartiles = (rank[perm] // (n // 4)).reshape(-1, 4)
@@ -317,21 +317,36 @@ def test_sequential_and_permuted_layers_stay_24_and_keep_the_function(opts):
     assert not torch.equal(res.qweights[down].q, r0.qweights[down].q)
 
 
-def test_permute_mlp_keeps_the_layer_function():
+def test_permute_inputs_keeps_the_layer_function():
+    """down_proj's columns with gate/up's rows, o_proj's within each head with v_proj's rows
+    (GQA: one order per KV head): the decoder layer's output is unchanged."""
     from tritonpress.compress.hooks import HessianStats
-    from tritonpress.compress.sparsegpt import _permute_mlp
+    from tritonpress.compress.sparsegpt import permute_inputs
     model = _tiny_llama()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA
     layer = model.model.layers[0]
     x = torch.randn(2, 8, model.config.hidden_size)
-    down = layer.mlp.down_proj
-    W, H = down.weight.data.clone(), correlated_hessian(down.in_features)
-    perm = spread_channels(H, W)
-    st = HessianStats(H.clone(), 1)
+    pos = model.model.rotary_emb(x, torch.arange(8)[None])
+    names = {f"model.layers.0.{n}": m for n, m in layer.named_modules()
+             if isinstance(m, torch.nn.Linear)}
+    before = {n: m.weight.data.clone() for n, m in names.items()}
+    stats = {n: HessianStats(correlated_hessian(names[n].in_features, seed=i), 1)
+             for i, n in enumerate(names) if n.endswith(("down_proj", "o_proj"))}
+    H0 = {n: st.H.clone() for n, st in stats.items()}
     with torch.no_grad():
-        before = layer.mlp(x)
-        names = {f"model.layers.0.mlp.{p}": getattr(layer.mlp, p)
-                 for p in ("gate_proj", "up_proj", "down_proj")}
-        _permute_mlp(layer, "model.layers.0", {"model.layers.0.mlp.down_proj": down},
-                     {"model.layers.0.mlp.down_proj": st}, names)
-        torch.testing.assert_close(layer.mlp(x), before, rtol=1e-5, atol=1e-6)
-    assert torch.equal(down.weight.data, W[:, perm]) and torch.equal(st.H, H[perm][:, perm])
+        y0 = layer(x, position_embeddings=pos)[0]
+        permute_inputs(layer, "model.layers.0", stats, names)
+        torch.testing.assert_close(layer(x, position_embeddings=pos)[0], y0,
+                                   rtol=1e-5, atol=1e-5)
+    for n in stats:
+        W = names[n].weight.data
+        perm = torch.tensor([next(j for j in range(W.shape[1])
+                                  if torch.equal(before[n][:, j], W[:, i]))
+                             for i in range(W.shape[1])])
+        assert not torch.equal(perm, torch.arange(W.shape[1]))
+        assert torch.equal(stats[n].H, H0[n][perm][:, perm])
+    d = layer.self_attn.head_dim
+    o = names["model.layers.0.self_attn.o_proj"].weight.data
+    for h in range(model.config.num_attention_heads):   # o_proj's columns stay in their head
+        block = before["model.layers.0.self_attn.o_proj"][:, h * d:(h + 1) * d]
+        assert torch.equal(o[:, h * d:(h + 1) * d].sort(1).values, block.sort(1).values)

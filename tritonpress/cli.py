@@ -94,8 +94,9 @@ def main(argv=None) -> int:
                    help="SparseGPT: each group's Hessian (q/k/v, o, gate/up, down) from the "
                         "layer with the groups before it already compressed")
     c.add_argument("--permute", default="on" if d.permute else "off", choices=["on", "off"],
-                   help="SparseGPT: reorder the MLP's channels (gate/up rows with down "
-                        "columns: the same function) so no 2:4 group holds 4 important ones")
+                   help="SparseGPT: reorder the inputs of down_proj and o_proj (with the "
+                        "rows of gate/up and v: the same function) so no 2:4 group holds 4 "
+                        "important channels")
     c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])
     c.add_argument("--no-eval", action="store_true", help="skip perplexity/KL")
     c.add_argument("--seed", type=int, default=d.seed)

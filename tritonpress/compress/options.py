@@ -36,7 +36,7 @@ class Options:
     smoothquant: float | None = None   # SmoothQuant strength before GPTQ (W8A8_INT8)
     refit: float | None = None     # SparseGPT: ridge of the kept weights' refit (None: off)
     sequential: bool = False       # SparseGPT: each Hessian after the Linears called before it
-    permute: bool = False          # SparseGPT: spread the MLP's channels over the 2:4 groups
+    permute: bool = False          # SparseGPT: spread down/o_proj's inputs over the 2:4 groups
     partial_last_group: bool = False
 
     def resolved(self, scheme: Scheme) -> "Options":

@@ -69,13 +69,12 @@ def group_order(H: torch.Tensor) -> torch.Tensor:
     return (first[:, None] * 4 + torch.arange(4, device=H.device)).reshape(-1)
 
 
-def spread_channels(H: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """A permutation of the input channels for the 2:4 groups: channels ranked by their output
-    energy H_jj * |W_:j|^2, the r-th into group r mod (in / 4), so every group of 4 holds one
-    channel of each quartile and no group is made of 4 important ones (of which every row must
-    lose 2)."""
-    n = H.shape[0]
-    score = H.diagonal().float() * W.float().square().sum(0)
+def spread_channels(score: torch.Tensor) -> torch.Tensor:
+    """A permutation of input channels for the 2:4 groups: channels ranked by `score` (their
+    output energy H_jj * |W_:j|^2), the r-th into group r mod (n / 4), so every group of 4
+    holds one channel of each quartile and none is made of 4 important ones (of which every
+    row must lose 2)."""
+    n = score.numel()
     ranked = torch.argsort(score, descending=True, stable=True)
     return ranked.reshape(4, n // 4).t().reshape(-1)
 
@@ -289,10 +288,11 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
         raise RuntimeError(f"{missing[0]} was not called during the calibration forward: "
                            "no Hessian to prune it with (add it to ignore)")
 
-    if permute:                       # before any solve: gate/up rows move too
-        downs = {n: m for n, m in ctx.linears.items() if n.endswith(".down_proj")}
-        _permute_mlp(layer, prefix, downs, collect_hessians(layer, downs, inputs)
-                     if sequential else hessians, ctx.linears)
+    if permute:                       # before any solve: the producers' rows move too
+        consumers = {n: m for n, m in ctx.linears.items()
+                     if n.endswith((".down_proj", ".o_proj"))}
+        permute_inputs(layer, prefix, collect_hessians(layer, consumers, inputs)
+                       if sequential else hessians, ctx.linears)
     qweights, infos = {}, {}
     for names in order:
         if sequential:                # the groups called before it are compressed by now
@@ -303,26 +303,40 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     return qweights, infos
 
 
-def _permute_mlp(layer, prefix, linears, hessians, compressed) -> None:
-    """Permute the MLP's intermediate channels by spread_channels of down_proj: gate/up rows
-    and down columns together (the layer computes the same function), and down's Hessian.
-    Only where gate, up and down are all in `compressed` (the Linears being compressed)."""
-    for name, down in linears.items():
-        if not name.endswith(".down_proj") or name not in hessians:
+def permute_inputs(layer, prefix, hessians, compressed) -> None:
+    """Reorder the input channels of down_proj (with the rows of gate/up_proj) and of o_proj
+    (within each head, with the rows of v_proj; one order per KV head, shared by the query
+    heads that read it) by spread_channels: the layer computes the same function. The
+    consumers' Hessians in `hessians` are permuted with them. Only where the consumer and its
+    producers are all in `compressed` (an ignored one would be saved unpermuted)."""
+    for name, st in hessians.items():
+        base, _, leaf = name.rpartition(".")
+        producers = {"down_proj": ["gate_proj", "up_proj"], "o_proj": ["v_proj"]}.get(leaf)
+        if not producers or not all(
+                f"{base}.{p}" in compressed for p in [leaf] + producers):
             continue
-        mlp = name[:-len(".down_proj")]
-        if not all(f"{mlp}.{p}" in compressed for p in ("gate_proj", "up_proj")):
-            continue                  # an ignored gate/up would be saved unpermuted
-        mlp = layer.get_submodule(mlp[len(prefix) + 1:])
-        gate, up = mlp.gate_proj, mlp.up_proj
-        st = hessians[name]
-        perm = spread_channels(st.H, down.weight.data).to(st.H.device)
+        parent = layer.get_submodule(base[len(prefix) + 1:])
+        W = getattr(parent, leaf).weight.data
+        energy = st.H.diagonal().float() * W.float().square().sum(0).to(st.H.device)
+        if leaf == "down_proj":
+            perm = out = spread_channels(energy)
+        else:                         # o_proj reads heads h = kv * groups + r, head_dim each
+            d, g = getattr(parent, "head_dim", 0), getattr(parent, "num_key_value_groups", 0)
+            if not d or not g or d % 4 or energy.numel() % (d * g):
+                continue
+            kv = energy.numel() // (d * g)
+            pi = torch.stack([spread_channels(e) for e in energy.reshape(kv, g, d).sum(1)])
+            heads = torch.arange(kv * g, device=pi.device)[:, None]
+            out = (pi + d * torch.arange(kv, device=pi.device)[:, None]).reshape(-1)
+            perm = (pi.repeat_interleave(g, 0) + d * heads).reshape(-1)
         st.H.copy_(st.H[perm][:, perm])
-        down.weight.data = down.weight.data[:, perm].contiguous()
-        for lin in (gate, up):
-            lin.weight.data = lin.weight.data[perm].contiguous()
+        cons = getattr(parent, leaf)
+        cons.weight.data = cons.weight.data[:, perm.to(W.device)].contiguous()
+        for p in producers:
+            lin = getattr(parent, p)
+            lin.weight.data = lin.weight.data[out.to(W.device)].contiguous()
             if lin.bias is not None:
-                lin.bias.data = lin.bias.data[perm].contiguous()
+                lin.bias.data = lin.bias.data[out.to(W.device)].contiguous()
 
 
 def _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, damp,
