@@ -170,7 +170,9 @@ def test_options_are_written_once():
         assert sig[f.name].default == getattr(Options(), f.name), f.name
     w4, fp8 = get_scheme("W4A16"), get_scheme("W8A8_FP8")
     assert Options().resolved(w4).method == "gptq"
-    assert Options().resolved(fp8) == Options(method="rtn", actorder=None)  # RTN orders nothing
+    # RTN orders and permutes nothing
+    assert Options().resolved(fp8) == Options(method="rtn", actorder=None, permute=False)
+    assert Options().resolved(get_scheme("W8A8_FP8_24")).permute is True
     for opts, match in [(Options(method="gptqq"), "unknown method 'gptqq'"),
                         (Options(method="sparsegpt"), "prunes to 2:4"),
                         (Options(method="awq"), None), (Options(damp=-0.1), "damp=-0.1"),

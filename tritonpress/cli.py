@@ -93,10 +93,10 @@ def main(argv=None) -> int:
     c.add_argument("--sequential", default="on" if d.sequential else "off", choices=["on", "off"],
                    help="SparseGPT: each group's Hessian (q/k/v, o, gate/up, down) from the "
                         "layer with the groups before it already compressed")
-    c.add_argument("--permute", default="on" if d.permute else "off", choices=["on", "off"],
+    c.add_argument("--permute", default=None, choices=["on", "off"],
                    help="SparseGPT: reorder the inputs of down_proj and o_proj (with the "
                         "rows of gate/up and v: the same function) so no 2:4 group holds 4 "
-                        "important channels")
+                        "important channels (default on)")
     c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])
     c.add_argument("--no-eval", action="store_true", help="skip perplexity/KL")
     c.add_argument("--seed", type=int, default=d.seed)
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                      group_size=args.group_size, symmetric=False if args.asym else None,
                      ignore=args.ignore, damp=args.damp, block_size=args.block_size,
                      actorder=args.actorder, smoothquant=args.smoothquant, refit=args.refit,
-                     sequential=args.sequential == "on", permute=args.permute == "on",
+                     sequential=args.sequential == "on", permute={"on": True, "off": False}.get(args.permute),
                      clip=args.clip == "on",
                      sparse_format=args.sparse_format, eval_dataset=args.eval_dataset,
                      eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,

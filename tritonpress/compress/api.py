@@ -45,8 +45,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
              dataset=_D.dataset, num_samples=_D.num_samples, seq_len=_D.seq_len,
              group_size=None, symmetric=None, ignore=None, damp=_D.damp,
              block_size=_D.block_size, actorder=_D.actorder, clip=_D.clip,
-             smoothquant=_D.smoothquant, refit=_D.refit, sequential=_D.sequential, permute=_D.permute,
-             sparse_format="dense",
+             smoothquant=_D.smoothquant, refit=_D.refit, sequential=_D.sequential,
+             permute=_D.permute, sparse_format="dense",
              eval_dataset="canterbury+code", eval_windows=16, eval_seq_len=512, evaluate_quality=True, device=None,
              overwrite=False, cache_dir=None, seed=_D.seed, progress=True, json_path=None,
              partial_last_group=_D.partial_last_group, resume_dir=None, spill_dir=None,
@@ -67,6 +67,11 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
     refit: SparseGPT only, off by default: after a float sweep chooses the 2:4 mask, refit
     the kept weights to the least-squares optimum under H + refit * mean(diag H) * I, then
     round them to fp8 on that mask (sparsegpt.py; README, "2:4 sparse + FP8").
+    permute: SparseGPT, on by default (None): the inputs of down_proj and o_proj reordered
+    (with gate/up's and v_proj's rows; the model's function unchanged, the checkpoint saved
+    in that order) so that each 2:4 group holds channels of every rank of H_jj * |W_:j|^2.
+    sequential: SparseGPT, off by default: each Linear group's Hessian from the layer with the
+    groups called before it already compressed (up to 4 extra partial passes per layer).
     clip: the clipping search of 4-bit group scales, AWQ's and GPTQ's (each group's range shrunk
     to minimise its output error on the calibration data; SmolLM2 W4A16 g64 GPTQ: mean KL
     0.217 -> 0.128 on held-out text, README).

@@ -36,7 +36,8 @@ class Options:
     smoothquant: float | None = None   # SmoothQuant strength before GPTQ (W8A8_INT8)
     refit: float | None = None     # SparseGPT: ridge of the kept weights' refit (None: off)
     sequential: bool = False       # SparseGPT: each Hessian after the Linears called before it
-    permute: bool = False          # SparseGPT: spread down/o_proj's inputs over the 2:4 groups
+    permute: bool | None = None    # SparseGPT: spread down/o_proj's inputs over the 2:4 groups
+                                   # (None: on with SparseGPT)
     partial_last_group: bool = False
 
     def resolved(self, scheme: Scheme) -> "Options":
@@ -66,7 +67,8 @@ class Options:
             raise ValueError(f"block_size={self.block_size}: use a positive number of "
                              "columns (default 128)")
         return dataclasses.replace(self, method=method,
-                                   actorder=actorder if method in ORDERED_METHODS else None)
+                                   actorder=actorder if method in ORDERED_METHODS else None,
+                                   permute=(self.permute is not False) and method == "sparsegpt")
 
     @property
     def data_free(self) -> bool:

@@ -266,14 +266,15 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
                      scale_from: str = "original", headroom: float = HEADROOM,
                      block_size: int = 128, damp: float = 0.01,
                      actorder: str | None = DEFAULT_ACTORDER, refit: float | None = None,
-                     sequential: bool = False, permute: bool = False):
+                     sequential: bool = False, permute: bool = True):
     """Per-layer method for pipeline.compress_sequential (bind options with functools.partial).
 
     One Hessian per distinct input. Linears sharing it (q/k/v, gate/up) share its inverse and
     are stacked along rows into one sweep (rows never interact). Dequantized weights go back
     into the layer. sequential=False: every Hessian from the layer as it was (one pass);
     True: each group's Hessian from the layer with the groups called before it already
-    compressed (one more pass per group, cut short after the group's input)."""
+    compressed (one more pass per group, cut short after the group's input). permute: the
+    inputs of down_proj and o_proj reordered first (permute_inputs)."""
     from .hooks import collect_hessians, linear_groups
 
     check_24_shapes(ctx.linears)
