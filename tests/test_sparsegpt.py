@@ -297,9 +297,10 @@ def test_spread_channels_puts_one_channel_of_each_quartile_in_every_group():
                                   dict(sequential=True, permute=True)])
 def test_sequential_and_permuted_layers_stay_24_and_keep_the_function(opts):
     """sequential: each group's Hessian from the layer with the earlier groups compressed
-    (the first group's is the one-pass Hessian, so q/k/v come out the same); permute: the MLP's
-    channels reordered, gate/up rows with down columns, so the uncompressed model's function is
-    unchanged and the compressed one is exactly 2:4 in the permuted order it is saved in."""
+    (the first group's is the one-pass Hessian, so q_proj comes out the same; permute moves
+    only v_proj's rows of that group); permute: down_proj's and o_proj's inputs reordered with
+    their producers' rows, so the uncompressed model's function is unchanged and the
+    compressed one is exactly 2:4 in the permuted order it is saved in."""
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (2, 24), generator=g) for _ in range(3)]
     base, model = _tiny_llama(), _tiny_llama()

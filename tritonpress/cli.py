@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                         "default off)")
     c.add_argument("--sequential", default="on" if d.sequential else "off", choices=["on", "off"],
                    help="SparseGPT: each group's Hessian (q/k/v, o, gate/up, down) from the "
-                        "layer with the groups before it already compressed")
+                        "layer with the groups before it already compressed (default off)")
     c.add_argument("--permute", default=None, choices=["on", "off"],
                    help="SparseGPT: reorder the inputs of down_proj and o_proj (with the "
                         "rows of gate/up and v: the same function) so no 2:4 group holds 4 "
@@ -142,7 +142,8 @@ def main(argv=None) -> int:
                      group_size=args.group_size, symmetric=False if args.asym else None,
                      ignore=args.ignore, damp=args.damp, block_size=args.block_size,
                      actorder=args.actorder, smoothquant=args.smoothquant, refit=args.refit,
-                     sequential=args.sequential == "on", permute={"on": True, "off": False}.get(args.permute),
+                     sequential=args.sequential == "on",
+                     permute={"on": True, "off": False}.get(args.permute),
                      clip=args.clip == "on",
                      sparse_format=args.sparse_format, eval_dataset=args.eval_dataset,
                      eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,

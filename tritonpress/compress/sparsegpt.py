@@ -317,7 +317,8 @@ def permute_inputs(layer, prefix, hessians, compressed) -> None:
                 f"{base}.{p}" in compressed for p in [leaf] + producers):
             continue
         parent = layer.get_submodule(base[len(prefix) + 1:])
-        W = getattr(parent, leaf).weight.data
+        cons = getattr(parent, leaf)
+        W = cons.weight.data
         energy = st.H.diagonal().float() * W.float().square().sum(0).to(st.H.device)
         if leaf == "down_proj":
             perm = out = spread_channels(energy)
@@ -331,8 +332,7 @@ def permute_inputs(layer, prefix, hessians, compressed) -> None:
             out = (pi + d * torch.arange(kv, device=pi.device)[:, None]).reshape(-1)
             perm = (pi.repeat_interleave(g, 0) + d * heads).reshape(-1)
         st.H.copy_(st.H[perm][:, perm])
-        cons = getattr(parent, leaf)
-        cons.weight.data = cons.weight.data[:, perm.to(W.device)].contiguous()
+        cons.weight.data = W[:, perm.to(W.device)].contiguous()
         for p in producers:
             lin = getattr(parent, p)
             lin.weight.data = lin.weight.data[out.to(W.device)].contiguous()
