@@ -65,7 +65,7 @@ def rel_mse(h: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- ours
 
 def build_model(cfg, seed=0):
-    from tritonpress.compress.models import random_llama
+    from tritonpress.models import random_llama
     # built on the GPU (fast random init), kept on the CPU like a loaded checkpoint
     model = random_llama(cfg["hidden"], cfg["intermediate"], cfg["heads"], cfg["kv_heads"],
                          layers=2, vocab=cfg["vocab"], device=DEV, seed=seed)
@@ -73,7 +73,7 @@ def build_model(cfg, seed=0):
 
 
 def run_ours(model, state, batches, method, eval_ids, ref, group_size):
-    from tritonpress.compress.pipeline import compress_sequential
+    from tritonpress.loop.sequential import compress_sequential
     from tritonpress.schemes import get_scheme
 
     model.load_state_dict(state)
@@ -97,9 +97,9 @@ def run_ours(model, state, batches, method, eval_ids, ref, group_size):
 
 def warm_up(group_size):
     """Compile the Triton kernels on a tiny model with the same block/dtype choices."""
-    from tritonpress.compress.awq import awq
-    from tritonpress.compress.models import random_llama
-    from tritonpress.compress.pipeline import compress_sequential
+    from tritonpress.methods.awq import awq
+    from tritonpress.models import random_llama
+    from tritonpress.loop.sequential import compress_sequential
     from tritonpress.schemes import get_scheme
 
     t0 = time.perf_counter()
@@ -192,8 +192,8 @@ def main():
     if a.llmc_worker:
         return llmc_worker(a.llmc_worker)
 
-    from tritonpress.compress.awq import awq
-    from tritonpress.compress.rtn import rtn_layer
+    from tritonpress.methods.awq import awq
+    from tritonpress.methods.rtn import rtn_layer
 
     cfg = FULL if CUDA else TINY
     if not CUDA:

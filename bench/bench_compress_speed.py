@@ -10,7 +10,7 @@ calibration 64 windows x 2048 tokens (the llm-compressor anchors' setting) cut f
 generated text file (no network: timing does not depend on the words). --shape smollm2 uses
 SmolLM2-135M's layer shapes instead, --small a tiny model for CI (8 x 64 tokens).
 
-Per scheme, tritonpress.compress.api.compress(MODEL_DIR, scheme, out, method=its default)
+Per scheme, tritonpress.api.compress(MODEL_DIR, scheme, out, method=its default)
 runs in this process, after a warm-up on a tiny model that compiles the Triton kernels (its
 seconds are reported apart: a first run pays them once per machine and kernel cache).
 Measured: the "compress" seconds of compress()'s own report (calibration forwards and the
@@ -100,7 +100,7 @@ def write_calibration_text(path: Path, n_chars: int, seed: int = 0) -> Path:
 
 def build_model(model_dir: Path, shape: str, seed: int = 0) -> Path:
     """Save a 2-layer random Llama of the given shape with the byte-level tokenizer."""
-    from tritonpress.compress.models import random_llama
+    from tritonpress.models import random_llama
     if (model_dir / "config.json").is_file():
         return model_dir
     device = "cuda" if torch.cuda.is_available() else "cpu"   # random numbers are faster there
@@ -119,7 +119,7 @@ def build_model(model_dir: Path, shape: str, seed: int = 0) -> Path:
 
 def run_ours(scheme: str, model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int,
              device: str) -> dict:
-    from tritonpress.compress.api import compress
+    from tritonpress.api import compress
     method = SCHEMES[scheme][0]
     gc.collect()
     if device == "cuda":
@@ -140,8 +140,8 @@ def run_ours(scheme: str, model_dir: Path, calib: Path, out: Path, samples: int,
 
 def warm_up(scheme: str, calib: Path, device: str) -> float:
     """Compile and first-use costs on a tiny model, so the timed run measures the work."""
-    from tritonpress.compress.api import compress
-    from tritonpress.compress.models import tiny_llama
+    from tritonpress.api import compress
+    from tritonpress.models import tiny_llama
     model, tok = tiny_llama(hidden=128, intermediate=256, layers=1, dtype=torch.bfloat16)
     model.tokenizer = tok
     t = time.perf_counter()
@@ -205,8 +205,8 @@ def llmc_version(python: str) -> str | None:
 def run(out_dir: str, shape: str, samples: int, seq_len: int, schemes: list[str],
         llmc_python: str | None, budget_s: float | None, device: str, warm: bool,
         llmc_timeout: float = 300) -> dict:
-    from tritonpress.compress.data import calibration_batches
-    from tritonpress.compress.models import byte_tokenizer
+    from tritonpress.data import calibration_batches
+    from tritonpress.models import byte_tokenizer
 
     t_start = time.time()
     out = Path(out_dir)

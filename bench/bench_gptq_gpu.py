@@ -147,7 +147,7 @@ def _solve_interpreted(W, U, args, scale, zp, **kw):  # the Triton path on CPU
 
 def bench_solve(shapes, tokens, llmc_python, reps=3,
                 precisions=("tf32x3", "tf32", "bf16x3", "ieee")):
-    from tritonpress.compress.gptq import gptq_quantize
+    from tritonpress.methods.gptq import gptq_quantize
     results, problems = [], []
     tmp = Path(tempfile.mkdtemp(prefix="bench_gptq_"))
     try:
@@ -307,9 +307,9 @@ def precision_study(rows=512, cols=1024, tokens=4096):
 
 def bench_e2e(llmc_python, samples=64, seq_len=2048, batch=4, small=False):
     """Our pipeline vs llm-compressor oneshot on a 2-layer random Llama-3-8B-shaped model."""
-    from tritonpress.compress.gptq import gptq_layer
-    from tritonpress.compress.models import random_llama
-    from tritonpress.compress.pipeline import compress_sequential
+    from tritonpress.methods.gptq import gptq_layer
+    from tritonpress.models import random_llama
+    from tritonpress.loop.sequential import compress_sequential
     from tritonpress.schemes import get_scheme
 
     shape = dict(hidden=256, intermediate=512, heads=4, kv_heads=2) if small else {}

@@ -19,9 +19,9 @@ import time
 
 CASE = r"""
 import json, sys, time, torch
-from tritonpress.compress.api import compress
-from tritonpress.compress.models import random_llama, tiny_llama
-from tritonpress.compress.report import peak_cpu_bytes
+from tritonpress.api import compress
+from tritonpress.models import random_llama, tiny_llama
+from tritonpress.report import peak_cpu_bytes
 c = json.loads(sys.argv[1])
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -127,7 +127,7 @@ def llmc_oneshot(model, ids, py, tmp):
 # ----------------------------------------------------------------------------- 1. one layer
 
 def bench_layers(shapes, tokens, device, py, reps):
-    from tritonpress.compress.sparsegpt import (hessian_loss, inverse_hessian_cholesky,
+    from tritonpress.methods.sparsegpt import (hessian_loss, inverse_hessian_cholesky,
                                                 sparsegpt_24, sparsegpt_sweep)
     rows, results = [], []
     for out, n in shapes:
@@ -172,15 +172,15 @@ def ours_end_to_end(model, batches, device):
     """What compress() runs for W8A8_FP8_24 (api._run_method -> the sequential pipeline with
     sparsegpt_method), without evaluation or saving. LEAD: swap in compress(...) here once it
     accepts pre-tokenized batches, so the timing covers the public entry point."""
-    from tritonpress.compress.pipeline import compress_sequential
-    from tritonpress.compress.sparsegpt import sparsegpt_method
+    from tritonpress.loop.sequential import compress_sequential
+    from tritonpress.methods.sparsegpt import sparsegpt_method
     from tritonpress.schemes import get_scheme
     return compress_sequential(model, batches, get_scheme("W8A8_FP8_24"), sparsegpt_method,
                                device=device, offload=False, progress=False)
 
 
 def bench_e2e(cfg, samples, seq_len, device, py):
-    from tritonpress.compress.models import random_llama
+    from tritonpress.models import random_llama
     base = random_llama(cfg["hidden"], cfg["intermediate"], cfg["heads"], cfg["kv_heads"],
                         cfg["layers"], cfg["vocab"], dtype=torch.bfloat16, device="cpu",
                         max_positions=max(seq_len, 2048))
@@ -223,9 +223,13 @@ def bench_quality(device, calib_samples, seq_len, eval_windows_n, which):
     """SmolLM2-135M: SparseGPT 2:4 + fp8 variants vs magnitude 2:4 + fp8, held-out KL / ppl."""
     from functools import partial
 
-    from tritonpress.compress import data, evaluate, models
-    from tritonpress.compress.pipeline import compress_sequential
-    from tritonpress.compress.sparsegpt import magnitude_linears, sparsegpt_method
+    from tritonpress import data
+
+    from tritonpress import quality as evaluate
+
+    from tritonpress import models
+    from tritonpress.loop.sequential import compress_sequential
+    from tritonpress.methods.sparsegpt import magnitude_linears, sparsegpt_method
     from tritonpress.schemes import get_scheme
 
     scheme = get_scheme("W8A8_FP8_24")

@@ -29,12 +29,12 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time
-from tritonpress.compress.api import compress
-from tritonpress.compress.report import peak_cpu_bytes
+from tritonpress.api import compress
+from tritonpress.report import peak_cpu_bytes
 c = json.loads(sys.argv[1])
 if c.get("bounded"):   # what compress() chooses when the model exceeds the memory available
     assert c["stream"] == "on"
-    from tritonpress.compress.stream import map_large_allocations
+    from tritonpress.loop.stream import map_large_allocations
     map_large_allocations()
 t0 = time.perf_counter()
 r = compress(c["model"], c["scheme"], c["out"], method=c.get("method"), dataset="canterbury",
@@ -48,7 +48,7 @@ print(json.dumps({"cpu_rss": peak_cpu_bytes(), "seconds": time.perf_counter() - 
 
 def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> int:
     """A random Llama saved as bf16 safetensors shards of 1 GB; returns its bf16 bytes."""
-    from tritonpress.compress.models import random_llama, tiny_llama
+    from tritonpress.models import random_llama, tiny_llama
     if not (path / "config.json").is_file():
         model = random_llama(hidden=hidden, intermediate=intermediate, heads=hidden // 64,
                              kv_heads=max(1, hidden // 512), layers=layers, vocab=32000)
@@ -150,7 +150,7 @@ def check_loads(ckpt: Path) -> str:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
-    from tritonpress.compress.checkpoint import load_quantized_weights
+    from tritonpress.checkpoint import load_quantized_weights
     model = AutoModelForCausalLM.from_pretrained(
         ckpt, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True))
     qw = load_quantized_weights(ckpt)

@@ -106,7 +106,7 @@ def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: 
 
 
 def worker(job: dict) -> None:
-    from tritonpress.compress.api import compress
+    from tritonpress.api import compress
     job.setdefault("dtype", "bfloat16")          # llmc_oneshot.py loads bf16 too
     report = compress(job.pop("model"), job.pop("scheme"), job.pop("out"),
                       evaluate_quality=False, progress=False, **job)
@@ -123,7 +123,9 @@ class Scorer:
     windows."""
 
     def __init__(self, base_model: str, windows: int, seq_len: int, sources=SOURCES, cache=None):
-        from tritonpress.compress import data, evaluate, models
+        from tritonpress import data
+        from tritonpress import quality as evaluate
+        from tritonpress import models
         base, tokenizer = models.load_model(base_model, dtype="bfloat16")   # as llm-compressor
         self.windows, self.seq_len, self.sets = windows, seq_len, {}
         for src in sources:
@@ -141,8 +143,8 @@ class Scorer:
         del base
 
     def score(self, checkpoint: Path) -> dict:
-        from tritonpress.compress import evaluate
-        from tritonpress.compress.api import load_checkpoint_dequantized
+        from tritonpress import quality as evaluate
+        from tritonpress.api import load_checkpoint_dequantized
         model, act_args, ignore = load_checkpoint_dequantized(checkpoint)
         out = {}
         for src, (w, ref) in self.sets.items():
@@ -258,7 +260,8 @@ def main(argv=None) -> list[dict]:
     if args.worker:
         worker(json.loads(args.worker))
         return []
-    from tritonpress.compress import data, models
+    from tritonpress import data
+    from tritonpress import models
 
     out_dir = Path(args.out_dir).resolve()
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -318,7 +321,7 @@ def main(argv=None) -> list[dict]:
         if args.delete_checkpoints and "eval_error" not in row:
             shutil.rmtree(ckpt, ignore_errors=True)
 
-    from tritonpress.compress.options import DEFAULT_METHOD
+    from tritonpress.recipe import DEFAULT_METHOD
     for scheme in args.schemes:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
         method = spec.get("method") or DEFAULT_METHOD[spec.get("scheme", scheme)]

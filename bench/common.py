@@ -164,7 +164,7 @@ def prune24(w: torch.Tensor) -> torch.Tensor:
 def save_with_tokenizer(model, path):
     """Save a (random) model with the byte-level tokenizer, for llm-compressor or compress()
     to load from the folder."""
-    from tritonpress.compress.models import byte_tokenizer
+    from tritonpress.models import byte_tokenizer
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
 

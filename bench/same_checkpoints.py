@@ -26,7 +26,7 @@ CASES = [("W8A8_FP8", "rtn", {}), ("W4A16", "gptq", {"group_size": 32}),
 CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from tritonpress.compress.api import compress
+from tritonpress.api import compress
 c = json.loads(sys.argv[2])
 extra = {"stream": c["stream"]} if c["stream"] else {}
 compress(c["model"], c["scheme"], c["out"], method=c["method"], dataset="canterbury",

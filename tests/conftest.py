@@ -27,7 +27,7 @@ def _seed():
 def scale_through_awq_mappings(model, generator):
     """Fold random scales (0.3 ... 3.3) into every AWQ mapping of every decoder layer, as AWQ
     would; returns ([smoothing layer names], {skipped: why}) per layer."""
-    from tritonpress.compress.awq import apply_scales, find_mappings
+    from tritonpress.methods.awq import apply_scales, find_mappings
     per_layer = []
     for layer in model.model.layers:
         modules = dict(layer.named_modules())

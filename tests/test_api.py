@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tritonpress.cli import main
-from tritonpress.compress.api import compress, load_checkpoint_dequantized
-from tritonpress.compress.checkpoint import load_quantized_weights
-from tritonpress.compress.models import tiny_llama
+from tritonpress.api import compress, load_checkpoint_dequantized
+from tritonpress.checkpoint import load_quantized_weights
+from tritonpress.models import tiny_llama
 
 from test_distributed import write_text
 
@@ -111,8 +111,8 @@ def _saved_tensors(ckpt):
 
 
 def test_dtype_auto_keeps_an_fp32_model_fp32(tmp_path, text, capsys):
-    from tritonpress.compress.report import format_report
-    from tritonpress.compress.resume import fingerprint
+    from tritonpress.report import format_report
+    from tritonpress.loop.resume import fingerprint
     model, tok = tiny_llama(seed=3)                 # fp32, saved as such
     base = tmp_path / "base"
     model.save_pretrained(base)
@@ -162,7 +162,7 @@ def test_options_are_written_once():
     import dataclasses
     import inspect
 
-    from tritonpress.compress.options import Options
+    from tritonpress.recipe import Options
     from tritonpress.schemes import get_scheme
 
     sig = inspect.signature(compress).parameters

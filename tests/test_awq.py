@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import scale_through_awq_mappings
 
-from tritonpress.compress.awq import (apply_scales, awq, collect_input_stats,
+from tritonpress.methods.awq import (apply_scales, awq, collect_input_stats,
                                       find_mappings, quantize_linear, search_scales)
-from tritonpress.compress.models import tiny_llama
-from tritonpress.compress.activations import LayerInputs, capture_layer_inputs
-from tritonpress.compress.pipeline import compress_sequential
-from tritonpress.compress.targets import find_decoder_layers
-from tritonpress.compress.rtn import clip_search, group_gram, hessian_blocks, rtn_layer
+from tritonpress.models import tiny_llama
+from tritonpress.loop.activations import LayerInputs, capture_layer_inputs
+from tritonpress.loop.sequential import compress_sequential
+from tritonpress.loop.targets import find_decoder_layers
+from tritonpress.methods.rtn import clip_search, group_gram, hessian_blocks, rtn_layer
 from tritonpress.kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from tritonpress.schemes import QuantArgs, get_scheme
 

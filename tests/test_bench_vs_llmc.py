@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tritonpress.compress.api import evaluate_checkpoint
-from tritonpress.compress.models import tiny_llama
+from tritonpress.api import evaluate_checkpoint
+from tritonpress.models import tiny_llama
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_vs_llmcompressor.py"
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from tritonpress.compress import checkpoint
-from tritonpress.compress.checkpoint import load_quantized_weights, save_checkpoint
-from tritonpress.compress.qweight import QuantizedWeight
+from tritonpress import checkpoint
+from tritonpress.checkpoint import load_quantized_weights, save_checkpoint
+from tritonpress.checkpoint.qweight import QuantizedWeight
 from tritonpress.kernels.quant import quantize_weight_ref
 from tritonpress.schemes import get_scheme
 

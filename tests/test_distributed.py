@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tritonpress.compress import distributed
-from tritonpress.compress.api import compress
-from tritonpress.compress.checkpoint import load_quantized_weights
-from tritonpress.compress.models import tiny_llama
+from tritonpress.loop import distributed
+from tritonpress.api import compress
+from tritonpress.checkpoint import load_quantized_weights
+from tritonpress.models import tiny_llama
 
 WORDS = ("the of and to in is that it was for on are as with his they at be this from have "
          "or by one had not but what all were when we there can an your which their said if "

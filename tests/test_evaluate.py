@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritonpress.compress.evaluate import (describe_act_sim, evaluate, fake_quant_per_token,
+from tritonpress.quality import (describe_act_sim, evaluate, fake_quant_per_token,
                                            quantize_per_token_vllm, reference,
                                            simulate_activation_quant)
-from tritonpress.compress.models import tiny_llama
+from tritonpress.models import tiny_llama
 from tritonpress.schemes import PRESETS, QuantArgs
 
 INT8_TOKEN = PRESETS["W8A8_INT8"].input_activations

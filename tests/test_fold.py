@@ -11,10 +11,10 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from conftest import scale_through_awq_mappings
-from tritonpress.compress.awq import apply_scales
-from tritonpress.compress.fold import divide_norm_output
-from tritonpress.compress.pipeline import chain, compress_sequential, identity_method
-from tritonpress.compress.smoothquant import smooth, smoothquant_layer
+from tritonpress.methods.awq import apply_scales
+from tritonpress.methods.fold import divide_norm_output
+from tritonpress.loop.sequential import chain, compress_sequential, identity_method
+from tritonpress.methods.smoothquant import smooth, smoothquant_layer
 from tritonpress.schemes import get_scheme
 
 K = 64

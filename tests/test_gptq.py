@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from tritonpress.compress.gptq import gptq_quantize, inverse_cholesky
+from tritonpress.methods.gptq import gptq_quantize, inverse_cholesky
 from tritonpress.kernels.gptq_sweep import sweep_block_ref as _sweep_block_ref
-from tritonpress.compress.rtn import expand, group_index, group_qparams, rtn_quantize
+from tritonpress.methods.rtn import expand, group_index, group_qparams, rtn_quantize
 from tritonpress.kernels.quant import dequantize_ref, quantize_ref, quantize_weight_ref
 from tritonpress.schemes import get_scheme
 
@@ -152,7 +152,7 @@ def test_static_actorder_values_lie_on_the_original_groups_grids(name, group):
 
 
 def test_actorder_spellings_and_bad_values():
-    from tritonpress.compress.gptq import check_actorder
+    from tritonpress.methods.gptq import check_actorder
     for v in ("static", "STATIC", "desc", True):
         assert check_actorder(v) == "static"
     for v in (None, "none", "None", False):
@@ -242,7 +242,7 @@ def test_clip_search_scales_are_shrunk_ranges_and_lower_the_layer_error(name):
 def test_stacked_solve_gives_each_weight_its_own_result(name, group):
     # Linears sharing a Hessian (q/k/v) are solved as one stack: rows never interact, so each
     # gets what a solve of its own gives (up to the summation order of the trailing matmuls).
-    from tritonpress.compress.gptq import gptq_quantize_stacked
+    from tritonpress.methods.gptq import gptq_quantize_stacked
     args = _args(name, group)
     H = correlated_hessian(48)
     ws = [torch.randn(r, 48) for r in (16, 7, 9)]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tritonpress.compress.gptq import gptq_quantize, inverse_cholesky
+from tritonpress.methods.gptq import gptq_quantize, inverse_cholesky
 from tritonpress.kernels.gptq_sweep import sweep_block_ref as _sweep_block_ref
 from tritonpress.kernels import gptq_sweep
 from tritonpress.kernels.gptq_sweep import (gptq_solve, gptq_solve_ref, gptq_solve_triton,

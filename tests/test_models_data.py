@@ -5,9 +5,11 @@ import os
 import pytest
 import torch
 
-from tritonpress.compress import data, models
-from tritonpress.compress.evaluate import evaluate
-from tritonpress.compress.models import load_model, random_llama, tiny_llama
+from tritonpress import data
+
+from tritonpress import models
+from tritonpress.quality import evaluate
+from tritonpress.models import load_model, random_llama, tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +76,7 @@ def test_local_directory_roundtrip(tmp_path):
 
 
 def test_resolve_dtype_reads_the_config_and_falls_back_to_bf16(tmp_path):
-    from tritonpress.compress.models import resolve_dtype
+    from tritonpress.models import resolve_dtype
     cfg = tmp_path / "config.json"
     for content, want in (({"dtype": "float16"}, torch.float16),
                           ({"torch_dtype": "float32"}, torch.float32),   # transformers < 5

@@ -4,15 +4,15 @@ from functools import partial
 import pytest
 import torch
 
-from tritonpress.compress import hooks
-from tritonpress.compress.gptq import gptq_layer
-from tritonpress.compress.models import tiny_llama
-from tritonpress.compress.activations import LayerInputs, capture_layer_inputs
-from tritonpress.compress.hooks import capture_module_io, collect_hessians
-from tritonpress.compress.pipeline import chain, compress_sequential, identity_method
-from tritonpress.compress.targets import find_decoder_layers, target_linears
-from tritonpress.compress.rtn import rtn_layer
-from tritonpress.compress.smoothquant import smoothquant_layer
+from tritonpress.loop import hooks
+from tritonpress.methods.gptq import gptq_layer
+from tritonpress.models import tiny_llama
+from tritonpress.loop.activations import LayerInputs, capture_layer_inputs
+from tritonpress.loop.hooks import capture_module_io, collect_hessians
+from tritonpress.loop.sequential import chain, compress_sequential, identity_method
+from tritonpress.loop.targets import find_decoder_layers, target_linears
+from tritonpress.methods.rtn import rtn_layer
+from tritonpress.methods.smoothquant import smoothquant_layer
 from tritonpress.schemes import get_scheme
 
 CPU = torch.device("cpu")

@@ -4,9 +4,9 @@ the whole file runs in well under 30 s on one core."""
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tritonpress.compress.checkpoint import load_quantized_weights, save_checkpoint
-from tritonpress.compress.models import random_llama
-from tritonpress.compress.qweight import QuantizedWeight
+from tritonpress.checkpoint import load_quantized_weights, save_checkpoint
+from tritonpress.models import random_llama
+from tritonpress.checkpoint.qweight import QuantizedWeight
 from tritonpress.kernels.quant import (dequantize_ref, pack_int4_ref, quantize_per_token_ref,
                                        quantize_weight_ref, unpack_int4_ref)
 from tritonpress.schemes import QuantArgs, get_scheme

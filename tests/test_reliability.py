@@ -8,12 +8,14 @@ from functools import partial
 import pytest
 import torch
 
-from tritonpress.compress import gptq, pipeline
-from tritonpress.compress.api import compress
-from tritonpress.compress.gptq import gptq_layer
-from tritonpress.compress.models import tiny_llama
-from tritonpress.compress.activations import DiskTensors
-from tritonpress.compress.pipeline import compress_sequential, identity_method
+from tritonpress.methods import gptq
+
+from tritonpress.loop import sequential as pipeline
+from tritonpress.api import compress
+from tritonpress.methods.gptq import gptq_layer
+from tritonpress.models import tiny_llama
+from tritonpress.loop.activations import DiskTensors
+from tritonpress.loop.sequential import compress_sequential, identity_method
 from tritonpress.schemes import get_scheme
 
 from test_distributed import all_tensors, write_text

@@ -181,8 +181,8 @@ def test_runtime_triton_kernels_and_generate(tmp_path, monkeypatch, scheme):
 
 
 def test_runtime_reads_tritonpress_checkpoints(tmp_path, monkeypatch):
-    checkpoint = pytest.importorskip("tritonpress.compress.checkpoint")
-    from tritonpress.compress.qweight import QuantizedWeight
+    checkpoint = pytest.importorskip("tritonpress.checkpoint")
+    from tritonpress.checkpoint.qweight import QuantizedWeight
     monkeypatch.setenv("TRITONPRESS_GEMM_BACKEND", "torch")
     model = _tiny_llama()
     for scheme, sparse_format in (("W4A16_ASYM", "dense"), ("FP8_24", "sparse-24-bitmask")):

@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from tritonpress.compress.sparsegpt import (FP8_CHANNEL, check_24_shapes, hessian_loss,
+from tritonpress.methods.sparsegpt import (FP8_CHANNEL, check_24_shapes, hessian_loss,
                                             hessian_loss_rows, spread_channels,
                                             inverse_hessian_cholesky, magnitude_24,
                                             magnitude_linears, sparsegpt_24, sparsegpt_method,
@@ -170,7 +170,7 @@ def _tiny_llama():
 
 
 def _compress(model, method, batches):
-    from tritonpress.compress.pipeline import compress_sequential
+    from tritonpress.loop.sequential import compress_sequential
     return compress_sequential(model, batches, get_scheme("W8A8_FP8_24"), method,
                                device="cpu", progress=False)
 
@@ -209,7 +209,7 @@ def test_layer_method_on_tiny_llama():
 def test_static_order_sweeps_groups_by_hessian_diagonal_and_loses_less():
     """actorder="static": whole 2:4 groups move (the pattern stays on the original groups),
     by decreasing sum of H_ii; on correlated inputs with uneven scales the loss is lower."""
-    from tritonpress.compress.sparsegpt import group_order
+    from tritonpress.methods.sparsegpt import group_order
     H = torch.diag(torch.tensor([1., 1, 1, 1, 5, 0, 0, 0, 2, 2, 2, 2]))
     assert group_order(H).tolist() == [8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]
     wins = 0
@@ -229,7 +229,7 @@ def test_static_order_sweeps_groups_by_hessian_diagonal_and_loses_less():
 
 def test_refit_kept_reaches_the_least_squares_optimum_for_the_mask():
     """refit_kept against per-row exact solves of the masked normal equations."""
-    from tritonpress.compress.sparsegpt import refit_kept
+    from tritonpress.methods.sparsegpt import refit_kept
     from tritonpress.kernels.sparse24 import keep_2_of_4
     n = 64
     A = correlated_hessian(n, seed=3) + 0.1 * torch.eye(n)
@@ -266,8 +266,8 @@ def test_refit_lowers_the_loss_keeps_the_mask_and_reports_it():
 
 
 def test_linear_groups_are_in_call_order():
-    from tritonpress.compress.activations import LayerInputs
-    from tritonpress.compress.hooks import linear_groups
+    from tritonpress.loop.activations import LayerInputs
+    from tritonpress.loop.hooks import linear_groups
     model = _tiny_llama()
     layer = model.model.layers[0]
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -321,8 +321,8 @@ def test_sequential_and_permuted_layers_stay_24_and_keep_the_function(opts):
 def test_permute_inputs_keeps_the_layer_function():
     """down_proj's columns with gate/up's rows, o_proj's within each head with v_proj's rows
     (GQA: one order per KV head): the decoder layer's output is unchanged."""
-    from tritonpress.compress.hooks import HessianStats
-    from tritonpress.compress.sparsegpt import permute_inputs
+    from tritonpress.loop.hooks import HessianStats
+    from tritonpress.methods.sparsegpt import permute_inputs
     model = _tiny_llama()
     assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA
     layer = model.model.layers[0]

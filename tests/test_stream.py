@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
-from tritonpress.compress import checkpoint, stream
-from tritonpress.compress.api import compress
-from tritonpress.compress.models import tiny_llama
+from tritonpress import checkpoint
+
+from tritonpress.loop import stream
+from tritonpress.api import compress
+from tritonpress.models import tiny_llama
 
 from test_api import CASES
 from test_distributed import write_text
@@ -204,7 +206,7 @@ def test_demo_model_streams_byte_identical(tmp_path, scheme, method, opts):
 
 
 def test_no_eval_run_never_loads_an_untied_lm_head(tmp_path, text, monkeypatch):
-    from tritonpress.compress import pipeline
+    from tritonpress.loop import sequential as pipeline
     base = _save(tmp_path, tie=False)
     seen, real = {}, pipeline.compress_sequential
 
@@ -230,7 +232,7 @@ def test_sigterm_mid_stream_leaves_nothing(tmp_path, text):
     import time
     base = _save(tmp_path, layers=6)
     out = tmp_path / "out"
-    code = ("import sys, time, tritonpress.compress.pipeline as p\n"
+    code = ("import sys, time, tritonpress.loop.sequential as p\n"
             "real = p.compress_sequential\n"
             "def slow(*a, **k):\n"
             "    open(sys.argv[1], 'w').close(); time.sleep(60)\n"

@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # keep `import tritonpress` light: torch models load on first use
     if name == "compress":
-        from .compress.api import compress
+        from .api import compress
         return compress
     if name == "evaluate":
-        from .compress.evaluate import evaluate
+        from .quality import evaluate
         return evaluate
     raise AttributeError(name)

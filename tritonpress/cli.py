@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tritonpress", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    from .compress.options import METHODS, Options
+    from .recipe import METHODS, Options
     d = Options()                          # the defaults, written once
     c = sub.add_parser("compress", help="compress a model into a compressed-tensors checkpoint")
     _add_common(c)
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
                       f"{'  aliases: ' + ', '.join(aliases) if aliases else ''}")
             return 0
         if args.cmd == "compress":
-            from .compress.api import compress
-            from .compress.distributed import init_from_env
+            from .api import compress
+            from .loop.distributed import init_from_env
             init_from_env()          # torchrun: GPTQ over the ranks
             compress(args.model, args.scheme, args.out, method=args.method, dataset=args.dataset,
                      num_samples=args.num_samples, seq_len=args.seq_len,
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                      max_shard_bytes=args.max_shard_size)
             return 0
         if args.cmd == "eval":
-            from .compress.api import evaluate_checkpoint
+            from .api import evaluate_checkpoint
             r = evaluate_checkpoint(args.checkpoint, args.model, eval_dataset=args.eval_dataset,
                                     eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
                                     device=args.device, cache_dir=args.cache_dir,

@@ -59,7 +59,7 @@ def read_quantization_config(path: str) -> dict:
 
 def quant_args(d: dict | None) -> QuantArgs | None:
     """compressed-tensors QuantizationArgs (JSON) -> QuantArgs (checkpoint.quant_args_from_dict)."""
-    from .compress.checkpoint import quant_args_from_dict
+    from .checkpoint import quant_args_from_dict
     return None if d is None else quant_args_from_dict(d)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..schemes import Scheme, get_scheme
-from .options import Options
-from .targets import check_group_sizes
+from .schemes import Scheme, get_scheme
+from .recipe import Options
+from .loop.targets import check_group_sizes
 from .report import dir_size, format_report, peak_memory, profile_table, profiling, save_json, timed
 
 STREAM_MODES = ("auto", "on", "off")
@@ -22,7 +22,7 @@ _D = Options()          # the defaults, written once (options.py)
 
 def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:
     """Every Linear in the decoder layers that the scheme quantizes, by full name."""
-    from .targets import find_decoder_layers, target_linears
+    from .loop.targets import find_decoder_layers, target_linears
     layers, prefix = find_decoder_layers(model)
     out = {}
     for i, layer in enumerate(layers):
@@ -87,7 +87,11 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
     max_shard_bytes: the checkpoint's shard size (default checkpoint.MAX_SHARD_BYTES, 1 GiB;
     written to disk as it fills, never held in memory).
     Under torchrun (an initialised process group) GPTQ runs over the ranks (distributed.py)."""
-    from . import checkpoint, data, distributed, evaluate, models
+    from . import checkpoint
+    from . import data
+    from .loop import distributed
+    from . import quality as evaluate
+    from . import models
 
     t_start = time.perf_counter()
     scheme = get_scheme(scheme, group_size=group_size, symmetric=symmetric, ignore=ignore)
@@ -148,18 +152,18 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, *, method=_D.met
             src.load_rest(lm_head=evaluate_quality)
     report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     if not opts.data_free and not distributed.active():
-        from .stream import check_memory
+        from .loop.stream import check_memory
         plan = report["memory_plan"] = check_memory(model, opts.num_samples * opts.seq_len,
                                                     src is not None, spill_dir)
         avail = plan["available"]
         if src is not None and avail is not None and avail < report["original_bytes"]:
-            from .stream import map_large_allocations
+            from .loop.stream import map_large_allocations
             map_large_allocations()
             report["notes"].append(
                 "the model is larger than the memory available: large blocks are mapped and "
                 "returned when freed, so the peak stays flat in depth (solves 1.2-1.5x slower)")
 
-    from .distributed import barrier, is_main
+    from .loop.distributed import barrier, is_main
     writer = contextlib.nullcontext()
     if src is not None and out is not None:     # layers are written as they finish
         writer = src.writer = checkpoint.CheckpointWriter(
@@ -246,8 +250,8 @@ def _open_stream(path, torch_dtype, stream, report):
     """A stream.Stream over the model directory, or None (the whole model is loaded):
     stream "auto" streams whatever can be (safetensors whose names match the model's; not
     under torchrun), "on" insists, "off" never streams."""
-    from . import distributed
-    from .stream import NotStreamable, Stream
+    from .loop import distributed
+    from .loop.stream import NotStreamable, Stream
 
     if stream == "off":
         return None
@@ -271,7 +275,13 @@ def _run_method(model, scheme, opts: Options, linears, batches, device, *, progr
     the stream's writer layer by layer and none are returned."""
     from functools import partial
 
-    from . import awq, gptq, pipeline, rtn, smoothquant as sq, sparsegpt, targets
+    from .methods import awq
+    from .methods import gptq
+    from .loop import sequential as pipeline
+    from .methods import rtn
+    from .methods import smoothquant as sq
+    from .methods import sparsegpt
+    from .loop import targets
 
     method = opts.method
     data_free = {"rtn": lambda lin: rtn.quantize_linears_rtn(lin, scheme, device,
@@ -291,7 +301,8 @@ def _run_method(model, scheme, opts: Options, linears, batches, device, *, progr
             infos.update(info)
             stream.done(i, layer, lp, qw)
         return {}, infos
-    from . import distributed, resume
+    from .loop import distributed
+    from .loop import resume
     wrap = None
     if resume_dir is not None:   # per-layer state; finished layers are restored, not redone
         fp = resume.fingerprint(model, scheme, batches, opts.as_dict())
@@ -340,7 +351,9 @@ def evaluate_checkpoint(checkpoint, base_model="smollm2-135m", *, eval_dataset="
     """Perplexity and KL (against `base_model`) of a saved checkpoint on held-out text, with
     the checkpoint's dynamic activation quantization simulated by the `act_sim` convention.
     Both models run in `dtype` (auto: the base model's own, see models.resolve_dtype)."""
-    from . import data, evaluate, models
+    from . import data
+    from . import quality as evaluate
+    from . import models
 
     evaluate.check_act_sim(act_sim)
     path = models.model_path(base_model, cache_dir)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .report import step
+from ..report import step
 from .targets import find_decoder_layers
 
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.quant import FP8_DTYPE, FP8_MAX, quantize_per_token_ref
-from ..schemes import QuantArgs
-from ..schemes import matches
+from .kernels.quant import FP8_DTYPE, FP8_MAX, quantize_per_token_ref
+from .schemes import QuantArgs
+from .schemes import matches
 
 ACT_SIMS = ("vllm", "compressed-tensors")
 
@@ -224,7 +224,7 @@ class LayerwiseEval:
 
     def __init__(self, model: nn.Module, window_sets: dict[str, torch.Tensor], device,
                  act_args: QuantArgs | None = None, ignore=(), act_sim: str = "vllm"):
-        from .activations import LayerInputs, capture_layer_inputs
+        from .loop.activations import LayerInputs, capture_layer_inputs
 
         check_act_sim(act_sim)
         self.model, self.device = model, torch.device(device)
@@ -293,7 +293,7 @@ class _Replay(nn.Module):
 
 
 def _logprobs_from(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    from .targets import find_decoder_layers
+    from .loop.targets import find_decoder_layers
     layers, _ = find_decoder_layers(model)
     originals = list(layers)
     for i in range(len(layers)):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .activations import LayerInputs, StopLayer
-from .report import step
+from ..report import step
 
 
 class LinearInputHooks:

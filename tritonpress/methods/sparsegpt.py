@@ -37,9 +37,9 @@ from ..kernels.quant import quantize_ref, weight_qparams_ref
 from ..kernels.sparse24 import keep_2_of_4, prune24_block
 from ..schemes import QuantArgs
 from .gptq import inverse_cholesky
-from .options import check_actorder
-from .qweight import QuantizedWeight
-from .report import step
+from ..recipe import check_actorder
+from ..checkpoint.qweight import QuantizedWeight
+from ..report import step
 
 FP8_CHANNEL = QuantArgs(8, "float", True, "channel")
 MODES = ("joint", "prune_then_quantize")
@@ -275,7 +275,7 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     True: each group's Hessian from the layer with the groups called before it already
     compressed (one more pass per group, cut short after the group's input). permute: the
     inputs of down_proj and o_proj reordered first (permute_inputs)."""
-    from .hooks import collect_hessians, linear_groups
+    from ..loop.hooks import collect_hessians, linear_groups
 
     check_24_shapes(ctx.linears)
     if sequential:                    # each group's Hessian when its turn comes

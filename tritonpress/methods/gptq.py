@@ -25,10 +25,10 @@ import torch
 
 from ..kernels.quant import expand, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
-from .hooks import collect_hessians
-from .options import check_actorder
-from .qweight import QuantizedWeight
-from .report import step
+from ..loop.hooks import collect_hessians
+from ..recipe import check_actorder
+from ..checkpoint.qweight import QuantizedWeight
+from ..report import step
 from .rtn import clip_search, group_index, group_qparams, hessian_blocks, rtn_quantize
 # The column sweep (quantize, error, update the later columns) with its contract and torch
 # reference lives beside its fused kernels; gptq_sweep picks the implementation by device.

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..kernels.quant import dequantize_ref, expand, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs, Scheme
-from .qweight import QuantizedWeight
-from .report import step
+from ..checkpoint.qweight import QuantizedWeight
+from ..report import step
 
 CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))      # 1.0 ... 0.55, as AWQ's original
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import tied_aliases
+from ..checkpoint import tied_aliases
 from .targets import find_decoder_layers
-from .report import step
+from ..report import step
 
 
 class NotStreamable(ValueError):

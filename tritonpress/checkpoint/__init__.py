@@ -498,7 +498,7 @@ def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], sche
         if not isinstance(modules.get(name), torch.nn.Linear):
             raise ValueError(f"{name!r} is not a Linear module of the model; quantized weights "
                              "are keyed by the Linear's full module name")
-    from .targets import find_decoder_layers
+    from ..loop.targets import find_decoder_layers
     try:
         layers, prefix = find_decoder_layers(model)
     except ValueError:

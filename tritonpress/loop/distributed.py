@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .hooks import run_with_linear_inputs, tokens_of
-from .pipeline import compress_sequential
+from .sequential import compress_sequential
 
 
 def active() -> bool:
@@ -122,7 +122,7 @@ def gptq_layer_distributed(layer_idx, layer, prefix, inputs, ctx, *, block_size:
                            clip: bool = True):
     """gptq.gptq_layer's contract (static activation order by default), with all-reduced
     Hessians and the stacked solves (one per shared Hessian) dealt over the ranks."""
-    from . import gptq
+    from ..methods import gptq
 
     hessians = collect_hessians_allreduced(layer, ctx.linears, inputs)
     names = list(ctx.linears)

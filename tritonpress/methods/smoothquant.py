@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .fold import divide_norm_output
-from .activations import LayerInputs
-from .hooks import run_with_linear_inputs, tokens_of
-from .report import step
+from ..loop.activations import LayerInputs
+from ..loop.hooks import run_with_linear_inputs, tokens_of
+from ..report import step
 
 
 def _is_norm(mod: nn.Module) -> bool:

@@ -41,8 +41,8 @@ from ..kernels.awq_search import awq_grid_errors
 from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs, matches
 from .fold import divide_norm_output
-from .qweight import QuantizedWeight
-from .report import step
+from ..checkpoint.qweight import QuantizedWeight
+from ..report import step
 from .rtn import clip_search, group_gram
 
 # Llama-family mappings as (smoothing layer, balance layers) attribute names; resolved per layer
@@ -254,7 +254,7 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs,
                         search_tokens: int, seed: int = 0) -> dict[str, _InputStats]:
     """One replay of the batches; {Linear full name: stats of its input} (shared objects for
     Linears reading the same tensor, e.g. q/k/v)."""
-    from .hooks import run_with_linear_inputs, tokens_of
+    from ..loop.hooks import run_with_linear_inputs, tokens_of
 
     picks = _token_picks(inputs, search_tokens, seed)
     stats: dict[str, _InputStats] = {}
@@ -356,7 +356,7 @@ def _clip_ranges(names, linears, stats, args, scale_dtype) -> dict[str, tuple]:
 
 def _gptq_after_scaling(layer, inputs, ctx, infos, options):
     from .gptq import gptq_linears
-    from .hooks import collect_hessians
+    from ..loop.hooks import collect_hessians
 
     hessians = collect_hessians(layer, ctx.linears, inputs)    # inputs of the scaled layer
     done = gptq_linears(ctx.linears, {n: st.H for n, st in hessians.items()}, ctx.scheme.weights,

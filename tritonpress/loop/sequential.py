@@ -36,7 +36,7 @@ from torch import nn
 
 from ..schemes import Scheme
 from .activations import DiskTensors, LayerInputs, capture_layer_inputs
-from .qweight import QuantizedWeight
+from ..checkpoint.qweight import QuantizedWeight
 from .targets import check_group_sizes, find_decoder_layers, target_linears
 
 MethodFn = Callable[..., tuple[dict[str, QuantizedWeight], dict[str, dict]]]
