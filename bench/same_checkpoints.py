@@ -2,9 +2,10 @@
 
 Compresses one model with every scheme and method, once with the tritonpress found in each of
 two source trees (e.g. a `git worktree` of an older commit and this one), each in its own
-process, and compares the checkpoint directories file by file, byte by byte.
+process, and compares the checkpoint directories file by file, byte by byte. A tree older than
+the recipe API (before the methods became objects) is driven through its old keywords.
 
-  git worktree add /tmp/old a5254cc
+  git worktree add /tmp/old 47942a6
   python bench/same_checkpoints.py /tmp/old . --model smollm2-135m --out-dir out/same
   python bench/same_checkpoints.py /tmp/old . --stream-b off     # the in-memory path too
 
@@ -26,12 +27,22 @@ CASES = [("W8A8_FP8", "rtn", {}), ("W4A16", "gptq", {"group_size": 32}),
 CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from tritonpress.api import compress
 c = json.loads(sys.argv[2])
 extra = {"stream": c["stream"]} if c["stream"] else {}
-compress(c["model"], c["scheme"], c["out"], method=c["method"], dataset="canterbury",
-         num_samples=c["n"], seq_len=c["seq"], evaluate_quality=False, progress=False,
-         device="cpu", overwrite=True, **c["opts"], **extra)
+try:
+    import tritonpress as tp
+    from tritonpress.recipe import recipe_from_flags
+except ImportError:          # a tree from before the recipe API
+    from tritonpress.compress.api import compress
+    compress(c["model"], c["scheme"], c["out"], method=c["method"], dataset="canterbury",
+             num_samples=c["n"], seq_len=c["seq"], evaluate_quality=False, progress=False,
+             device="cpu", overwrite=True, **c["opts"], **extra)
+    sys.exit(0)
+opts = dict(c["opts"])
+scheme = tp.get_scheme(c["scheme"], group_size=opts.pop("group_size", None))
+tp.compress(c["model"], scheme, c["out"], recipe_from_flags(scheme, c["method"], **opts),
+            calibration=tp.Calibration("canterbury", c["n"], c["seq"]), evaluation=None,
+            run=tp.Run(device="cpu", overwrite=True, progress=False, **extra))
 """
 
 

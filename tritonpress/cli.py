@@ -8,17 +8,19 @@ import sys
 
 
 def _add_common(p):
+    from .recipe import DTYPES, Evaluation
+    ev = Evaluation()
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m) or a local Hugging Face model directory")
-    p.add_argument("--eval-dataset", default="canterbury+code",
+    p.add_argument("--eval-dataset", default=ev.dataset,
                    help="held-out text for perplexity/KL (built-in: canterbury, code; or files)")
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=ev.windows)
+    p.add_argument("--eval-seq-len", type=int, default=ev.seq_len)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype to load the model in (default auto: the model's own, from its "
                         "config.json; bfloat16 if it names none)")
-    p.add_argument("--act-sim", default="vllm", choices=["vllm", "compressed-tensors"],
+    p.add_argument("--act-sim", default=ev.act_sim, choices=["vllm", "compressed-tensors"],
                    help="how W8A8 activation quantization is simulated for KL/perplexity: as "
                         "vLLM's kernels round (int8 scale absmax/127, default) or as "
                         "compressed-tensors' fake quantization (absmax/127.5)")
@@ -38,6 +40,33 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 500MB or 2GB")
 
 
+def _scheme(args):
+    from .schemes import get_scheme
+    return get_scheme(args.scheme, group_size=args.group_size,
+                      symmetric=False if args.asym else None, ignore=args.ignore)
+
+
+def _recipe(args):
+    """The methods the flags name (recipe.recipe_from_flags); unset flags: the defaults."""
+    from .recipe import recipe_from_flags
+    onoff = {"on": True, "off": False, None: None}
+    return recipe_from_flags(_scheme(args), args.method, smoothquant=args.smoothquant,
+                             damp=args.damp, block_size=args.block_size,
+                             actorder=args.actorder, clip=onoff[args.clip], refit=args.refit,
+                             sequential=onoff[args.sequential], permute=onoff[args.permute])
+
+
+def _evaluation(args):
+    from .recipe import Evaluation
+    return Evaluation(args.eval_dataset, args.eval_windows, args.eval_seq_len, args.act_sim)
+
+
+def _run(args, **kw):
+    from .recipe import Run
+    return Run(device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+               progress=not args.no_progress, **kw)
+
+
 def terminate_as_interrupt() -> None:
     """SIGTERM (a job scheduler's stop, `kill`, a timeout) ends the run as Ctrl-C does, through
     the same cleanup: the temporary checkpoint directory is removed, nothing half-written
@@ -54,43 +83,47 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tritonpress", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    from .recipe import METHODS, Options
-    d = Options()                          # the defaults, written once
+    from .recipe import METHODS, Calibration
+
+    cal = Calibration()                    # the defaults, written once (recipe.py, methods/)
     c = sub.add_parser("compress", help="compress a model into a compressed-tensors checkpoint")
     _add_common(c)
     c.add_argument("--scheme", default="W8A8_FP8",
                    help="W4A16, W4A16_ASYM, W8A8_INT8 (W8A8), W8A8_FP8 (FP8_DYNAMIC), W8A8_FP8_24")
-    c.add_argument("--method", default=d.method,
-                   help=f"{', '.join(METHODS)} (default: by scheme)")
+    c.add_argument("--method", default=None,
+                   help=f"{', '.join(METHODS)} (default: by scheme: GPTQ for int schemes, "
+                        "RTN for W8A8_FP8, SparseGPT for W8A8_FP8_24)")
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    c.add_argument("--dataset", default=d.dataset,
+    c.add_argument("--dataset", default=cal.dataset,
                    help="calibration text: canterbury, code, a+b mixes, .txt/.jsonl files, "
                         "or a `datasets` name")
-    c.add_argument("--num-samples", type=int, default=d.num_samples)
-    c.add_argument("--seq-len", type=int, default=d.seq_len)
+    c.add_argument("--num-samples", type=int, default=cal.num_samples)
+    c.add_argument("--seq-len", type=int, default=cal.seq_len)
+    c.add_argument("--seed", type=int, default=cal.seed)
     c.add_argument("--group-size", type=int, default=None)
     c.add_argument("--asym", action="store_true", help="asymmetric int weights")
     c.add_argument("--ignore", nargs="*", default=None,
                    help="module names (or re:regex) to leave unquantized (default: lm_head)")
-    c.add_argument("--damp", type=float, default=d.damp,
+    # each method's own options: unset means the method's default (methods/*.py)
+    c.add_argument("--damp", type=float, default=None,
                    help="GPTQ's and SparseGPT's dampening, a fraction of the Hessian's mean "
-                        f"diagonal (default {d.damp})")
-    c.add_argument("--block-size", type=int, default=d.block_size)
-    c.add_argument("--actorder", default=d.actorder or "none", choices=["static", "none"],
+                        "diagonal (default 0.01)")
+    c.add_argument("--block-size", type=int, default=None, help="GPTQ/SparseGPT column block")
+    c.add_argument("--actorder", default=None, choices=["static", "none"],
                    help="activation order of GPTQ and SparseGPT: static (default; GPTQ as "
                         "llm-compressor: columns swept by decreasing Hessian diagonal, groups "
                         "kept on the original columns, no g_idx; SparseGPT: its 2:4 groups "
                         "by decreasing Hessian diagonal) or none")
-    c.add_argument("--clip", default="on" if d.clip else "off", choices=["on", "off"],
+    c.add_argument("--clip", default=None, choices=["on", "off"],
                    help="clipping search of 4-bit group scales, AWQ's and GPTQ's (default on)")
-    c.add_argument("--smoothquant", type=float, default=d.smoothquant, metavar="ALPHA",
-                   help="SmoothQuant before W8A8_INT8 with strength ALPHA (e.g. 0.5)")
-    c.add_argument("--refit", type=float, default=d.refit, metavar="RIDGE",
+    c.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant before the quantizer with strength ALPHA (e.g. 0.5)")
+    c.add_argument("--refit", type=float, default=None, metavar="RIDGE",
                    help="SparseGPT: refit the kept weights for the chosen 2:4 mask under "
                         "H + RIDGE * mean(diag H) * I before the fp8 sweep (e.g. 0.1; "
                         "default off)")
-    c.add_argument("--sequential", default="on" if d.sequential else "off", choices=["on", "off"],
+    c.add_argument("--sequential", default=None, choices=["on", "off"],
                    help="SparseGPT: each group's Hessian (q/k/v, o, gate/up, down) from the "
                         "layer with the groups before it already compressed (default off)")
     c.add_argument("--permute", default=None, choices=["on", "off"],
@@ -99,7 +132,6 @@ def main(argv=None) -> int:
                         "important channels (default on)")
     c.add_argument("--sparse-format", default="dense", choices=["dense", "sparse-24-bitmask"])
     c.add_argument("--no-eval", action="store_true", help="skip perplexity/KL")
-    c.add_argument("--seed", type=int, default=d.seed)
     c.add_argument("--resume-dir", default=None,
                    help="save per-layer state there; rerun with it to resume after a crash")
     c.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
@@ -136,37 +168,26 @@ def main(argv=None) -> int:
         if args.cmd == "compress":
             from .api import compress
             from .loop.distributed import init_from_env
-            init_from_env()          # torchrun: GPTQ over the ranks
-            compress(args.model, args.scheme, args.out, method=args.method, dataset=args.dataset,
-                     num_samples=args.num_samples, seq_len=args.seq_len,
-                     group_size=args.group_size, symmetric=False if args.asym else None,
-                     ignore=args.ignore, damp=args.damp, block_size=args.block_size,
-                     actorder=args.actorder, smoothquant=args.smoothquant, refit=args.refit,
-                     sequential=args.sequential == "on",
-                     permute={"on": True, "off": False}.get(args.permute),
-                     clip=args.clip == "on",
-                     sparse_format=args.sparse_format, eval_dataset=args.eval_dataset,
-                     eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
-                     evaluate_quality=not args.no_eval, device=args.device,
-                     overwrite=args.overwrite, cache_dir=args.cache_dir, seed=args.seed,
-                     progress=not args.no_progress, json_path=args.json, print_report=True,
-                     resume_dir=args.resume_dir, spill_dir=args.spill_dir, dtype=args.dtype,
-                     act_sim=args.act_sim, stream=args.stream,
-                     max_shard_bytes=args.max_shard_size)
+            init_from_env()          # torchrun: Hessians all-reduced over the ranks
+            compress(args.model, _scheme(args), args.out, _recipe(args),
+                     calibration=Calibration(args.dataset, args.num_samples, args.seq_len,
+                                             args.seed),
+                     evaluation=None if args.no_eval else _evaluation(args),
+                     run=_run(args, overwrite=args.overwrite, resume_dir=args.resume_dir,
+                              spill_dir=args.spill_dir, stream=args.stream,
+                              max_shard_bytes=args.max_shard_size,
+                              sparse_format=args.sparse_format, report_path=args.json,
+                              print_report=True))
             return 0
         if args.cmd == "eval":
-            from .api import evaluate_checkpoint
-            r = evaluate_checkpoint(args.checkpoint, args.model, eval_dataset=args.eval_dataset,
-                                    eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
-                                    device=args.device, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress, dtype=args.dtype,
-                                    act_sim=args.act_sim)
+            from .api import evaluate
+            r = evaluate(args.checkpoint, args.model, evaluation=_evaluation(args), run=_run(args))
             print(json.dumps(r, indent=2))
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(r, f, indent=2)
             return 0
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
         if os.environ.get("TRITONPRESS_DEBUG"):
             raise
         print(f"tritonpress: error: {exc}", file=sys.stderr)

@@ -18,6 +18,8 @@ that (quantize -> dequantize the input) so the numbers match what vLLM would com
   "compressed-tensors"  its fake quantization (kernels.quant.quantize_per_token_ref): scale =
                         absmax / ((qmax - qmin) / 2), i.e. absmax / 127.5 for int8 (the largest
                         value rounds to 128 and is clamped to 127) and absmax / 448 for fp8.
+Both are kernels.quant.quantize_per_token(x, args, act_sim), the rounding the runtime's GEMMs
+use too (runtime.load_compressed, vLLM's by default).
 """
 from __future__ import annotations
 
@@ -29,11 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.quant import FP8_DTYPE, FP8_MAX, quantize_per_token_ref
+from .kernels.quant import FP8_MAX, check_act_sim, quantize_per_token
 from .schemes import QuantArgs
 from .schemes import matches
-
-ACT_SIMS = ("vllm", "compressed-tensors")
 
 
 @dataclass
@@ -132,13 +132,6 @@ def _kl(lp_ref: torch.Tensor, lp: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- activations
 
-def check_act_sim(act_sim: str) -> str:
-    if act_sim not in ACT_SIMS:
-        raise ValueError(f"unknown activation simulation {act_sim!r}: choose one of "
-                         f"{', '.join(ACT_SIMS)}")
-    return act_sim
-
-
 def describe_act_sim(act_args: QuantArgs | None, act_sim: str) -> str | None:
     """One line for the report: how the activations were quantized when KL was measured."""
     if act_args is None:
@@ -152,33 +145,10 @@ def describe_act_sim(act_args: QuantArgs | None, act_sim: str) -> str | None:
     return f"{act_sim}: {kind} simulated as {who} (scale = absmax / {div:g})"
 
 
-def quantize_per_token_vllm(x: torch.Tensor, args: QuantArgs):
-    """Dynamic per-token quantization as vLLM's CUDA kernels do it: (q, scale [rows, 1] fp32).
-
-    int8 (csrc/quantization/compressed_tensors/int8_quant_kernels.cu): scale = absmax / 127,
-    q = cvt.rni.sat.s8(x * (127 / absmax)) (round half even, saturate), 0 for an all-zero row.
-    fp8 (csrc/quantization/fp8/common.cu): scale = max(absmax / 448, 1 / (448 * 512)),
-    q = e4m3(clamp(x / scale, -448, 448)), round to nearest even."""
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    amax = x2.abs().amax(-1, keepdim=True)
-    if args.type == "float":
-        scale = (amax / FP8_MAX).clamp(min=1.0 / (FP8_MAX * 512))
-        q = (x2 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    elif args.type == "int" and args.num_bits == 8:
-        qmax = float(args.qmax)                       # 127
-        inv = torch.where(amax == 0, torch.zeros_like(amax), qmax / amax)
-        q = torch.round(x2 * inv).clamp(args.qmin, qmax).to(torch.int8)
-        scale = amax / qmax
-    else:
-        raise ValueError(f"vLLM quantizes activations dynamically to int8 or fp8, not "
-                         f"{args.type}{args.num_bits}")
-    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
-
-
 def fake_quant_per_token(x: torch.Tensor, args: QuantArgs, act_sim: str = "vllm") -> torch.Tensor:
-    """Quantize each token's (row's) values with its own scale, then dequantize: x_hat."""
-    vllm = check_act_sim(act_sim) == "vllm"
-    q, scale = (quantize_per_token_vllm if vllm else quantize_per_token_ref)(x, args)
+    """Quantize each token's (row's) values with its own scale, then dequantize: x_hat (the
+    rounding the runtime's GEMMs use too, kernels.quant.quantize_per_token)."""
+    q, scale = quantize_per_token(x, args, act_sim)
     return (q.float() * scale).to(x.dtype)
 
 

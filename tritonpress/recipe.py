@@ -1,98 +1,58 @@
-"""The options of one compression run, in one place.
+"""What a run is asked to do, checked at the door: the recipe and the option objects.
 
-compress() builds an `Options` from its arguments and checks it once (`resolved`); the CLI
-takes its defaults from here; the report prints `as_dict()`; a resume folder is pinned to it.
-Each knob has one name everywhere: `damp` (GPTQ's and SparseGPT's dampening, a fraction of
-the Hessian's mean diagonal), `block_size` (the column block of their sweeps).
-Plain Python (no torch): the CLI builds its parser from here before anything heavy loads.
+A recipe is a list of methods (methods/*.py), each a small frozen dataclass that holds its own
+defaults: `[GPTQ()]`, `[SmoothQuant(0.8), GPTQ()]`, `[AWQ(), GPTQ()]`. The last one quantizes;
+the ones before it only rescale the layer (SmoothQuant, AWQ's scale search) for it.
+`Calibration`, `Evaluation` and `Run` hold the rest of compress()'s options. Every value is
+checked when its object is made, and the recipe against the scheme by `resolve_recipe`, before
+anything is loaded; each error names the argument, the value and what to pass instead.
+
+Plain Python (no torch): the CLI builds its parser before anything heavy loads.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from .schemes import Scheme
 
-# the method each scheme gets when none is named
-DEFAULT_METHOD = {"W4A16": "gptq", "W4A16_ASYM": "gptq", "W8A8_INT8": "gptq",
-                  "W8A8_FP8": "rtn", "W8A8_FP8_24": "sparsegpt"}
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
-DATA_FREE = ("rtn", "magnitude")          # no calibration data, no layer loop
-GPTQ_METHODS = ("gptq", "awq+gptq")      # the methods whose weights GPTQ quantizes
-ORDERED_METHODS = GPTQ_METHODS + ("sparsegpt",)   # the sweeps that take an actorder
+
+# ----------------------------------------------------------------------------- checks
+
+def check_type(name: str, value, kinds, hint: str):
+    """`value` is one of `kinds` (bool is never taken for a number), else a TypeError."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}): {hint}")
+    return value
 
 
-@dataclass(frozen=True)
-class Options:
-    method: str | None = None      # None: DEFAULT_METHOD of the scheme
-    dataset: str = "canterbury"    # calibration text
-    num_samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-    damp: float = 0.01
-    block_size: int = 128
-    actorder: str | None = "static"   # GPTQ, SparseGPT: "static" or None (columns in order)
-    clip: bool = True              # the clipping search of 4-bit group scales (GPTQ, AWQ)
-    smoothquant: float | None = None   # SmoothQuant strength before GPTQ (W8A8_INT8)
-    refit: float | None = None     # SparseGPT: ridge of the kept weights' refit (None: off)
-    sequential: bool = False       # SparseGPT: each Hessian after the Linears called before it
-    permute: bool | None = None    # SparseGPT: spread down/o_proj's inputs over the 2:4 groups
-                                   # (None: on with SparseGPT)
-    partial_last_group: bool = False
+def check_int(name: str, value, low: int, hint: str) -> int:
+    check_type(name, value, int, hint)
+    if value < low:
+        raise ValueError(f"{name}={value}: {hint}")
+    return value
 
-    def resolved(self, scheme: Scheme) -> "Options":
-        """The method named (or the scheme's default), every value checked against the
-        scheme; actorder None for methods that sweep no columns (it is then meaningless)."""
-        method = (self.method or DEFAULT_METHOD[scheme.name]).lower()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-        if method in ("sparsegpt", "magnitude") and not scheme.sparsity_24:
-            raise ValueError(f"method {method} prunes to 2:4: use it with scheme W8A8_FP8_24")
-        if scheme.sparsity_24 and method not in ("sparsegpt", "magnitude"):
-            raise ValueError("scheme W8A8_FP8_24 needs method sparsegpt (default) or magnitude")
-        if method.startswith("awq") and scheme.weights.num_bits != 4:
-            raise ValueError("AWQ is for W4A16 schemes (W4A16_ASYM by default)")
-        actorder = check_actorder(self.actorder)
-        if not self.damp >= 0:
-            raise ValueError(f"damp={self.damp}: the dampening is a fraction >= 0 of the "
-                             "Hessian's mean diagonal (default 0.01)")
-        if self.refit is not None and (method != "sparsegpt" or not self.refit > 0):
-            raise ValueError(f"refit={self.refit}: SparseGPT's refit of the kept weights takes "
-                             "a ridge > 0, a fraction of the Hessian's mean diagonal (e.g. "
-                             "0.1), with method sparsegpt")
-        if (self.sequential or self.permute) and method != "sparsegpt":
-            raise ValueError("sequential and permute are SparseGPT's: use them with method "
-                             "sparsegpt (scheme W8A8_FP8_24)")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size={self.block_size}: use a positive number of "
-                             "columns (default 128)")
-        return dataclasses.replace(self, method=method,
-                                   actorder=actorder if method in ORDERED_METHODS else None,
-                                   permute=(self.permute is not False) and method == "sparsegpt")
 
-    @property
-    def data_free(self) -> bool:
-        return self.method in DATA_FREE
+def check_number(name: str, value, low: float, high: float | None, hint: str) -> float:
+    check_type(name, value, (int, float), hint)
+    if not (value >= low and (high is None or value <= high)):     # NaN fails too
+        raise ValueError(f"{name}={value}: {hint}")
+    return value
 
-    @property
-    def checkpoint_actorder(self) -> str | None:
-        """What the checkpoint records: compressed-tensors' actorder is GPTQ's (as
-        llm-compressor writes it); SparseGPT's order of 2:4 groups leaves no trace in it."""
-        return self.actorder if self.method in GPTQ_METHODS else None
 
-    def gptq(self) -> dict:
-        """The keyword arguments of gptq.gptq_layer (and gptq_quantize_stacked)."""
-        return dict(block_size=self.block_size, damp=self.damp, actorder=self.actorder,
-                    clip=self.clip)
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: choose one of {', '.join(map(str, choices))}")
+    return value
 
-    def sparsegpt(self) -> dict:
-        """The keyword arguments of sparsegpt.sparsegpt_method."""
-        return dict(block_size=self.block_size, damp=self.damp, actorder=self.actorder,
-                    refit=self.refit, sequential=self.sequential,
-                    permute=self.permute)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+def check_path(name: str, value, none_ok: bool = True):
+    if value is None and none_ok:
+        return None
+    return check_type(name, value, (str, Path), "pass a folder path (str or pathlib.Path)")
 
 
 def check_actorder(actorder) -> str | None:
@@ -113,3 +73,211 @@ def check_actorder(actorder) -> str | None:
             return None
     raise ValueError(f"actorder={actorder!r}: use 'static' (sweep columns by decreasing Hessian "
                      "diagonal, groups on the original columns) or None/'none' (no ordering)")
+
+
+# ----------------------------------------------------------------------------- methods
+
+class Method:
+    """What every method object is to the layer loop (loop/sequential.py).
+
+    `__call__(layer_idx, layer, prefix, inputs, ctx)` compresses ctx.linears of one decoder
+    layer, writes their dequantized weights back, and returns (QuantizedWeights, infos) by full
+    Linear name. A method that can come before the quantizer (`rescales`) has
+    `rescale(...)` with the same arguments, which changes the layer and returns infos.
+    `check(scheme)` refuses a scheme the method cannot serve, and `check_linears(linears)`
+    Linears it cannot compress (all the model's targets), before any work."""
+    data_free = False       # needs no calibration data (the loop then captures nothing)
+    rescales = False        # may precede the quantizer of a recipe
+    quantizes = True        # may be the last method of a recipe
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
+    def check(self, scheme: Scheme) -> None:
+        pass
+
+    def check_linears(self, linears: dict) -> None:
+        pass
+
+    def as_dict(self) -> dict:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+def default_recipe(scheme: Scheme) -> list[Method]:
+    """The recipe a scheme gets when none is given."""
+    from .methods.gptq import GPTQ
+    from .methods.rtn import RTN
+    from .methods.sparsegpt import SparseGPT
+    if scheme.sparsity_24:
+        return [SparseGPT()]
+    if scheme.weights.type == "float":
+        return [RTN()]
+    return [GPTQ()]
+
+
+def resolve_recipe(recipe, scheme: Scheme) -> list[Method]:
+    """The recipe as a list of method objects, checked against the scheme and in itself."""
+    if recipe is None:
+        return default_recipe(scheme)
+    if isinstance(recipe, Method):
+        recipe = [recipe]
+    if not isinstance(recipe, (list, tuple)) or not recipe:
+        raise TypeError(f"recipe={recipe!r}: pass a list of methods, e.g. [tritonpress.GPTQ()] "
+                        "or [tritonpress.SmoothQuant(0.8), tritonpress.GPTQ()]")
+    for m in recipe:
+        if isinstance(m, type) and issubclass(m, Method):
+            raise TypeError(f"recipe item {m.__name__} is a class: write {m.__name__}() "
+                            "(an object, with its options)")
+        if not isinstance(m, Method):
+            raise TypeError(f"recipe item {m!r} is not a method: use tritonpress.GPTQ(), AWQ(), "
+                            "SmoothQuant(alpha), SparseGPT(), RTN() or Magnitude()")
+    *before, last = recipe
+    for m in before:
+        if not m.rescales:
+            raise ValueError(f"{type(m).__name__} quantizes, so it must come last in the recipe; "
+                             "only SmoothQuant and AWQ may come before the quantizer")
+    if not last.quantizes:
+        raise ValueError(f"{type(last).__name__} only rescales the layer: follow it with a "
+                         f"quantizer, e.g. [{type(last).__name__}(...), GPTQ()]")
+    if len({type(m) for m in recipe}) < len(recipe):
+        raise ValueError(f"recipe {recipe}: each method at most once")
+    for m in recipe:
+        m.check(scheme)
+    return list(recipe)
+
+
+def recipe_label(recipe: list[Method]) -> str:
+    return "+".join(m.name for m in recipe)
+
+
+def checkpoint_actorder(recipe: list[Method]) -> str | None:
+    """compressed-tensors' actorder field is GPTQ's (as llm-compressor writes it)."""
+    return getattr(recipe[-1], "actorder", None) if recipe[-1].name == "gptq" else None
+
+
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "sparsegpt", "magnitude")
+
+
+def recipe_from_flags(scheme: Scheme, method: str | None = None, *,
+                      smoothquant: float | None = None, **options) -> list[Method]:
+    """The recipe the CLI's flags name: --method (default by scheme), --smoothquant ALPHA, and
+    each method's own options (--damp, --actorder, ...; None: the method's default). An option
+    that no method of the recipe takes is refused."""
+    from .methods.awq import AWQ
+    from .methods.gptq import GPTQ
+    from .methods.rtn import RTN
+    from .methods.smoothquant import SmoothQuant
+    from .methods.sparsegpt import Magnitude, SparseGPT
+
+    kinds = {"rtn": [RTN], "gptq": [GPTQ], "awq": [AWQ], "awq+gptq": [AWQ, GPTQ],
+             "sparsegpt": [SparseGPT], "magnitude": [Magnitude]}
+    if method is None:
+        classes = [type(m) for m in default_recipe(scheme)]
+    else:
+        classes = kinds.get(str(method).strip().lower())
+        if classes is None:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    recipe, used = [], set()
+    for cls in classes:
+        own = {f.name for f in dataclasses.fields(cls)}
+        if cls is AWQ and GPTQ in classes:
+            own = set()                    # the quantizer's options go to GPTQ
+        recipe.append(cls(**{k: v for k, v in given.items() if k in own}))
+        used |= own & set(given)
+    unused = set(given) - used
+    if unused:
+        raise ValueError(f"option(s) {', '.join(sorted(unused))} do not apply to method "
+                         f"{recipe_label(recipe)}")
+    if smoothquant is not None:
+        recipe.insert(0, SmoothQuant(smoothquant))
+    return recipe
+
+
+# ----------------------------------------------------------------------------- options
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration text: `num_samples` windows of `seq_len` tokens from `dataset`
+    (canterbury, code, a+b mixes, .txt/.jsonl files or folders, or a `datasets` name)."""
+    dataset: str = "canterbury"
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        check_type("dataset", self.dataset, (str, Path),
+                   "name a built-in text (canterbury, code), a file or a datasets name")
+        check_int("num_samples", self.num_samples, 1, "pass a positive whole number of windows")
+        check_int("seq_len", self.seq_len, 1, "pass a positive whole number of tokens")
+        check_int("seed", self.seed, 0, "pass a whole number >= 0")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out perplexity and KL against the uncompressed model: `windows` windows of
+    `seq_len` tokens of each text in `dataset` ("a+b": both); `act_sim`: how the scheme's
+    dynamic activation quantization is simulated, "vllm" (its kernels' rounding) or
+    "compressed-tensors" (its fake quantization)."""
+    dataset: str = "canterbury+code"
+    windows: int = 16
+    seq_len: int = 512
+    act_sim: str = "vllm"
+
+    def __post_init__(self):
+        check_type("evaluation dataset", self.dataset, (str, Path),
+                   "name held-out texts, e.g. 'canterbury+code' or a file")
+        check_int("windows", self.windows, 1, "pass a positive whole number of windows")
+        check_int("seq_len", self.seq_len, 1, "pass a positive whole number of tokens")
+        check_choice("act_sim", self.act_sim, ("vllm", "compressed-tensors"))
+
+
+STREAM_MODES = ("auto", "on", "off")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Run:
+    """How the run is carried out (none of it changes what is computed, except dtype and
+    partial_last_group).
+
+    device: where layers compute (default cuda if available); dtype: auto (the model's own),
+    bfloat16, float16 or float32; overwrite: replace `out` (only once the new one is complete);
+    resume_dir: per-layer state there, a rerun resumes (loop/resume.py); spill_dir: cached
+    activations in files there; stream: auto/on/off, one decoder layer in memory at a time
+    (loop/stream.py); max_shard_bytes: checkpoint shard size (default 1 GiB); sparse_format:
+    "dense" or "sparse-24-bitmask" for 2:4; cache_dir: converted models and data; report_path:
+    the JSON report (default OUT.report.json); print_report: the table on the terminal;
+    partial_last_group: allow a shorter last weight group."""
+    device: str | None = None
+    dtype: str = "auto"
+    overwrite: bool = False
+    resume_dir: str | Path | None = None
+    spill_dir: str | Path | None = None
+    stream: str = "auto"
+    max_shard_bytes: int | None = None
+    sparse_format: str = "dense"
+    cache_dir: str | Path | None = None
+    progress: bool = True
+    report_path: str | Path | None = None
+    print_report: bool = False
+    partial_last_group: bool = False
+
+    def __post_init__(self):
+        if self.device is not None:
+            check_type("device", self.device, str, "pass 'cuda', 'cuda:1' or 'cpu'")
+            if self.device.split(":")[0] not in ("cpu", "cuda"):
+                raise ValueError(f"device={self.device!r}: pass 'cuda', 'cuda:N' or 'cpu'")
+        check_choice("dtype", self.dtype, DTYPES)
+        if self.stream in (True, False):
+            object.__setattr__(self, "stream", "on" if self.stream else "off")
+        check_choice("stream", self.stream, STREAM_MODES)
+        check_choice("sparse_format", self.sparse_format, ("dense", "sparse-24-bitmask"))
+        for name in ("overwrite", "progress", "print_report", "partial_last_group"):
+            check_type(name, getattr(self, name), bool, "pass True or False")
+        for name in ("resume_dir", "spill_dir", "cache_dir", "report_path"):
+            check_path(name, getattr(self, name))
+        if self.max_shard_bytes is not None:
+            check_int("max_shard_bytes", self.max_shard_bytes, 1,
+                      "pass a positive number of bytes, e.g. 2 * 1024**3")

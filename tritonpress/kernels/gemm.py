@@ -59,13 +59,16 @@ class GemmWeight:
     act: QuantArgs | None = None             # activation quantization (int8, fp8 kinds)
     input_scale: torch.Tensor | None = None  # static per-tensor activation scale, fp32 [1]
     sparse: Sparse24Weight | None = None     # cuSPARSELt copy, made on first use
+    act_sim: str = "compressed-tensors"      # rounding of dynamic per-token activations
 
 
 def prepare(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
             args: QuantArgs, act: QuantArgs | None = None, sparse24: bool = False,
-            input_scale: torch.Tensor | None = None) -> GemmWeight:
+            input_scale: torch.Tensor | None = None,
+            act_sim: str = "compressed-tensors") -> GemmWeight:
     """From a quantized weight (q [N, K] int8 or fp8 values, scale/zero point [N, ngroups],
-    compressed-tensors conventions) and the activation scheme to the kernel's layout."""
+    compressed-tensors conventions) and the activation scheme to the kernel's layout.
+    act_sim: how dynamic per-token activations are rounded (quant.quantize_per_token)."""
     n, k = q.shape
     scale = scale.reshape(n, -1) if scale.numel() != 1 else scale.reshape(1, 1).expand(n, 1)
     if act is not None:
@@ -86,7 +89,7 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | Non
             raise NotImplementedError(f"int{args.num_bits} weights with {act.type}"
                                       f"{act.num_bits} activations: only W8A8 int8 is supported")
         return GemmWeight("int8", n, k, q=q.to(torch.int8).contiguous(), scale=scale, act=act,
-                          input_scale=isc)
+                          input_scale=isc, act_sim=quant.check_act_sim(act_sim))
     if q.dtype != torch.float8_e4m3fn:
         raise TypeError(f"float weights must be float8_e4m3fn, got {q.dtype}")
     if act is None:
@@ -97,7 +100,7 @@ def prepare(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | Non
         raise ValueError("weight was declared 2:4 sparse but some group of 4 inputs has more "
                          "than two nonzeros")
     return GemmWeight("fp8_24" if sparse24 else "fp8", n, k, q=q.contiguous(), scale=scale,
-                      act=act, input_scale=isc)
+                      act=act, input_scale=isc, act_sim=quant.check_act_sim(act_sim))
 
 
 def _check_act(act: QuantArgs, w: QuantArgs, input_scale):
@@ -123,7 +126,7 @@ def quantize_activations(x: torch.Tensor, w: GemmWeight):
         s, _ = quant.qparams_from_minmax(-amax, amax, w.act)
         s = s.expand(x.shape[0], 1)
         return quant.quantize_ref(x, s, None, w.act), s
-    return quant.quantize_per_token(x, w.act)
+    return quant.quantize_per_token(x, w.act, w.act_sim)
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -127,6 +127,29 @@ def quantize_per_token_ref(x: torch.Tensor, args: QuantArgs):
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
 
+def quantize_per_token_vllm(x: torch.Tensor, args: QuantArgs):
+    """Dynamic per-token quantization as vLLM's CUDA kernels do it: (q, scale [rows, 1] fp32).
+
+    int8 (csrc/quantization/compressed_tensors/int8_quant_kernels.cu): scale = absmax / 127,
+    q = cvt.rni.sat.s8(x * (127 / absmax)) (round half even, saturate), 0 for an all-zero row.
+    fp8 (csrc/quantization/fp8/common.cu): scale = max(absmax / 448, 1 / (448 * 512)),
+    q = e4m3(clamp(x / scale, -448, 448)), round to nearest even."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    amax = x2.abs().amax(-1, keepdim=True)
+    if args.type == "float":
+        scale = (amax / FP8_MAX).clamp(min=1.0 / (FP8_MAX * 512))
+        q = (x2 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    elif args.type == "int" and args.num_bits == 8:
+        qmax = float(args.qmax)                       # 127
+        inv = torch.where(amax == 0, torch.zeros_like(amax), qmax / amax)
+        q = torch.round(x2 * inv).clamp(args.qmin, qmax).to(torch.int8)
+        scale = amax / qmax
+    else:
+        raise ValueError(f"vLLM quantizes activations dynamically to int8 or fp8, not "
+                         f"{args.type}{args.num_bits}")
+    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
 def pack_int4_ref(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7], [rows, cols] -> int32 [rows, ceil(cols/8)]: element k of each
     word at bits 4k..4k+3, stored as value + 8 (compressed-tensors pack-quantized)."""
@@ -431,13 +454,27 @@ def quantize_pack_int4(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtyp
     return _quantize_groups_triton(w, args, gs, scale_dtype or w.dtype, pack=True)
 
 
-def quantize_per_token(x: torch.Tensor, args: QuantArgs):
+ACT_SIMS = ("vllm", "compressed-tensors")
+
+
+def check_act_sim(act_sim: str) -> str:
+    if act_sim not in ACT_SIMS:
+        raise ValueError(f"unknown activation simulation {act_sim!r}: choose one of "
+                         f"{', '.join(ACT_SIMS)}")
+    return act_sim
+
+
+def quantize_per_token(x: torch.Tensor, args: QuantArgs, act_sim: str = "compressed-tensors"):
     """Dynamic per-token activation quantization of x [..., hidden]:
-    (q like x in int8|fp8, scale [..., 1] fp32)."""
+    (q like x in int8|fp8, scale [..., 1] fp32), rounded by the `act_sim` convention:
+    "compressed-tensors" (quantize_per_token_ref, scale = absmax / 127.5 for int8; a Triton
+    kernel on GPUs) or "vllm" (quantize_per_token_vllm, absmax / 127; torch everywhere)."""
     _check_args(args)
     if x.dim() == 0 or x.shape[-1] == 0 or not x.is_floating_point():
         raise ValueError(f"activations must be a float tensor [..., hidden], got "
                          f"{tuple(x.shape)} {x.dtype}")
+    if check_act_sim(act_sim) == "vllm":
+        return quantize_per_token_vllm(x, args)
     if not use_triton(x):
         return quantize_per_token_ref(x, args)
     sym = QuantArgs(args.num_bits, args.type, True, "token")

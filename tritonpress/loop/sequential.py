@@ -12,19 +12,23 @@ architecture is hard-coded):
      the layer; then the batches go through the compressed layer to give the next layer's
      inputs.
 
-Public interface (stable; other methods plug in here):
+Interface:
 
   compress_sequential(model, batches, scheme, method_fn, device=None, targets=None,
                       ignore=None, offload=True, partial_last_group=False,
-                      progress=True, spill_dir=None, keep_final=False, stream=None)
+                      progress=True, spill_dir=None, keep_final=False, stream=None,
+                      hessians=collect_hessians)
       -> SequentialResult(qweights, infos, final, seconds_per_layer)
-  method_fn(layer_idx: int, layer: nn.Module, prefix: str, inputs: LayerInputs,
+  method_fn(layer_idx: int, layer: nn.Module, prefix: str, inputs: LayerInputs | None,
             ctx: LayerContext) -> (dict[full_name, QuantizedWeight], dict[full_name, dict])
-      prefix is the layer's full module name ("model.layers.3"); full names are
-      prefix + "." + the Linear's name inside the layer. Methods with options are bound with
-      functools.partial; ``chain(fn1, fn2)`` runs several on one layer (SmoothQuant, then GPTQ).
+      a method object (recipe.Method) or ``recipe_fn([SmoothQuant(0.8), GPTQ()])``; prefix is
+      the layer's full module name ("model.layers.3"); full names are prefix + "." + the
+      Linear's name inside the layer. With batches=None (data-free recipes) nothing is
+      captured or propagated and inputs is None.
   LayerContext: scheme, device, layer_idx, prefix, linears (dict full_name -> nn.Linear
-      to compress in this layer), scale_dtype, partial_last_group.
+      to compress in this layer), scale_dtype, partial_last_group, and hessians(layer,
+      linears, inputs) -> {full name: HessianStats}: the plain accumulation, or under torchrun
+      the all-reduced one (distributed.py): the one place a run over ranks differs.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from torch import nn
 from ..schemes import Scheme
 from .activations import DiskTensors, LayerInputs, capture_layer_inputs
 from ..checkpoint.qweight import QuantizedWeight
+from .hooks import collect_hessians
 from .targets import check_group_sizes, find_decoder_layers, target_linears
 
 MethodFn = Callable[..., tuple[dict[str, QuantizedWeight], dict[str, dict]]]
@@ -51,6 +56,7 @@ class LayerContext:
     linears: dict[str, nn.Linear]
     scale_dtype: torch.dtype
     partial_last_group: bool = False
+    hessians: Callable = collect_hessians
 
 
 @dataclass
@@ -61,18 +67,21 @@ class SequentialResult:
     seconds_per_layer: list[float]
 
 
-def chain(*fns: MethodFn) -> MethodFn:
-    """Run several method functions on each layer in order; results merged (later wins)."""
+def recipe_fn(recipe) -> MethodFn:
+    """One layer function for a recipe: the methods before the last rescale the layer
+    (SmoothQuant, AWQ's scales), the last quantizes it; infos merged per Linear."""
+    *before, last = recipe
+
     def run(layer_idx, layer, prefix, inputs, ctx):
-        qw, info = {}, {}
-        for fn in fns:
-            q, i = fn(layer_idx, layer, prefix, inputs, ctx)
-            qw.update(q)
-            for k, v in i.items():
-                info.setdefault(k, {}).update(v)
-        return qw, info
-    run.__name__ = "+".join(getattr(f, "__name__", getattr(getattr(f, "func", None), "__name__",
-                                                              "fn")) for f in fns)
+        infos: dict[str, dict] = {}
+        for m in before:
+            for k, v in m.rescale(layer_idx, layer, prefix, inputs, ctx).items():
+                infos.setdefault(k, {}).update(v)
+        qweights, info = last(layer_idx, layer, prefix, inputs, ctx)
+        for k, v in info.items():
+            infos.setdefault(k, {}).update(v)
+        return qweights, infos
+    run.__name__ = "+".join(m.name for m in recipe)
     return run
 
 
@@ -82,7 +91,8 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
                         ignore: Iterable[str] | None = None, offload: bool = True,
                         partial_last_group: bool = False,
                         progress: bool = True, spill_dir=None,
-                        keep_final: bool = False, stream=None) -> SequentialResult:
+                        keep_final: bool = False, stream=None,
+                        hessians: Callable = collect_hessians) -> SequentialResult:
     """Calibrate `model` layer by layer with `method_fn` (see the module docstring).
 
     device: where each decoder layer computes (default: the first parameter's device).
@@ -104,21 +114,12 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
     ignore = tuple(scheme.ignore) + tuple(ignore or ())
     check_group_sizes(model, scheme, targets, ignore, partial_last_group)
 
-    batches = list(batches)
-    if not batches:
-        raise ValueError("no calibration batches")
-    hidden, kwargs, masks = capture_layer_inputs(model, batches, device, storage)
-    for j, h in enumerate(hidden):
-        if not torch.isfinite(h).all():
-            raise FloatingPointError(f"NaN or Inf in the embeddings' output on calibration batch "
-                                     f"{j}: check the embedding weights and the token ids")
-    if spill_dir is not None:
-        hidden = DiskTensors(spill_dir, hidden)
-    inputs = LayerInputs(hidden, kwargs[0], masks, device, storage, spill_dir=spill_dir)
+    data_free = batches is None
+    inputs, kwargs = (None, None) if data_free else \
+        _layer0_inputs(model, list(batches), device, storage, spill_dir)
 
     qweights, infos, times = {}, {}, []
-    name = getattr(method_fn, "__name__", getattr(getattr(method_fn, "func", None), "__name__",
-                                                  "compress"))
+    name = getattr(method_fn, "__name__", getattr(method_fn, "name", "compress"))
     bar = tqdm(range(len(layers)), desc=name, disable=not progress, unit="layer")
     for i in bar:
         t0 = time.perf_counter()
@@ -127,19 +128,21 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         if stream is not None:
             stream.load(i, layer, lp)
         home = next(layer.parameters()).device
-        layer.to(device)
+        if not data_free:          # data-free methods move one weight at a time
+            layer.to(device)
         linears = target_linears(layer, lp, targets, ignore)
         # scales are stored in the weights' dtype (bf16 model -> bf16 scales)
         scale_dtype = next(iter(linears.values())).weight.dtype if linears else \
             next(layer.parameters()).dtype
-        ctx = LayerContext(scheme, device, i, lp, linears, scale_dtype, partial_last_group)
+        ctx = LayerContext(scheme, device, i, lp, linears, scale_dtype, partial_last_group,
+                           hessians)
         qw, info = method_fn(i, layer, lp, inputs, ctx)
         if stream is None:
             qweights.update(qw)
         for k, v in info.items():
             infos.setdefault(k, {}).update(v)
-        prev = inputs.hidden
-        if i + 1 < len(layers) or keep_final:
+        prev = None if data_free else inputs.hidden
+        if not data_free and (i + 1 < len(layers) or keep_final):
             try:
                 out = inputs.run(layer)
             except FloatingPointError as e:
@@ -161,6 +164,16 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
     return SequentialResult(qweights, infos, inputs, times)
 
 
-def identity_method(layer_idx, layer, prefix, inputs, ctx):
-    """Compresses nothing: the pipeline then reproduces the model's forward (a test oracle)."""
-    return {}, {}
+def _layer0_inputs(model, batches, device, storage, spill_dir):
+    """What the first decoder layer is called with, for every calibration batch, and every
+    layer's keyword arguments."""
+    if not batches:
+        raise ValueError("no calibration batches")
+    hidden, kwargs, masks = capture_layer_inputs(model, batches, device, storage)
+    for j, h in enumerate(hidden):
+        if not torch.isfinite(h).all():
+            raise FloatingPointError(f"NaN or Inf in the embeddings' output on calibration batch "
+                                     f"{j}: check the embedding weights and the token ids")
+    if spill_dir is not None:
+        hidden = DiskTensors(spill_dir, hidden)
+    return LayerInputs(hidden, kwargs[0], masks, device, storage, spill_dir=spill_dir), kwargs

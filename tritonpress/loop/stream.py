@@ -16,55 +16,19 @@ layer they are read from the input shards and handed to the writer as they are.
 from __future__ import annotations
 
 import functools
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoint import tied_aliases
+from ..checkpoint import ShardReader, tied_aliases
 from .targets import find_decoder_layers
 from ..report import step
 
 
 class NotStreamable(ValueError):
     """The model directory cannot be read layer by layer (no safetensors, other tensor names)."""
-
-
-class ShardReader:
-    """The tensors of a safetensors checkpoint (one file or an index of shards), read by name;
-    each read opens the files it needs and closes them after (nothing stays mapped)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self.file_of = {k: self.path / f
-                            for k, f in json.loads(index.read_text())["weight_map"].items()}
-        elif (self.path / "model.safetensors").is_file():
-            from safetensors import safe_open
-            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-                self.file_of = {k: self.path / "model.safetensors" for k in f.keys()}
-        else:
-            raise NotStreamable(f"{self.path} has no model.safetensors(.index.json): only "
-                                "safetensors checkpoints stream; re-save the model with "
-                                "save_pretrained (safetensors) or pass stream=False")
-
-    def read(self, names) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.file_of[n], []).append(n)
-        out = {}
-        for f, ns in by_file.items():
-            with safe_open(str(f), "pt") as h:
-                for n in ns:
-                    # a copy: get_tensor's tensor can be a view of the file's mapping, which a
-                    # kept norm weight would hold open, its read pages counted as ours
-                    # (measured: +84 MB of RSS per 2048-wide layer until the shard changed)
-                    out[n] = h.get_tensor(n).clone()
-        return out
 
 
 @contextmanager
@@ -96,6 +60,12 @@ class Stream:
     def __init__(self, path, dtype: torch.dtype):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        d = Path(path)
+        if not any((d / f).is_file() for f in ("model.safetensors.index.json",
+                                                "model.safetensors")):
+            raise NotStreamable(f"{d} has no model.safetensors(.index.json): only "
+                                "safetensors checkpoints stream; re-save the model with "
+                                "save_pretrained (safetensors) or pass stream=False")
         self.reader = ShardReader(path)
         config = AutoConfig.from_pretrained(path)
         with params_on_meta():

@@ -9,18 +9,66 @@ from torch import nn
 from ..schemes import Scheme, matches
 
 
+SUPPORTED = ("decoder-only causal LMs laid out like Llama, OPT or GPT-NeoX: a ModuleList of "
+             "decoder blocks under the base model (model.layers, model.decoder.layers, "
+             "gpt_neox.layers, ...) holding nn.Linear projections")
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
-    """The decoder layers and their full module name prefix."""
-    for path in ("model.layers", "model.language_model.layers", "model.decoder.layers"):
-        mod = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.ModuleList):
-            return mod, path
-    raise ValueError(f"{type(model).__name__}: no decoder layers at model.model.layers; "
-                     "this pipeline handles decoder-only transformers models laid out like Llama")
+    """The decoder layers and their full module name ("model.layers", "model.decoder.layers",
+    "gpt_neox.layers", "model.language_model.layers", ...).
+
+    The rule, no list of architectures: under the text decoder (transformers'
+    ``get_decoder()``, else ``base_model``), the outermost ModuleList; if several, the first
+    as long as the config's num_hidden_layers. ValueError, naming the
+    model's class and why, when there is none or its blocks hold no nn.Linear (GPT-2's Conv1D)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    root = _text_decoder(model)
+    inside = names.get(id(root), "")
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, mod in root.named_modules(prefix=inside):
+        if not isinstance(mod, nn.ModuleList):
+            continue
+        if any(name.startswith(f + ".") for f, _ in found):
+            continue                    # nested in decoder blocks: MoE experts, ...
+        found.append((name, mod))
+    n_layers = getattr(_text_config(model), "num_hidden_layers", None)
+    same = [(n, m) for n, m in found if len(m) == n_layers]
+    if not found:
+        raise ValueError(f"{type(model).__name__}: no decoder layers at model.model.layers or "
+                         f"elsewhere: no ModuleList of decoder blocks under "
+                         f"{'model.' + inside if inside else 'the model'}. tritonpress handles "
+                         f"{SUPPORTED}")
+    prefix, layers = (same or found)[0]
+    if not any(isinstance(m, nn.Linear) for m in layers.modules()):
+        kinds = sorted({type(m).__name__ for m in layers.modules() if _is_weighted_leaf(m)})
+        held = (f"{len(layers)} {type(layers[0]).__name__} holding {', '.join(kinds) or 'no weights'}"
+                if len(layers) else "it is empty")
+        raise ValueError(f"{type(model).__name__}: no decoder layers at model.model.layers or "
+                         f"elsewhere that tritonpress can compress: no nn.Linear layers under "
+                         f"model.{prefix} ({held}). tritonpress handles {SUPPORTED}")
+    return layers, prefix
+
+
+def _text_decoder(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_decoder", None)
+    try:
+        root = get() if callable(get) else None
+    except Exception:            # some heads raise when they have no decoder
+        root = None
+    if not isinstance(root, nn.Module):
+        root = getattr(model, "base_model", None)
+    return root if isinstance(root, nn.Module) else model
+
+
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def _is_weighted_leaf(mod: nn.Module) -> bool:
+    return not list(mod.children()) and any(p.dim() >= 2 for p in mod.parameters(recurse=False))
 
 
 def target_linears(layer: nn.Module, prefix: str, targets: Iterable[str] | None,

@@ -26,8 +26,8 @@ float model on 16 x 512 held-out tokens): RTN 0.322; duo scaling without clippin
 (llm-compressor's recipe), with clipping 0.135; plain x_mean^r with clipping 0.129 (default).
 Quantized-dequantized weights go back into the layer; QuantizedWeights are returned.
 
-`awq(...)` is the pipeline method (bind options with functools.partial); the steps are
-plain functions below it, usable on their own.
+`AWQ()` is the method object (recipe.py); `awq(...)` and `awq_scale(...)` its per-layer
+steps; the steps are plain functions below them, usable on their own.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs, matches
 from .fold import divide_norm_output
 from ..checkpoint.qweight import QuantizedWeight
+from ..recipe import Method, check_int, check_type
 from ..report import step
 from .rtn import clip_search, group_gram
 
@@ -268,18 +269,50 @@ def collect_input_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs,
 
 # ----------------------------------------------------------------------------- the method
 
-@torch.no_grad()
-def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 20,
-        duo_scaling: bool = False, clip: bool = True, search_tokens: int = 8192,
-        seed: int = 0, gptq: bool | dict = False):
-    """Pipeline method: AWQ scale search and application on one decoder layer, then the
-    clipping search (unless clip=False) and quantization of every Linear in ctx.linears.
-
-    mappings: (smoothing, balance) patterns (default DEFAULT_MAPPINGS, resolved per layer);
+@dataclass(frozen=True)
+class AWQ(Method):
+    """AWQ for the 4-bit group schemes (W4A16_ASYM by default). Alone it searches and applies
+    the scales, then quantizes with the clipping search (unless clip=False); before GPTQ,
+    [AWQ(), GPTQ()], it only scales and GPTQ quantizes the scaled layer.
     duo_scaling: s = x_mean^r / w_mean^(1-r) (llm-compressor's default) instead of x_mean^r;
-    search_tokens: tokens sampled from the calibration set for the searches;
-    gptq: quantize the scaled weights with GPTQ instead of rounding (True, or a dict of
-    gptq_quantize options), from Hessians of the scaled layer's inputs; no clipping then."""
+    n_grid: the grid of r; search_tokens: tokens sampled from the calibration set for the
+    searches."""
+    clip: bool = True
+    duo_scaling: bool = False
+    n_grid: int = 20
+    search_tokens: int = 8192
+    rescales = True
+
+    def __post_init__(self):
+        for name in ("clip", "duo_scaling"):
+            check_type(name, getattr(self, name), bool, "pass True or False")
+        check_int("n_grid", self.n_grid, 1, "pass a positive number of grid points (e.g. 20)")
+        check_int("search_tokens", self.search_tokens, 1, "pass a positive number of tokens")
+
+    def check(self, scheme):
+        w = scheme.weights
+        if w.type != "int" or w.strategy != "group" or w.num_bits != 4:
+            raise ValueError(f"AWQ is for the 4-bit group schemes (W4A16_ASYM, W4A16), not "
+                             f"{scheme.name}")
+
+    @torch.no_grad()
+    def rescale(self, layer_idx, layer, prefix, inputs, ctx):
+        return awq_scale(layer_idx, layer, prefix, inputs, ctx, n_grid=self.n_grid,
+                         duo_scaling=self.duo_scaling, search_tokens=self.search_tokens)[0]
+
+    @torch.no_grad()
+    def __call__(self, layer_idx, layer, prefix, inputs, ctx):
+        return awq(layer_idx, layer, prefix, inputs, ctx, n_grid=self.n_grid,
+                   duo_scaling=self.duo_scaling, clip=self.clip,
+                   search_tokens=self.search_tokens)
+
+
+@torch.no_grad()
+def awq_scale(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 20,
+              duo_scaling: bool = False, search_tokens: int = 8192, seed: int = 0):
+    """Steps 1-3 on one decoder layer: the statistics, the scale search and its application
+    for every mapping whose balance Linears are all in ctx.linears. Returns (infos, the input
+    statistics of each Linear, with the scaled inputs)."""
     args = ctx.scheme.weights
     if args.type != "int" or args.strategy != "group":
         raise ValueError(f"AWQ here quantizes weights to grouped ints (W4A16 schemes), got {args}")
@@ -291,7 +324,6 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
     modules = dict(layer.named_modules())
     full = {n: f"{prefix}.{n}" for n in modules}
     infos: dict[str, dict] = {}
-    t0 = time.perf_counter()
 
     stats = collect_input_stats(layer, ctx.linears, inputs, search_tokens, seed + layer_idx)
     for name in ctx.linears:
@@ -313,11 +345,21 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
             infos.setdefault(full[b], {}).update(
                 smooth=full[m.smooth], ratio=ratio,
                 search_gain=min(float(errs.min()), rtn) / rtn if rtn > 0 else 1.0)
+    return infos, stats
+
+
+@torch.no_grad()
+def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 20,
+        duo_scaling: bool = False, clip: bool = True, search_tokens: int = 8192,
+        seed: int = 0):
+    """AWQ on one decoder layer: awq_scale, then the clipping search (unless clip=False) and
+    the quantization of every Linear in ctx.linears."""
+    t0 = time.perf_counter()
+    infos, stats = awq_scale(layer_idx, layer, prefix, inputs, ctx, mappings=mappings,
+                             n_grid=n_grid, duo_scaling=duo_scaling,
+                             search_tokens=search_tokens, seed=seed)
     t_search = time.perf_counter() - t0
-
-    if gptq:
-        return _gptq_after_scaling(layer, inputs, ctx, infos, {} if gptq is True else gptq)
-
+    args = ctx.scheme.weights
     qweights = {}
     storage = inputs.storage
     clipped = _clip_ranges([n for n in ctx.linears if clip and not matches(n, CLIP_SKIP)],
@@ -352,18 +394,3 @@ def _clip_ranges(names, linears, stats, args, scale_dtype) -> dict[str, tuple]:
             row = r.stop
             out[n] = (lo[r], hi[r], f[r])
     return out
-
-
-def _gptq_after_scaling(layer, inputs, ctx, infos, options):
-    from .gptq import gptq_linears
-    from ..loop.hooks import collect_hessians
-
-    hessians = collect_hessians(layer, ctx.linears, inputs)    # inputs of the scaled layer
-    done = gptq_linears(ctx.linears, {n: st.H for n, st in hessians.items()}, ctx.scheme.weights,
-                        ctx.scale_dtype, **options)
-    qweights = {}
-    for name, (qw, info) in done.items():
-        qweights[name] = qw
-        infos.setdefault(name, {}).update({k: v for k, v in info.items() if k != "method"},
-                                          method="awq+gptq")
-    return qweights, infos

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from ..kernels.quant import expand, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
-from ..loop.hooks import collect_hessians
-from ..recipe import check_actorder
+from ..recipe import Method, check_actorder, check_int, check_number, check_type
 from ..checkpoint.qweight import QuantizedWeight
 from ..report import step
 from .rtn import clip_search, group_index, group_qparams, hessian_blocks, rtn_quantize
@@ -38,7 +38,7 @@ from ..kernels.gptq_sweep import gptq_sweep, inverse_hessian_factor
 # earlier measurement on SmolLM2-135M W4A16 g64 against scales made as the sweep meets a group.
 DEFAULT_GROUP_SCALES = "static"
 # llm-compressor 0.14's GPTQModifier default: sweep by decreasing H_ii, scales and groups on
-# the original columns (no g_idx). compress(), gptq_layer and the distributed path use it;
+# the original columns (no g_idx). GPTQ() uses it;
 # gptq_quantize itself orders only when asked (it is also the fused kernels' oracle).
 DEFAULT_ACTORDER = "static"
 
@@ -96,7 +96,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
     search with GPTQ's own Hessian blocks) instead of the full min/max.
 
     actorder: None (default here: columns in order) or "static" (sweep columns by decreasing
-    H_ii; see check_actorder); compress() and gptq_layer pass DEFAULT_ACTORDER. group_scales:
+    H_ii; see check_actorder); GPTQ() passes DEFAULT_ACTORDER. group_scales:
     "static" or "dynamic" (group strategy only; channel scales always come from the weights as
     given). Returns [(QuantizedWeight, dequantized weight fp32, info dict)] in the order of
     `weights`."""
@@ -222,22 +222,40 @@ def gptq_linears(linears: dict[str, torch.nn.Linear], hessians: dict[str, torch.
     return out
 
 
-def gptq_layer(layer_idx, layer, prefix, inputs, ctx, *, block_size: int = 128,
-               damp: float = 0.01, max_damp: float = 10.0,
-               actorder: str | None = DEFAULT_ACTORDER, group_scales: str = DEFAULT_GROUP_SCALES,
-               clip: bool = True):
-    """Pipeline method function: one Hessian per distinct Linear input of the layer (from the
-    unquantized layer), then GPTQ every target Linear (gptq_linears) and write its dequantized
-    weight back. Static activation order and clipped group scales by default; bind options with
-    functools.partial(gptq_layer, actorder=None)."""
-    hessians = collect_hessians(layer, ctx.linears, inputs)
-    done = gptq_linears(ctx.linears, {n: st.H for n, st in hessians.items()}, ctx.scheme.weights,
-                        ctx.scale_dtype, block_size=block_size, damp=damp,
-                        max_damp=max_damp, actorder=check_actorder(actorder),
-                        group_scales=group_scales, clip=clip,
-                        partial_last_group=ctx.partial_last_group)
-    qweights, infos = {}, {}
-    for name, (qw, info) in done.items():
-        info["tokens"] = hessians[name].n
-        qweights[name], infos[name] = qw, info
-    return qweights, infos
+@dataclass(frozen=True)
+class GPTQ(Method):
+    """GPTQ of every target Linear of a layer, from the layer's Hessians (the plain ones, or
+    all-reduced over ranks under torchrun: ctx.hessians). damp: a fraction of the Hessian's
+    mean diagonal; block_size: the columns of one lazy-batch block; actorder: "static"
+    (llm-compressor's default: columns swept by decreasing H_ii) or None; clip: the clipping
+    search of 4-bit group scales (SmolLM2 W4A16 g64: mean KL 0.217 -> 0.128, docs/results.md)."""
+    damp: float = 0.01
+    block_size: int = 128
+    actorder: str | None = DEFAULT_ACTORDER
+    clip: bool = True
+    max_damp: float = 10.0      # the dampening is raised x10 up to this while H is not PD
+
+    def __post_init__(self):
+        check_number("damp", self.damp, 0, None,
+                     "the dampening is a fraction >= 0 of the Hessian's mean diagonal (e.g. 0.01)")
+        check_int("block_size", self.block_size, 1, "pass a positive number of columns (e.g. 128)")
+        object.__setattr__(self, "actorder", check_actorder(self.actorder))
+        check_type("clip", self.clip, bool, "pass True or False")
+        check_number("max_damp", self.max_damp, 0, None, "pass a fraction >= damp (e.g. 10)")
+
+    def check(self, scheme):
+        if scheme.sparsity_24:
+            raise ValueError("scheme W8A8_FP8_24 prunes to 2:4: use SparseGPT() or Magnitude()")
+
+    def __call__(self, layer_idx, layer, prefix, inputs, ctx):
+        hessians = ctx.hessians(layer, ctx.linears, inputs)
+        done = gptq_linears(ctx.linears, {n: st.H for n, st in hessians.items()},
+                            ctx.scheme.weights, ctx.scale_dtype, block_size=self.block_size,
+                            damp=self.damp, max_damp=self.max_damp, actorder=self.actorder,
+                            clip=self.clip,
+                            partial_last_group=ctx.partial_last_group)
+        qweights, infos = {}, {}
+        for name, (qw, info) in done.items():
+            info["tokens"] = hessians[name].n
+            qweights[name], infos[name] = qw, info
+        return qweights, infos

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from torch import nn
 from ..kernels.quant import dequantize_ref, expand, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs, Scheme
 from ..checkpoint.qweight import QuantizedWeight
+from ..recipe import Method
 from ..report import step
 
 CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))      # 1.0 ... 0.55, as AWQ's original
@@ -134,6 +136,10 @@ def quantize_linears_rtn(linears: dict[str, nn.Linear], scheme: Scheme, device=N
     return qweights, infos
 
 
-def rtn_layer(layer_idx, layer, prefix, inputs, ctx):
-    """Pipeline method function: RTN the layer's target Linears (no calibration data used)."""
-    return quantize_linears_rtn(ctx.linears, ctx.scheme, ctx.device, ctx.partial_last_group)
+@dataclass(frozen=True)
+class RTN(Method):
+    """Round-to-nearest of every target Linear: no calibration data (the FP8 default)."""
+    data_free = True
+
+    def __call__(self, layer_idx, layer, prefix, inputs, ctx):
+        return quantize_linears_rtn(ctx.linears, ctx.scheme, ctx.device, ctx.partial_last_group)

@@ -11,12 +11,15 @@ Which norm feeds which Linears is found by tensor identity in hooks, not by modu
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .fold import divide_norm_output
 from ..loop.activations import LayerInputs
 from ..loop.hooks import run_with_linear_inputs, tokens_of
+from ..recipe import Method, check_number
 from ..report import step
 
 
@@ -77,17 +80,32 @@ def smooth(norm: nn.Module, linears: list[nn.Linear], act_max: torch.Tensor,
     return s
 
 
-def smoothquant_layer(layer_idx, layer, prefix, inputs, ctx, *, alpha: float = 0.5):
-    """Pipeline method function: smooth every norm -> Linears group of the layer. Quantizes
-    nothing; chain it before GPTQ or RTN: chain(partial(smoothquant_layer, alpha=0.8), gptq_layer)."""
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"smoothquant alpha must be in [0, 1], got {alpha}")
-    infos = {}
-    modules = dict(layer.named_modules())
-    for g in smoothing_groups(layer, inputs):
-        s = smooth(modules[g["norm"]], [modules[n] for n in g["linears"]], g["act_max"], alpha)
-        for n in g["linears"]:
-            infos[f"{prefix}.{n}"] = {"smoothquant": {"alpha": alpha, "norm": f"{prefix}.{g['norm']}",
-                                                      "scale_min": float(s.min()),
-                                                      "scale_max": float(s.max())}}
-    return {}, infos
+@dataclass(frozen=True)
+class SmoothQuant(Method):
+    """SmoothQuant with strength `alpha` in [0, 1]: every norm -> Linears group of a layer
+    smoothed (activation outliers moved into the weights). Quantizes nothing: it comes before
+    the quantizer, [SmoothQuant(0.8), GPTQ()], for schemes that quantize activations."""
+    alpha: float
+    rescales = True
+    quantizes = False
+
+    def __post_init__(self):
+        check_number("alpha", self.alpha, 0, 1, "SmoothQuant's strength is in [0, 1] (e.g. 0.5)")
+
+    def check(self, scheme):
+        if scheme.input_activations is None:
+            raise ValueError(f"SmoothQuant moves activation outliers into the weights for "
+                             f"schemes that quantize activations; {scheme.name} keeps them in "
+                             "16 bits: drop SmoothQuant (or use W8A8_INT8)")
+
+    def rescale(self, layer_idx, layer, prefix, inputs, ctx):
+        infos = {}
+        modules = dict(layer.named_modules())
+        for g in smoothing_groups(layer, inputs):
+            s = smooth(modules[g["norm"]], [modules[n] for n in g["linears"]], g["act_max"],
+                       self.alpha)
+            for n in g["linears"]:
+                infos[f"{prefix}.{n}"] = {"smoothquant": {
+                    "alpha": self.alpha, "norm": f"{prefix}.{g['norm']}",
+                    "scale_min": float(s.min()), "scale_max": float(s.max())}}
+        return infos

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -37,7 +38,7 @@ from ..kernels.quant import quantize_ref, weight_qparams_ref
 from ..kernels.sparse24 import keep_2_of_4, prune24_block
 from ..schemes import QuantArgs
 from .gptq import inverse_cholesky
-from ..recipe import check_actorder
+from ..recipe import Method, check_actorder, check_int, check_number, check_type
 from ..checkpoint.qweight import QuantizedWeight
 from ..report import step
 
@@ -258,7 +259,70 @@ def _row_quadratic(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return hessian_loss_rows(W, torch.zeros_like(W, dtype=torch.float32), H)
 
 
-# ----------------------------------------------------------------------------- in the pipeline
+# ----------------------------------------------------------------------------- in the loop
+
+@dataclass(frozen=True)
+class SparseGPT(Method):
+    """SparseGPT 2:4 pruning with the fp8 rounding of scheme W8A8_FP8_24 in one sweep.
+    damp, block_size, actorder as GPTQ's ("static": the 2:4 groups of 4 columns swept by
+    decreasing sum of H_ii); refit: a ridge > 0 (e.g. 0.1) to refit the kept weights on the
+    chosen mask before the fp8 sweep (off); sequential: each Linear group's Hessian from the
+    layer with the groups before it compressed (off); permute: the inputs of down_proj and
+    o_proj reordered so each 2:4 group holds channels of every rank of H_jj |W_:j|^2 (on; the
+    model's function unchanged). Measurements: docs/results.md."""
+    damp: float = 0.01
+    block_size: int = 128
+    actorder: str | None = DEFAULT_ACTORDER
+    refit: float | None = None
+    sequential: bool = False
+    permute: bool = True
+
+    def __post_init__(self):
+        check_number("damp", self.damp, 0, None,
+                     "the dampening is a fraction >= 0 of the Hessian's mean diagonal (e.g. 0.01)")
+        check_int("block_size", self.block_size, 1, "pass a positive number of columns (e.g. 128)")
+        object.__setattr__(self, "actorder", check_actorder(self.actorder))
+        if self.refit is not None:
+            check_type("refit", self.refit, (int, float), "pass a ridge > 0 (e.g. 0.1) or None")
+            if not self.refit > 0:
+                raise ValueError(f"refit={self.refit}: SparseGPT's refit of the kept weights "
+                                 "takes a ridge > 0, a fraction of the Hessian's mean diagonal "
+                                 "(e.g. 0.1), or None (off)")
+        for name in ("sequential", "permute"):
+            check_type(name, getattr(self, name), bool, "pass True or False")
+
+    def check(self, scheme):
+        check_24_scheme(self, scheme)
+
+    def check_linears(self, linears):
+        check_24_shapes(linears)
+
+    def __call__(self, layer_idx, layer, prefix, inputs, ctx):
+        return sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, block_size=self.block_size,
+                                damp=self.damp, actorder=self.actorder, refit=self.refit,
+                                sequential=self.sequential, permute=self.permute)
+
+
+@dataclass(frozen=True)
+class Magnitude(Method):
+    """2:4 by weight magnitude, then fp8: the data-free baseline of SparseGPT."""
+    data_free = True
+
+    def check(self, scheme):
+        check_24_scheme(self, scheme)
+
+    def check_linears(self, linears):
+        check_24_shapes(linears)
+
+    def __call__(self, layer_idx, layer, prefix, inputs, ctx):
+        return magnitude_linears(ctx.linears, ctx.scheme, ctx.device)
+
+
+def check_24_scheme(method, scheme) -> None:
+    if not scheme.sparsity_24:
+        raise ValueError(f"{type(method).__name__} prunes to 2:4: use it with scheme W8A8_FP8_24")
+
+
 
 
 @torch.no_grad()
@@ -275,13 +339,13 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     True: each group's Hessian from the layer with the groups called before it already
     compressed (one more pass per group, cut short after the group's input). permute: the
     inputs of down_proj and o_proj reordered first (permute_inputs)."""
-    from ..loop.hooks import collect_hessians, linear_groups
+    from ..loop.hooks import linear_groups
 
     check_24_shapes(ctx.linears)
     if sequential:                    # each group's Hessian when its turn comes
         order, hessians = linear_groups(layer, ctx.linears, inputs), {}
     else:                             # all from one pass over the layer as it was
-        hessians = collect_hessians(layer, ctx.linears, inputs)
+        hessians = ctx.hessians(layer, ctx.linears, inputs)
         order = list({id(hessians[n]): [m for m in hessians[n].members if m in ctx.linears]
                       for n in hessians}.values())
     missing = [n for n in ctx.linears if not any(n in g for g in order)]
@@ -292,12 +356,12 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
     if permute:                       # before any solve: the producers' rows move too
         consumers = {n: m for n, m in ctx.linears.items()
                      if n.endswith((".down_proj", ".o_proj"))}
-        permute_inputs(layer, prefix, collect_hessians(layer, consumers, inputs)
+        permute_inputs(layer, prefix, ctx.hessians(layer, consumers, inputs)
                        if sequential else hessians, ctx.linears)
     qweights, infos = {}, {}
     for names in order:
         if sequential:                # the groups called before it are compressed by now
-            hessians = collect_hessians(layer, {n: ctx.linears[n] for n in names}, inputs)
+            hessians = ctx.hessians(layer, {n: ctx.linears[n] for n in names}, inputs)
         with step("sparsegpt solve"):    # the factorisation and the reported losses too
             _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, damp,
                          check_actorder(actorder), refit, qweights, infos)
