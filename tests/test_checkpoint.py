@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tritonpress import checkpoint
-from tritonpress.checkpoint import load_quantized_weights, save_checkpoint
+from tritonpress.checkpoint import load_quantized_weights, save_checkpoint, writer
 from tritonpress.checkpoint.qweight import QuantizedWeight
 from tritonpress.kernels.quant import quantize_weight_ref
 from tritonpress.schemes import get_scheme
@@ -287,7 +287,7 @@ def test_sharded_checkpoint_with_tokenizer(tmp_path, monkeypatch):
     model = tiny_llama()
     scheme = get_scheme("W8A8_INT8")
     qw = rtn(model, scheme)
-    monkeypatch.setattr(checkpoint, "MAX_SHARD_BYTES", 40_000)
+    monkeypatch.setattr(writer, "MAX_SHARD_BYTES", 40_000)
     out = save_checkpoint(model, tok, qw, scheme, tmp_path / "sharded")
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
@@ -307,7 +307,7 @@ def test_shard_bytes_are_what_safetensors_writes(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(0)
     tensors = {}
-    for i, dtype in enumerate(reversed(list(checkpoint._ST_DTYPES))):
+    for i, dtype in enumerate(reversed(list(writer._ST_DTYPES))):
         shape = [(3, 5), (7,), (0, 4), (), (2, 3, 1)][i % 5]
         bits = torch.randint(0, 256, (max(1, int(np.prod(shape))) * dtype.itemsize,),
                              dtype=torch.uint8, generator=g)
@@ -321,8 +321,8 @@ def test_shard_bytes_are_what_safetensors_writes(tmp_path, monkeypatch):
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             entries.append((name, t.dtype, tuple(t.shape), off, n))
             off += n
-    monkeypatch.setattr(checkpoint, "_COPY_CHUNK", 5)     # tensors copied in several pieces
-    checkpoint._write_shard(entries, raw, tmp_path / "ours.safetensors")
+    monkeypatch.setattr(writer, "_COPY_CHUNK", 5)     # tensors copied in several pieces
+    writer._write_shard(entries, raw, tmp_path / "ours.safetensors")
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
@@ -349,12 +349,12 @@ def small():
 
 
 def _fail_after_first_write(monkeypatch, exc):
-    real = checkpoint._write_shard
+    real = writer._write_shard
 
     def write_then_fail(entries, data, path):
         real(entries, data, path)
         raise exc
-    monkeypatch.setattr(checkpoint, "_write_shard", write_then_fail)
+    monkeypatch.setattr(writer, "_write_shard", write_then_fail)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()],

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tritonpress.quality import (describe_act_sim, evaluate, fake_quant_per_token,
-                                           quantize_per_token_vllm, reference,
-                                           simulate_activation_quant)
+from tritonpress.kernels.quant import quantize_per_token_vllm
+from tritonpress.quality import (describe_act_sim, evaluate, fake_quant_per_token, reference,
+                                 simulate_activation_quant)
 from tritonpress.models import tiny_llama
 from tritonpress.schemes import PRESETS, QuantArgs
 

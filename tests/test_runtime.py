@@ -14,8 +14,11 @@ import pytest
 import torch
 from torch import nn
 
+from tritonpress.kernels import gemm
 from tritonpress.kernels.quant import (FP8_MAX, dequantize_ref, quantize_per_token_ref,
-                                       quantize_ref, quantize_weight_ref)
+                                       quantize_per_token_vllm, quantize_ref,
+                                       quantize_weight_ref)
+from tritonpress.quality import fake_quant_per_token, simulate_activation_quant
 from tritonpress.runtime import CompressedLinear, load_compressed
 from tritonpress.schemes import PRESETS, QuantArgs
 
@@ -110,8 +113,12 @@ def _write(model, scheme, path):
     return qws, input_scales
 
 
-def _dequantized(model, qws, act, input_scales):
-    """The model the runtime must match: dequantized weights, fake-quantized activations."""
+ROUNDING = {"vllm": quantize_per_token_vllm, "compressed-tensors": quantize_per_token_ref}
+
+
+def _dequantized(model, qws, act, input_scales, act_sim="vllm"):
+    """The model the runtime must match: dequantized weights, fake-quantized activations
+    (dynamic ones rounded by the act_sim convention)."""
     ref = copy.deepcopy(model)
     for name, (q, s, zp) in qws.items():
         lin = ref.get_submodule(name)
@@ -126,7 +133,7 @@ def _dequantized(model, qws, act, input_scales):
                 s = input_scales[name].reshape(1, 1).expand(x2.shape[0], 1)
                 xq = quantize_ref(x2, s, None, act).float() * s
                 return (xq.reshape(x.shape).to(x.dtype),)
-            xq, sx = quantize_per_token_ref(x, act)
+            xq, sx = ROUNDING[act_sim](x, act)
             return ((xq.float() * sx).to(x.dtype),)
         lin.register_forward_pre_hook(fake_quant)
     return ref
@@ -136,12 +143,18 @@ def _ids(batch=2, seq=6):
     return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_runtime_matches_dequantized_model(tmp_path, monkeypatch, scheme):
+# every scheme with the runtime's default rounding (vLLM's); the dynamic W8A8 ones also
+# with compressed-tensors'
+ROUNDED = [(s, "vllm") for s in SCHEMES] + [
+    (s, "compressed-tensors") for s, (_, act, _, _) in SCHEMES.items() if act and act.dynamic]
+
+
+@pytest.mark.parametrize("scheme,act_sim", ROUNDED, ids=[f"{s}-{a}" for s, a in ROUNDED])
+def test_runtime_matches_dequantized_model(tmp_path, monkeypatch, scheme, act_sim):
     monkeypatch.setenv("TRITONPRESS_GEMM_BACKEND", "torch")
     model = _tiny_llama()
     qws, input_scales = _write(model, scheme, tmp_path)
-    rt, tok = load_compressed(str(tmp_path))
+    rt, tok = load_compressed(str(tmp_path), act_sim=act_sim)
     assert tok is None
     kinds = {m.weight_c.kind for m in rt.modules() if isinstance(m, CompressedLinear)}
     assert sum(isinstance(m, CompressedLinear) for m in rt.modules()) == len(qws) == 14
@@ -149,7 +162,7 @@ def test_runtime_matches_dequantized_model(tmp_path, monkeypatch, scheme):
     expect_kind = {"pack-quantized": "wna16", "int-quantized": "int8"}.get(SCHEMES[scheme][2])
     assert kinds == {expect_kind or ("fp8_24" if SCHEMES[scheme][3] else "fp8")}
 
-    ref = _dequantized(model, qws, SCHEMES[scheme][1], input_scales)
+    ref = _dequantized(model, qws, SCHEMES[scheme][1], input_scales, act_sim)
     ids = _ids()
     with torch.no_grad():
         got, want = rt(ids).logits, ref(ids).logits
@@ -157,6 +170,31 @@ def test_runtime_matches_dequantized_model(tmp_path, monkeypatch, scheme):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     # and it is not trivially the unquantized model
     assert (want - model(ids).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["W8A8_INT8", "FP8_DYNAMIC"])
+def test_runtime_rounds_activations_as_the_evaluation_does(tmp_path, monkeypatch, scheme):
+    # what compress() reports (quality, act_sim="vllm") is what load_compressed runs: the same
+    # per-token rounding bit for bit, and so the evaluation's logits
+    monkeypatch.setenv("TRITONPRESS_GEMM_BACKEND", "torch")
+    model = _tiny_llama()
+    qws, _ = _write(model, scheme, tmp_path)
+    act = SCHEMES[scheme][1]
+    rt, _ = load_compressed(str(tmp_path))
+    x = torch.randn(7, 64) * torch.logspace(-4, 2, 7)[:, None]
+    x[3] = 0
+    xq, sx = gemm.quantize_activations(x, rt.get_submodule("model.layers.0.mlp.up_proj").weight_c)
+    x_hat = (xq.float() * sx).to(x.dtype)
+    assert torch.equal(x_hat, fake_quant_per_token(x, act, act_sim="vllm"))
+    assert not torch.equal(x_hat, fake_quant_per_token(x, act, act_sim="compressed-tensors"))
+    ref = _dequantized(model, qws, None, {})          # weights only; activations by quality
+    ids = _ids()
+    with torch.no_grad(), simulate_activation_quant(ref, act, act_sim="vllm") as hooked:
+        want = ref(ids).logits
+    with torch.no_grad():
+        got = rt(ids).logits
+    assert hooked == len(qws)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("scheme", ["W4A16_ASYM", "W8A8_INT8", "FP8_24"])
