@@ -59,10 +59,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 class ResumeState:
-    """Per-layer state in `folder` for the run described by `fp` (see fingerprint)."""
+    """Per-layer state in `folder` for the run described by `fp` (see fingerprint).
+    `resumed`: the indices of the layers this run restored instead of computing (for the
+    report: len(state.resumed) layers resumed)."""
 
     def __init__(self, folder, fp: dict, write: bool = True):
         self.folder, self.write = Path(folder), write
+        self.resumed: list[int] = []
         manifest = self.folder / "manifest.json"
         if manifest.exists():
             old = json.loads(manifest.read_text())
@@ -101,6 +104,7 @@ def resumable(method_fn, state: ResumeState):
             with torch.no_grad():
                 for k, v in s["changed"].items():
                     sd[k].copy_(v)
+            state.resumed.append(layer_idx)
             return s["qweights"], s["infos"]
         before = {k: v.detach().clone() for k, v in sd.items()}
         qw, info = method_fn(layer_idx, layer, prefix, inputs, ctx)
