@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
+import tritonpress
 from tritonpress.cli import main
-from tritonpress.api import compress, load_checkpoint_dequantized
-from tritonpress.checkpoint import load_quantized_weights
+from tritonpress.checkpoint import load_dequantized, load_quantized_weights
 from tritonpress.models import tiny_llama
+
+from helpers import compress_kw as compress
 
 from test_distributed import write_text
 
@@ -47,7 +49,7 @@ def test_compress_writes_a_checkpoint_transformers_loads(tmp_path, text, scheme,
         report["seconds"]["compress"], abs=0.01 * len(prof))
 
     # transformers decompresses exactly the weights the compressed model computed with
-    loaded, act_args, ignore = load_checkpoint_dequantized(out)
+    loaded, act_args, ignore = load_dequantized(out)
     theirs = dict(loaded.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(theirs[name], p), name
@@ -150,39 +152,57 @@ def test_dtype_auto_keeps_an_fp32_model_fp32(tmp_path, text, capsys):
     with pytest.raises(ValueError, match="vllm, compressed-tensors"):
         compress(str(base), "W8A8_INT8", None, act_sim="exact", **common)
     with pytest.raises(ValueError, match=r"actorder='group': use 'static'.*None/'none'"):
-        compress(str(base), "W8A8_INT8", None, actorder="group", **common)
+        compress(str(base), "W8A8_INT8", None, **dict(common, method="gptq"), actorder="group")
+    with pytest.raises(ValueError, match="actorder do not apply to method rtn"):
+        compress(str(base), "W8A8_INT8", None, actorder="static", **common)
     with pytest.raises(SystemExit):
         main(["compress", "--model", str(base), "--out", str(tmp_path / "x"), "--dtype", "half"])
     assert "float32" in capsys.readouterr().err
 
 
-def test_options_are_written_once():
-    """compress()'s defaults and the CLI's are Options' own; resolved() checks each option
-    before anything loads, and the report records all of them."""
+def test_recipes_and_options_are_checked_before_any_work(tmp_path):
+    """Each method's defaults live on its object; bad values, recipes and combinations are
+    refused when made or at compress()'s door, naming the argument and the way out."""
     import dataclasses
     import inspect
 
-    from tritonpress.recipe import Options
+    from tritonpress.recipe import default_recipe, recipe_from_flags, resolve_recipe
     from tritonpress.schemes import get_scheme
 
-    sig = inspect.signature(compress).parameters
-    for f in dataclasses.fields(Options):
-        assert sig[f.name].default == getattr(Options(), f.name), f.name
-    w4, fp8 = get_scheme("W4A16"), get_scheme("W8A8_FP8")
-    assert Options().resolved(w4).method == "gptq"
-    # RTN orders and permutes nothing
-    assert Options().resolved(fp8) == Options(method="rtn", actorder=None, permute=False)
-    assert Options().resolved(get_scheme("W8A8_FP8_24")).permute is True
-    for opts, match in [(Options(method="gptqq"), "unknown method 'gptqq'"),
-                        (Options(method="sparsegpt"), "prunes to 2:4"),
-                        (Options(method="awq"), None), (Options(damp=-0.1), "damp=-0.1"),
-                        (Options(block_size=0), "block_size=0"),
-                        (Options(sequential=True), "SparseGPT's"),
-                        (Options(permute=True), "SparseGPT's")]:
-        if match is None:
-            opts.resolved(w4)
-            with pytest.raises(ValueError, match="AWQ is for W4A16"):
-                opts.resolved(get_scheme("W8A8_INT8"))
-            continue
-        with pytest.raises(ValueError, match=match):
-            opts.resolved(w4)
+    assert len(inspect.signature(tritonpress.compress).parameters) <= 8
+    w4, fp8, s24 = get_scheme("W4A16"), get_scheme("W8A8_FP8"), get_scheme("W8A8_FP8_24")
+    assert default_recipe(w4) == [tritonpress.GPTQ()]
+    assert default_recipe(fp8) == [tritonpress.RTN()]
+    assert default_recipe(s24) == [tritonpress.SparseGPT()]
+    assert tritonpress.SparseGPT().permute is True
+    # the CLI's flags build the same objects; unset flags keep the objects' defaults
+    assert recipe_from_flags(w4, None) == [tritonpress.GPTQ()]
+    assert recipe_from_flags(w4, "awq+gptq", clip=False) == [tritonpress.AWQ(),
+                                                             tritonpress.GPTQ(clip=False)]
+    assert recipe_from_flags(get_scheme("W8A8_INT8"), None, smoothquant=0.5) == [
+        tritonpress.SmoothQuant(0.5), tritonpress.GPTQ()]
+    for make, exc, match in [
+            (lambda: tritonpress.GPTQ(damp=-0.1), ValueError, "damp=-0.1"),
+            (lambda: tritonpress.GPTQ(block_size=0), ValueError, "block_size=0"),
+            (lambda: tritonpress.GPTQ(block_size=64.0), TypeError, "block_size=64.0"),
+            (lambda: tritonpress.GPTQ(actorder="group"), ValueError, "use 'static'"),
+            (lambda: tritonpress.SmoothQuant(1.5), ValueError, "alpha=1.5"),
+            (lambda: tritonpress.SparseGPT(refit=0), ValueError, "ridge > 0"),
+            (lambda: recipe_from_flags(w4, "gptqq"), ValueError, "unknown method 'gptqq'"),
+            (lambda: recipe_from_flags(w4, "gptq", permute=True), ValueError,
+             "permute do not apply"),
+            (lambda: resolve_recipe([tritonpress.SparseGPT()], w4), ValueError, "prunes to 2:4"),
+            (lambda: resolve_recipe([tritonpress.GPTQ()], s24), ValueError, "SparseGPT"),
+            (lambda: resolve_recipe([tritonpress.AWQ()], get_scheme("W8A8_INT8")), ValueError,
+             "AWQ is for the 4-bit"),
+            (lambda: resolve_recipe([tritonpress.SmoothQuant(0.5), tritonpress.GPTQ()], w4),
+             ValueError, "keeps them in 16 bits"),
+            (lambda: resolve_recipe([tritonpress.SmoothQuant(0.5)], fp8), ValueError,
+             "follow it with a quantizer"),
+            (lambda: resolve_recipe([tritonpress.GPTQ(), tritonpress.AWQ()], w4), ValueError,
+             "must come last"),
+            (lambda: resolve_recipe([tritonpress.GPTQ], w4), TypeError, "write GPTQ()"),
+            (lambda: resolve_recipe(["gptq"], w4), TypeError, "not a method")]:
+        with pytest.raises(exc, match=match):
+            make()
+    assert all(dataclasses.is_dataclass(m) for m in default_recipe(w4))

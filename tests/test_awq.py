@@ -6,13 +6,14 @@ import pytest
 import torch
 from conftest import scale_through_awq_mappings
 
-from tritonpress.methods.awq import (apply_scales, awq, collect_input_stats,
+from tritonpress.methods.awq import (AWQ, apply_scales, awq, collect_input_stats,
                                       find_mappings, quantize_linear, search_scales)
 from tritonpress.models import tiny_llama
 from tritonpress.loop.activations import LayerInputs, capture_layer_inputs
-from tritonpress.loop.sequential import compress_sequential
+from tritonpress.loop.sequential import compress_sequential, recipe_fn
+from tritonpress.methods.gptq import GPTQ
 from tritonpress.loop.targets import find_decoder_layers
-from tritonpress.methods.rtn import clip_search, group_gram, hessian_blocks, rtn_layer
+from tritonpress.methods.rtn import RTN, clip_search, group_gram, hessian_blocks
 from tritonpress.kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from tritonpress.schemes import QuantArgs, get_scheme
 
@@ -141,9 +142,8 @@ def test_awq_method_end_to_end_beats_rtn():
     with torch.no_grad():
         ref = model(ids).logits
     results = {}
-    for name, fn in [("rtn", rtn_layer), ("awq", functools.partial(awq, clip=False)),
-                     ("awq_clip", awq),
-                     ("awq_gptq", functools.partial(awq, gptq=True))]:
+    for name, fn in [("rtn", RTN()), ("awq", AWQ(clip=False)), ("awq_clip", AWQ()),
+                     ("awq_gptq", recipe_fn([AWQ(), GPTQ()]))]:
         m = copy.deepcopy(model)
         res = compress_sequential(m, _batches(), SCHEME, fn, progress=False)
         results[name] = _logit_mse(m, ref, ids)
@@ -168,7 +168,7 @@ def test_triton_search_in_the_method_picks_the_torch_ratios(monkeypatch):
         monkeypatch.setenv("TRITONPRESS_BACKEND", backend)
         m = copy.deepcopy(model)
         res = compress_sequential(m, _batches(2, seq=32), SCHEME,
-                                  functools.partial(awq, n_grid=8), progress=False)
+                                  AWQ(n_grid=8), progress=False)
         ratios[backend] = {k: v["ratio"] for k, v in res.infos.items() if "smooth" in v}
     assert ratios["torch"] == ratios["triton"] and len(ratios["torch"]) == 12
 
@@ -176,5 +176,5 @@ def test_triton_search_in_the_method_picks_the_torch_ratios(monkeypatch):
 def test_bad_group_size_is_named():
     model = _model()
     with pytest.raises(ValueError, match="group size"):
-        compress_sequential(model, _batches(1), get_scheme("W4A16_ASYM", group_size=48), awq,
+        compress_sequential(model, _batches(1), get_scheme("W4A16_ASYM", group_size=48), AWQ(),
                             progress=False)

@@ -1,6 +1,5 @@
 """Folding scales into norms (fold.py), through AWQ's apply_scales and SmoothQuant's smooth:
 w * x norms (Llama RMSNorm, LayerNorm with bias) and (1 + w) * x norms (Gemma, Gemma3)."""
-from functools import partial
 
 import pytest
 import torch
@@ -13,9 +12,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from conftest import scale_through_awq_mappings
 from tritonpress.methods.awq import apply_scales
 from tritonpress.methods.fold import divide_norm_output
-from tritonpress.loop.sequential import chain, compress_sequential, identity_method
-from tritonpress.methods.smoothquant import smooth, smoothquant_layer
+from tritonpress.loop.sequential import compress_sequential, recipe_fn
+from tritonpress.methods.smoothquant import SmoothQuant, smooth
 from tritonpress.schemes import get_scheme
+
+from helpers import Identity
 
 K = 64
 NORMS = {"llama": lambda: LlamaRMSNorm(K), "gemma": lambda: GemmaRMSNorm(K),
@@ -198,7 +199,7 @@ def test_smoothquant_on_a_gemma_model_is_a_float_noop():
         before = model(ids).logits
     norm0 = model.model.layers[0].input_layernorm.weight.detach().clone()
     res = compress_sequential(model, [{"input_ids": ids}], get_scheme("W8A8_INT8"),
-                              chain(partial(smoothquant_layer, alpha=0.5), identity_method),
+                              recipe_fn([SmoothQuant(0.5), Identity()]),
                               progress=False)
     info = res.infos["model.layers.0.self_attn.q_proj"]["smoothquant"]
     assert info["norm"] == "model.layers.0.input_layernorm"

@@ -1,19 +1,20 @@
 """The sequential calibration pipeline on a tiny random Llama, and SmoothQuant."""
-from functools import partial
 
 import pytest
 import torch
 
 from tritonpress.loop import hooks
-from tritonpress.methods.gptq import gptq_layer
+from tritonpress.methods.gptq import GPTQ
 from tritonpress.models import tiny_llama
 from tritonpress.loop.activations import LayerInputs, capture_layer_inputs
 from tritonpress.loop.hooks import capture_module_io, collect_hessians
-from tritonpress.loop.sequential import chain, compress_sequential, identity_method
+from tritonpress.loop.sequential import compress_sequential, recipe_fn
 from tritonpress.loop.targets import find_decoder_layers, target_linears
-from tritonpress.methods.rtn import rtn_layer
-from tritonpress.methods.smoothquant import smoothquant_layer
+from tritonpress.methods.rtn import RTN
+from tritonpress.methods.smoothquant import SmoothQuant
 from tritonpress.schemes import get_scheme
+
+from helpers import Identity
 
 CPU = torch.device("cpu")
 
@@ -45,7 +46,7 @@ def layer_inputs(model, batches, idx=0):
 
 def test_identity_method_reproduces_the_forward(model):
     batches = make_batches()
-    res = compress_sequential(model, batches, get_scheme("W8A8_INT8"), identity_method,
+    res = compress_sequential(model, batches, get_scheme("W8A8_INT8"), Identity(),
                               progress=False, keep_final=True)
     assert res.qweights == {} and len(res.seconds_per_layer) == 2
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_gptq_pipeline_writes_back_what_it_returns():
     m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
     batches = make_batches()
     scheme = get_scheme("W4A16", group_size=32)
-    res = compress_sequential(m, batches, scheme, partial(gptq_layer, actorder="static"),
+    res = compress_sequential(m, batches, scheme, GPTQ(actorder="static"),
                               progress=False)
     assert len(res.qweights) == 14
     mods = dict(m.named_modules())
@@ -117,7 +118,7 @@ def test_gptq_beats_rtn_on_the_layer_outputs():
     scheme = get_scheme("W4A16", group_size=16)
     ref, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
     out = {}
-    for name, fn in [("rtn", rtn_layer), ("gptq", gptq_layer), ("none", identity_method)]:
+    for name, fn in [("rtn", RTN()), ("gptq", GPTQ()), ("none", Identity())]:
         m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
         out[name] = compress_sequential(m, batches, scheme, fn, progress=False,
                                         keep_final=True).final.hidden
@@ -129,13 +130,13 @@ def test_gptq_beats_rtn_on_the_layer_outputs():
 def test_group_size_not_dividing_in_features(model):
     scheme = get_scheme("W4A16", group_size=64)          # intermediate 160 = 2.5 groups
     with pytest.raises(ValueError, match=r"down_proj.*partial_last_group") as e:
-        compress_sequential(model, make_batches(), scheme, identity_method, progress=False)
+        compress_sequential(model, make_batches(), scheme, Identity(), progress=False)
     assert "ignore=['down_proj']" in str(e.value)
     m, _ = tiny_llama(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=300)
-    res = compress_sequential(m, make_batches(), scheme, gptq_layer, partial_last_group=True,
+    res = compress_sequential(m, make_batches(), scheme, GPTQ(), partial_last_group=True,
                               progress=False)
     assert res.qweights["model.layers.1.mlp.down_proj"].scale.shape == (64, 3)
-    res = compress_sequential(m, make_batches(), scheme, rtn_layer, ignore=["down_proj"],
+    res = compress_sequential(m, make_batches(), scheme, RTN(), ignore=["down_proj"],
                               progress=False)
     assert not any("down_proj" in k for k in res.qweights)
 
@@ -150,7 +151,7 @@ def test_smoothquant_is_a_no_op_in_float():
         before = [m(**b).logits for b in batches]
     norm_before = m.model.layers[0].input_layernorm.weight.clone()
     res = compress_sequential(m, batches, get_scheme("W8A8_INT8"),
-                              chain(partial(smoothquant_layer, alpha=0.5), identity_method),
+                              recipe_fn([SmoothQuant(0.5), Identity()]),
                               progress=False)
     info = res.infos["model.layers.0.self_attn.q_proj"]["smoothquant"]
     assert info["norm"] == "model.layers.0.input_layernorm"
@@ -193,10 +194,10 @@ def test_last_layer_is_not_propagated_unless_asked(model):
     layers, _ = find_decoder_layers(model)
     h = layers[-1].register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        res = compress_sequential(model, make_batches(), get_scheme("W8A8_INT8"), identity_method,
+        res = compress_sequential(model, make_batches(), get_scheme("W8A8_INT8"), Identity(),
                                   progress=False)
-        assert res.final is None and calls == []     # identity_method runs no pass itself
-        res = compress_sequential(model, make_batches(), get_scheme("W8A8_INT8"), identity_method,
+        assert res.final is None and calls == []     # Identity runs no pass itself
+        res = compress_sequential(model, make_batches(), get_scheme("W8A8_INT8"), Identity(),
                                   progress=False, keep_final=True)
         assert len(res.final) == 2 and len(calls) == 2
     finally:

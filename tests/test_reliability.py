@@ -3,7 +3,6 @@
 The checkpoint writer's own guarantees (existing directory, disk full, failure or Ctrl-C while
 writing) are tested in test_checkpoint.py; here they are checked through compress()."""
 import json
-from functools import partial
 
 import pytest
 import torch
@@ -11,13 +10,13 @@ import torch
 from tritonpress.methods import gptq
 
 from tritonpress.loop import sequential as pipeline
-from tritonpress.api import compress
-from tritonpress.methods.gptq import gptq_layer
+from tritonpress.methods.gptq import GPTQ
 from tritonpress.models import tiny_llama
 from tritonpress.loop.activations import DiskTensors
-from tritonpress.loop.sequential import compress_sequential, identity_method
+from tritonpress.loop.sequential import compress_sequential
 from tritonpress.schemes import get_scheme
 
+from helpers import Identity, compress_kw as compress
 from test_distributed import all_tensors, write_text
 
 
@@ -62,13 +61,13 @@ def test_nan_in_activations_names_the_layer():
         model.model.layers[0].self_attn.o_proj.weight.fill_(3e38)
     with pytest.raises(FloatingPointError, match=r"model.layers.0 .*NaN or Inf in the layer's "
                                                  r"output on calibration batch 0.*float32"):
-        compress_sequential(model, batches(), get_scheme("W8A8_INT8"), identity_method,
+        compress_sequential(model, batches(), get_scheme("W8A8_INT8"), Identity(),
                             progress=False)
     model = tiny()
     with torch.no_grad():
         model.model.embed_tokens.weight[:] = float("inf")
     with pytest.raises(FloatingPointError, match="embeddings' output on calibration batch 0"):
-        compress_sequential(model, batches(), get_scheme("W8A8_INT8"), identity_method,
+        compress_sequential(model, batches(), get_scheme("W8A8_INT8"), Identity(),
                             progress=False)
 
 
@@ -79,7 +78,7 @@ def test_non_pd_hessian_raises_dampening_and_reports_it():
     with pytest.warns(UserWarning, match=r"down_proj: Hessian not positive definite with "
                                          r"dampening \[0.0\]; needed dampening 0.0001"):
         res = compress_sequential(model, batches(), get_scheme("W4A16", group_size=32),
-                                  partial(gptq_layer, damp=0.0), progress=False)
+                                  GPTQ(damp=0.0), progress=False)
     info = res.infos["model.layers.0.mlp.down_proj"]
     assert info["dampening_failed"] == [0.0] and info["dampening"] == pytest.approx(1e-4)
     assert info["fallback"] is None
@@ -87,7 +86,7 @@ def test_non_pd_hessian_raises_dampening_and_reports_it():
     model = tiny()
     with pytest.warns(UserWarning, match="down_proj: .*fell back to RTN"):
         res = compress_sequential(model, batches(), get_scheme("W4A16", group_size=32),
-                                  partial(gptq_layer, damp=0.0, max_damp=0.0),
+                                  GPTQ(damp=0.0, max_damp=0.0),
                                   progress=False)
     assert res.infos["model.layers.1.mlp.down_proj"]["fallback"] == "rtn"
 
@@ -129,13 +128,13 @@ def test_existing_checkpoint_dir_refused_before_any_work(tmp_path, text, monkeyp
 # ----------------------------------------------------------------------------- 2. interruptions
 
 def _interrupt_at_layer(monkeypatch, idx, exc):
-    real = gptq.gptq_layer
+    real = gptq.GPTQ.__call__
 
-    def fn(layer_idx, *a, **k):
+    def fn(self, layer_idx, *a, **k):
         if layer_idx == idx:
             raise exc
-        return real(layer_idx, *a, **k)
-    monkeypatch.setattr(gptq, "gptq_layer", fn)
+        return real(self, layer_idx, *a, **k)
+    monkeypatch.setattr(gptq.GPTQ, "__call__", fn)
 
 
 def test_interrupt_leaves_no_checkpoint_and_resume_gives_the_same_one(tmp_path, text,
@@ -152,8 +151,9 @@ def test_interrupt_leaves_no_checkpoint_and_resume_gives_the_same_one(tmp_path, 
     assert not list(resume.glob(".*tmp*"))
 
     calls = []
-    real = gptq.gptq_layer
-    monkeypatch.setattr(gptq, "gptq_layer", lambda i, *a, **k: calls.append(i) or real(i, *a, **k))
+    real = gptq.GPTQ.__call__
+    monkeypatch.setattr(gptq.GPTQ, "__call__",
+                        lambda self, i, *a, **k: calls.append(i) or real(self, i, *a, **k))
     run(tiny(layers=3), tmp_path / "out", text, resume_dir=resume)
     assert calls == [2]                                              # finished layers restored
     ta, tb = all_tensors(tmp_path / "ref"), all_tensors(tmp_path / "out")
@@ -182,10 +182,10 @@ def test_spilled_activations_give_the_same_result(tmp_path):
 
     def method(layer_idx, layer, prefix, inputs, ctx):
         seen.append((type(inputs.hidden).__name__, len(list(spill.rglob("*.pt")))))
-        return gptq_layer(layer_idx, layer, prefix, inputs, ctx)
+        return GPTQ()(layer_idx, layer, prefix, inputs, ctx)
 
     scheme = get_scheme("W4A16", group_size=32)
-    a = compress_sequential(tiny(), batches(3), scheme, gptq_layer, progress=False,
+    a = compress_sequential(tiny(), batches(3), scheme, GPTQ(), progress=False,
                             keep_final=True)
     b = compress_sequential(tiny(), batches(3), scheme, method, progress=False, spill_dir=spill,
                             keep_final=True)

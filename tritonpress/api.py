@@ -52,6 +52,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
               "notes": [], "recipe": [m.as_dict() for m in recipe],
               "options": {"calibration": None if data_free else vars(calibration),
                           "group_size": scheme.weights.group_size, "stream": run.stream,
+                          "actorder": getattr(recipe[-1], "actorder", None),
                           "partial_last_group": run.partial_last_group}}
 
     # ---- load (streamed: only the skeleton; each layer is read when its turn comes)
@@ -313,7 +314,7 @@ def _resumable(layer_fn, model, scheme, batches, report, run):
     """Per-layer state in run.resume_dir; finished layers are restored, not redone."""
     from .loop import distributed, resume
     fp = resume.fingerprint(model, scheme, batches,
-                            {"recipe": report["recipe"], "options": report["options"]})
+                            {"recipe": report["recipe"], **report["options"]})
     state = resume.ResumeState(run.resume_dir, fp, write=distributed.is_main())
     report["resume"] = state
     return resume.resumable(layer_fn, state)
