@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from tritonpress import checkpoint
+from tritonpress.checkpoint import writer
 
 from tritonpress.loop import stream
-from tritonpress.api import compress
+from helpers import compress_kw as compress
 from tritonpress.models import tiny_llama
 
 from test_api import CASES
@@ -45,7 +45,7 @@ def _run(base, out, scheme, method, opts, text, **kw):
 def test_streamed_checkpoint_is_byte_identical(tmp_path, text, scheme, method, opts,
                                                monkeypatch):
     base = _save(tmp_path, tie=method != "gptq")           # tied and untied embeddings
-    monkeypatch.setattr(checkpoint, "MAX_SHARD_BYTES", 12_000)   # several output shards
+    monkeypatch.setattr(writer, "MAX_SHARD_BYTES", 12_000)   # several output shards
     a = _run(base, tmp_path / "mem", scheme, method, opts, text, stream="off")
     b = _run(base, tmp_path / "str", scheme, method, opts, text, stream="on")
     assert a["streamed"] is False and b["streamed"] is True
@@ -146,7 +146,7 @@ def test_streamed_nan_weights_are_refused(tmp_path, text):
 def test_index_json_lists_every_tensor(tmp_path, text, monkeypatch):
     from safetensors import safe_open
     base = _save(tmp_path)
-    monkeypatch.setattr(checkpoint, "MAX_SHARD_BYTES", 12_000)
+    monkeypatch.setattr(writer, "MAX_SHARD_BYTES", 12_000)
     _run(base, tmp_path / "out", "W4A16", "gptq", {"group_size": 32}, text, stream="on",
          evaluate_quality=False)
     out = tmp_path / "out"
