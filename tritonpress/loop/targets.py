@@ -20,8 +20,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
 
     The rule, no list of architectures: under the text decoder (transformers'
     ``get_decoder()``, else ``base_model``), the outermost ModuleList; if several, the first
-    as long as the config's num_hidden_layers. ValueError, naming the
-    model's class and why, when there is none or its blocks hold no nn.Linear (GPT-2's Conv1D)."""
+    as long as the config's num_hidden_layers. ValueError, naming the model's class and why,
+    when there is none or its blocks hold no nn.Linear (GPT-2's Conv1D)."""
     names = {id(m): n for n, m in model.named_modules()}
     root = _text_decoder(model)
     inside = names.get(id(root), "")
@@ -42,8 +42,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
     prefix, layers = (same or found)[0]
     if not any(isinstance(m, nn.Linear) for m in layers.modules()):
         kinds = sorted({type(m).__name__ for m in layers.modules() if _is_weighted_leaf(m)})
-        held = (f"{len(layers)} {type(layers[0]).__name__} holding {', '.join(kinds) or 'no weights'}"
-                if len(layers) else "it is empty")
+        held = "it is empty" if not len(layers) else \
+            f"{len(layers)} {type(layers[0]).__name__} holding {', '.join(kinds) or 'no weights'}"
         raise ValueError(f"{type(model).__name__}: no decoder layers at model.model.layers or "
                          f"elsewhere that tritonpress can compress: no nn.Linear layers under "
                          f"model.{prefix} ({held}). tritonpress handles {SUPPORTED}")
