@@ -10,7 +10,7 @@ import tritonpress as tp
 from tritonpress.checkpoint import load_dequantized
 from tritonpress.loop.targets import find_decoder_layers
 from tritonpress.models import (byte_tokenizer, check_checkpoint_dir, check_has_linear_layers,
-                                check_recipe_fits, tiny_llama)
+                                tiny_llama)
 from tritonpress.schemes import get_scheme
 
 from test_distributed import write_text
@@ -159,10 +159,8 @@ def test_awq_without_its_mappings_is_refused(arch):
     model = tiny(arch)
     with pytest.raises(ValueError, match=f"AWQ cannot run on {type(model).__name__}: .*"
                                          "input_layernorm -> q_proj/k_proj/v_proj.*GPTQ"):
-        check_recipe_fits(model, [tp.AWQ()])
-    check_recipe_fits(model, [tp.GPTQ()])
-    check_recipe_fits(model, [tp.SmoothQuant(0.5), tp.GPTQ()])
-    check_recipe_fits(tiny_llama()[0], [tp.AWQ()])          # Llama: its mappings are there
+        tp.AWQ().check_model(model, {})
+    tp.AWQ().check_model(tiny_llama()[0], {})          # Llama: its mappings are there
 
 
 # ----------------------------------------------------------------------------- resume

@@ -63,7 +63,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
             check_finite(model)                  # streamed: each layer as it is read
         linears = all_target_linears(model, scheme)
         for m in recipe:
-            m.check_linears(linears)
+            m.check_model(model, linears)
         from .loop.targets import check_group_sizes
         check_group_sizes(model, scheme, None, scheme.ignore, run.partial_last_group)
         if src is not None and (evaluation is not None or not data_free):
@@ -115,6 +115,12 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
                 progress=run.progress and distributed.is_main(), spill_dir=run.spill_dir,
                 stream=src, **({"hessians": hessians} if hessians else {}))
         report["layers"] = res.infos
+        if "resume" in report:
+            state = report.pop("resume")
+            report["resumed_layers"] = list(state.resumed)
+            if state.resumed:
+                report["notes"].append(f"resumed {len(state.resumed)} of {len(res.seconds_per_layer)}"
+                                       f" layers from {run.resume_dir} (restored, not recomputed)")
         # a streamed evaluation ran inside the layer loop: its seconds are not compression's
         eval_s = prof.pop("eval", [0.0])[0]
         report["seconds"]["compress"] = round(report["seconds"]["compress"] - eval_s, 3)

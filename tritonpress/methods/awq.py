@@ -295,6 +295,20 @@ class AWQ(Method):
             raise ValueError(f"AWQ is for the 4-bit group schemes (W4A16_ASYM, W4A16), not "
                              f"{scheme.name}")
 
+    def check_model(self, model, linears):
+        """AWQ's (smoothing layer -> Linears) mappings are Llama-style module names
+        (DEFAULT_MAPPINGS); in a model without them (OPT, GPT-NeoX) AWQ would only round."""
+        from ..loop.targets import find_decoder_layers
+        layers, prefix = find_decoder_layers(model)
+        if not len(layers) or find_mappings(layers[0], DEFAULT_MAPPINGS)[0]:
+            return
+        wanted = "; ".join(f"{s} -> {'/'.join(b)}" for s, b in DEFAULT_MAPPINGS)
+        raise ValueError(
+            f"AWQ cannot run on {type(model).__name__}: it scales (smoothing layer -> Linears) "
+            f"pairs found by Llama-style module names ({wanted}), and {prefix}.0 has none of "
+            "them. Use GPTQ ([tritonpress.GPTQ()]), which needs no such pairs, for the same "
+            "W4A16 schemes")
+
     @torch.no_grad()
     def rescale(self, layer_idx, layer, prefix, inputs, ctx):
         return awq_scale(layer_idx, layer, prefix, inputs, ctx, n_grid=self.n_grid,

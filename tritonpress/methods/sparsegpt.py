@@ -294,7 +294,7 @@ class SparseGPT(Method):
     def check(self, scheme):
         check_24_scheme(self, scheme)
 
-    def check_linears(self, linears):
+    def check_model(self, model, linears):
         check_24_shapes(linears)
 
     def __call__(self, layer_idx, layer, prefix, inputs, ctx):
@@ -311,7 +311,7 @@ class Magnitude(Method):
     def check(self, scheme):
         check_24_scheme(self, scheme)
 
-    def check_linears(self, linears):
+    def check_model(self, model, linears):
         check_24_shapes(linears)
 
     def __call__(self, layer_idx, layer, prefix, inputs, ctx):
