@@ -21,7 +21,6 @@ equal or lower loss. Prints a table; writes results.json into the folder argumen
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import subprocess
 import sys
@@ -97,7 +96,7 @@ def run_ours(model, state, batches, method, eval_ids, ref, group_size):
 
 def warm_up(group_size):
     """Compile the Triton kernels on a tiny model with the same block/dtype choices."""
-    from tritonpress.methods.awq import awq
+    from tritonpress.methods.awq import AWQ
     from tritonpress.models import random_llama
     from tritonpress.loop.sequential import compress_sequential
     from tritonpress.schemes import get_scheme
@@ -106,7 +105,7 @@ def warm_up(group_size):
     m = random_llama(256, 512, 4, 2, layers=1, vocab=512, device=DEV)
     ids = torch.randint(0, 512, (2, 256))
     compress_sequential(m, [{"input_ids": ids}], get_scheme("W4A16_ASYM", group_size=group_size),
-                        awq, device=DEV, progress=False)
+                        AWQ(), device=DEV, progress=False)
     common.sync()
     return time.perf_counter() - t0
 
@@ -192,8 +191,8 @@ def main():
     if a.llmc_worker:
         return llmc_worker(a.llmc_worker)
 
-    from tritonpress.methods.awq import awq
-    from tritonpress.methods.rtn import rtn_layer
+    from tritonpress.methods.awq import AWQ
+    from tritonpress.methods.rtn import RTN
 
     cfg = FULL if CUDA else TINY
     if not CUDA:
@@ -214,10 +213,10 @@ def main():
     model.to("cpu")
 
     rows = {}
-    for name, fn in [("tritonpress AWQ", functools.partial(awq, search_tokens=a.search_tokens)),
-                     ("tritonpress AWQ, llmc recipe", functools.partial(
-                         awq, clip=False, duo_scaling=True, search_tokens=a.search_tokens)),
-                     ("tritonpress RTN", rtn_layer)]:
+    for name, fn in [("tritonpress AWQ", AWQ(search_tokens=a.search_tokens)),
+                     ("tritonpress AWQ, llmc recipe", AWQ(clip=False, duo_scaling=True,
+                                                          search_tokens=a.search_tokens)),
+                     ("tritonpress RTN", RTN())]:
         rows[name] = run_ours(model, state, batches, fn, eval_ids, ref, a.group_size)
         print(name, json.dumps(rows[name]), flush=True)
     if CUDA and not a.skip_llmc:

@@ -119,7 +119,7 @@ def build_model(model_dir: Path, shape: str, seed: int = 0) -> Path:
 
 def run_ours(scheme: str, model_dir: Path, calib: Path, out: Path, samples: int, seq_len: int,
              device: str) -> dict:
-    from tritonpress.api import compress
+    from tritonpress.cli import compress_from_flags as compress
     method = SCHEMES[scheme][0]
     gc.collect()
     if device == "cuda":
@@ -128,7 +128,7 @@ def run_ours(scheme: str, model_dir: Path, calib: Path, out: Path, samples: int,
     report = compress(str(model_dir), scheme, str(out), method=method, dataset=str(calib),
                       num_samples=samples, seq_len=seq_len, evaluate_quality=False,
                       device=device, overwrite=True, progress=False,
-                      json_path=str(out) + ".report.json")
+                      report_path=str(out) + ".report.json")
     s = report["seconds"]
     row = dict(tool="tritonpress", scheme=scheme, method=method, seconds=s["compress"],
                load_s=s.get("load"), save_s=s.get("save"), total_s=s["total"],
@@ -140,7 +140,7 @@ def run_ours(scheme: str, model_dir: Path, calib: Path, out: Path, samples: int,
 
 def warm_up(scheme: str, calib: Path, device: str) -> float:
     """Compile and first-use costs on a tiny model, so the timed run measures the work."""
-    from tritonpress.api import compress
+    from tritonpress.cli import compress_from_flags as compress
     from tritonpress.models import tiny_llama
     model, tok = tiny_llama(hidden=128, intermediate=256, layers=1, dtype=torch.bfloat16)
     model.tokenizer = tok

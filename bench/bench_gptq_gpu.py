@@ -22,7 +22,6 @@ interpreter (checks that everything runs; the timings mean nothing).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -307,7 +306,7 @@ def precision_study(rows=512, cols=1024, tokens=4096):
 
 def bench_e2e(llmc_python, samples=64, seq_len=2048, batch=4, small=False):
     """Our pipeline vs llm-compressor oneshot on a 2-layer random Llama-3-8B-shaped model."""
-    from tritonpress.methods.gptq import gptq_layer
+    from tritonpress.methods.gptq import GPTQ
     from tritonpress.models import random_llama
     from tritonpress.loop.sequential import compress_sequential
     from tritonpress.schemes import get_scheme
@@ -327,7 +326,7 @@ def bench_e2e(llmc_python, samples=64, seq_len=2048, batch=4, small=False):
             common.sync()
             t = time.perf_counter()
             compress_sequential(model, batches, get_scheme(scheme_name),
-                                functools.partial(gptq_layer), device=DEV, offload=False,
+                                GPTQ(), device=DEV, offload=False,
                                 progress=False)
             common.sync()
             r[run] = time.perf_counter() - t

@@ -19,7 +19,7 @@ import time
 
 CASE = r"""
 import json, sys, time, torch
-from tritonpress.api import compress
+from tritonpress.cli import compress_from_flags as compress
 from tritonpress.models import random_llama, tiny_llama
 from tritonpress.report import peak_cpu_bytes
 c = json.loads(sys.argv[1])

@@ -29,7 +29,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time
-from tritonpress.api import compress
+from tritonpress.cli import compress_from_flags as compress
 from tritonpress.report import peak_cpu_bytes
 c = json.loads(sys.argv[1])
 if c.get("bounded"):   # what compress() chooses when the model exceeds the memory available

@@ -106,7 +106,7 @@ def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: 
 
 
 def worker(job: dict) -> None:
-    from tritonpress.api import compress
+    from tritonpress.cli import compress_from_flags as compress
     job.setdefault("dtype", "bfloat16")          # llmc_oneshot.py loads bf16 too
     report = compress(job.pop("model"), job.pop("scheme"), job.pop("out"),
                       evaluate_quality=False, progress=False, **job)
@@ -117,7 +117,7 @@ def worker(job: dict) -> None:
 # ----------------------------------------------------------------------------- quality
 
 class Scorer:
-    """api.evaluate_checkpoint, with the base model's reference distributions computed once
+    """api.evaluate, with the base model's reference distributions computed once
     and shared by every checkpoint (the same windows, references and evaluate() calls).
     `cache` (a folder) keeps the references between runs; they are reused only for the same
     windows."""
@@ -144,8 +144,8 @@ class Scorer:
 
     def score(self, checkpoint: Path) -> dict:
         from tritonpress import quality as evaluate
-        from tritonpress.api import load_checkpoint_dequantized
-        model, act_args, ignore = load_checkpoint_dequantized(checkpoint)
+        from tritonpress.checkpoint import load_dequantized
+        model, act_args, ignore = load_dequantized(checkpoint)
         out = {}
         for src, (w, ref) in self.sets.items():
             r = evaluate.evaluate(model, w, ref=ref, act_args=act_args, ignore=ignore,
@@ -321,10 +321,12 @@ def main(argv=None) -> list[dict]:
         if args.delete_checkpoints and "eval_error" not in row:
             shutil.rmtree(ckpt, ignore_errors=True)
 
-    from tritonpress.recipe import DEFAULT_METHOD
+    from tritonpress.recipe import default_recipe, recipe_label
+    from tritonpress.schemes import get_scheme
     for scheme in args.schemes:
         spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
-        method = spec.get("method") or DEFAULT_METHOD[spec.get("scheme", scheme)]
+        method = spec.get("method") or recipe_label(
+            default_recipe(get_scheme(spec.get("scheme", scheme))))
         runs = [] if args.skip_ours else [(method, method, {})]      # (row label, method, options)
         if spec["reference"] and runs and not args.no_reference:
             runs.append((spec["reference"], spec["reference"], {}))

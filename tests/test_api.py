@@ -10,7 +10,7 @@ from tritonpress.cli import main
 from tritonpress.checkpoint import load_dequantized, load_quantized_weights
 from tritonpress.models import tiny_llama
 
-from helpers import compress_kw as compress
+from tritonpress.cli import compress_from_flags as compress
 
 from test_distributed import write_text
 

@@ -1,12 +1,11 @@
 """AWQ on a tiny Llama: mappings, the float no-op of scaling, the search, the pipeline method."""
 import copy
-import functools
 
 import pytest
 import torch
 from conftest import scale_through_awq_mappings
 
-from tritonpress.methods.awq import (AWQ, apply_scales, awq, collect_input_stats,
+from tritonpress.methods.awq import (AWQ, apply_scales, collect_input_stats,
                                       find_mappings, quantize_linear, search_scales)
 from tritonpress.models import tiny_llama
 from tritonpress.loop.activations import LayerInputs, capture_layer_inputs

@@ -1,5 +1,5 @@
 """Smoke test of bench/bench_vs_llmcompressor.py on a tiny random Llama (llm-compressor skipped):
-the shared-reference scorer must give exactly what api.evaluate_checkpoint gives."""
+the shared-reference scorer must give exactly what api.evaluate gives."""
 import importlib.util
 import json
 import math
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonpress.api import evaluate_checkpoint
+import tritonpress
 from tritonpress.models import tiny_llama
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_vs_llmcompressor.py"
@@ -42,10 +42,10 @@ def test_tiny_bench_rows_and_scorer(tmp_path):
             assert q["ppl_before"] == pytest.approx(got[("-", "bf16", "-")]["quality"][src]["ppl"])
     assert json.loads((out / "results.json").read_text())["rows"]
 
-    # the scorer shares references across checkpoints; the numbers must be evaluate_checkpoint's
+    # the scorer shares references across checkpoints; the numbers must be evaluate()'s
     ckpt = out / "checkpoints" / "W4A16-tp-gptq"
-    ref = evaluate_checkpoint(ckpt, str(mdir), eval_windows=2, eval_seq_len=64, progress=False,
-                              dtype="bfloat16")    # the bench runs bf16, as llm-compressor does
+    ref = tritonpress.evaluate(ckpt, str(mdir), evaluation=tritonpress.Evaluation(windows=2, seq_len=64),
+                               run=tritonpress.Run(progress=False, dtype="bfloat16"))  # as llmc
     for src in bench.SOURCES:
         assert got[("W4A16", "tritonpress", "gptq")]["quality"][src]["kl"] == \
             pytest.approx(ref[src]["kl"], rel=1e-6)

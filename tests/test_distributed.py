@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tritonpress.loop import distributed
-from helpers import compress_kw as compress
+from tritonpress.cli import compress_from_flags as compress
 from tritonpress.checkpoint import load_quantized_weights
 from tritonpress.models import tiny_llama
 

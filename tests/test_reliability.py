@@ -16,7 +16,8 @@ from tritonpress.loop.activations import DiskTensors
 from tritonpress.loop.sequential import compress_sequential
 from tritonpress.schemes import get_scheme
 
-from helpers import Identity, compress_kw as compress
+from helpers import Identity
+from tritonpress.cli import compress_from_flags as compress
 from test_distributed import all_tensors, write_text
 
 

@@ -10,7 +10,7 @@ import torch
 from tritonpress.checkpoint import writer
 
 from tritonpress.loop import stream
-from helpers import compress_kw as compress
+from tritonpress.cli import compress_from_flags as compress
 from tritonpress.models import tiny_llama
 
 from test_api import CASES

@@ -59,8 +59,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
     with timed(report, "load"):
         model, tokenizer, src, torch_dtype = _load(model, run, report)
         model.eval()
-        if src is None:
-            check_finite(model)                  # streamed: each layer as it is read
+        if src is None:                          # streamed: each layer as it is read
+            models.check_finite(model.named_parameters())
         linears = all_target_linears(model, scheme)
         for m in recipe:
             m.check_model(model, linears)
@@ -337,11 +337,3 @@ def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]
         raise ValueError("the model has no Linear layers to quantize in its decoder layers "
                          f"(ignore list: {list(scheme.ignore)})")
     return out
-
-
-def check_finite(model: nn.Module) -> None:
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise ValueError(f"NaN or Inf in the model's weights ({', '.join(bad[:5])}"
-                         f"{'...' if len(bad) > 5 else ''}): the model is broken before "
-                         "compression; re-download or re-convert it")

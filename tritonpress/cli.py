@@ -9,6 +9,7 @@ import sys
 
 def _add_common(p):
     from .recipe import DTYPES, Evaluation
+    from .schemes import ACT_SIMS
     ev = Evaluation()
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m) or a local Hugging Face model directory")
@@ -20,7 +21,7 @@ def _add_common(p):
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype to load the model in (default auto: the model's own, from its "
                         "config.json; bfloat16 if it names none)")
-    p.add_argument("--act-sim", default=ev.act_sim, choices=["vllm", "compressed-tensors"],
+    p.add_argument("--act-sim", default=ev.act_sim, choices=ACT_SIMS,
                    help="how W8A8 activation quantization is simulated for KL/perplexity: as "
                         "vLLM's kernels round (int8 scale absmax/127, default) or as "
                         "compressed-tensors' fake quantization (absmax/127.5)")
@@ -40,31 +41,29 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 500MB or 2GB")
 
 
-def _scheme(args):
+CALIBRATION = ("dataset", "num_samples", "seq_len", "seed")
+EVALUATION = {"eval_dataset": "dataset", "eval_windows": "windows", "eval_seq_len": "seq_len",
+              "act_sim": "act_sim"}
+METHOD_OPTIONS = ("smoothquant", "damp", "block_size", "actorder", "clip", "refit",
+                  "sequential", "permute")
+
+
+def compress_from_flags(model, scheme, out=None, *, method=None, group_size=None,
+                        symmetric=None, ignore=None, evaluate_quality=True, **flags) -> dict:
+    """compress() called with the flags' flat keywords, as `tritonpress compress` does (and
+    scripts that sweep options): the method options (damp, actorder, ...) to the recipe
+    (recipe.recipe_from_flags), dataset/num_samples/seq_len/seed to Calibration, eval_* and
+    act_sim to Evaluation, the rest to Run. An unset flag keeps its object's default."""
+    from .api import compress
+    from .recipe import Calibration, Evaluation, Run, recipe_from_flags
     from .schemes import get_scheme
-    return get_scheme(args.scheme, group_size=args.group_size,
-                      symmetric=False if args.asym else None, ignore=args.ignore)
-
-
-def _recipe(args):
-    """The methods the flags name (recipe.recipe_from_flags); unset flags: the defaults."""
-    from .recipe import recipe_from_flags
-    onoff = {"on": True, "off": False, None: None}
-    return recipe_from_flags(_scheme(args), args.method, smoothquant=args.smoothquant,
-                             damp=args.damp, block_size=args.block_size,
-                             actorder=args.actorder, clip=onoff[args.clip], refit=args.refit,
-                             sequential=onoff[args.sequential], permute=onoff[args.permute])
-
-
-def _evaluation(args):
-    from .recipe import Evaluation
-    return Evaluation(args.eval_dataset, args.eval_windows, args.eval_seq_len, args.act_sim)
-
-
-def _run(args, **kw):
-    from .recipe import Run
-    return Run(device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-               progress=not args.no_progress, **kw)
+    scheme = get_scheme(scheme, group_size=group_size, symmetric=symmetric, ignore=ignore)
+    recipe = recipe_from_flags(scheme, method, **{k: flags.pop(k) for k in METHOD_OPTIONS
+                                                  if k in flags})
+    calibration = Calibration(**{k: flags.pop(k) for k in CALIBRATION if k in flags})
+    evaluation = Evaluation(**{v: flags.pop(k) for k, v in EVALUATION.items() if k in flags})
+    return compress(model, scheme, out, recipe, calibration=calibration,
+                    evaluation=evaluation if evaluate_quality else None, run=Run(**flags))
 
 
 def terminate_as_interrupt() -> None:
@@ -166,22 +165,33 @@ def main(argv=None) -> int:
                       f"{'  aliases: ' + ', '.join(aliases) if aliases else ''}")
             return 0
         if args.cmd == "compress":
-            from .api import compress
             from .loop.distributed import init_from_env
             init_from_env()          # torchrun: Hessians all-reduced over the ranks
-            compress(args.model, _scheme(args), args.out, _recipe(args),
-                     calibration=Calibration(args.dataset, args.num_samples, args.seq_len,
-                                             args.seed),
-                     evaluation=None if args.no_eval else _evaluation(args),
-                     run=_run(args, overwrite=args.overwrite, resume_dir=args.resume_dir,
-                              spill_dir=args.spill_dir, stream=args.stream,
-                              max_shard_bytes=args.max_shard_size,
-                              sparse_format=args.sparse_format, report_path=args.json,
-                              print_report=True))
+            onoff = {"on": True, "off": False, None: None}
+            compress_from_flags(
+                args.model, args.scheme, args.out, method=args.method,
+                group_size=args.group_size, symmetric=False if args.asym else None,
+                ignore=args.ignore, smoothquant=args.smoothquant, damp=args.damp,
+                block_size=args.block_size, actorder=args.actorder, clip=onoff[args.clip],
+                refit=args.refit, sequential=onoff[args.sequential],
+                permute=onoff[args.permute], dataset=args.dataset,
+                num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+                evaluate_quality=not args.no_eval, eval_dataset=args.eval_dataset,
+                eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
+                act_sim=args.act_sim, device=args.device, dtype=args.dtype,
+                cache_dir=args.cache_dir, progress=not args.no_progress,
+                overwrite=args.overwrite, resume_dir=args.resume_dir, spill_dir=args.spill_dir,
+                stream=args.stream, max_shard_bytes=args.max_shard_size,
+                sparse_format=args.sparse_format, report_path=args.json, print_report=True)
             return 0
         if args.cmd == "eval":
             from .api import evaluate
-            r = evaluate(args.checkpoint, args.model, evaluation=_evaluation(args), run=_run(args))
+            from .recipe import Evaluation, Run
+            r = evaluate(args.checkpoint, args.model,
+                         evaluation=Evaluation(args.eval_dataset, args.eval_windows,
+                                               args.eval_seq_len, args.act_sim),
+                         run=Run(device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                                 progress=not args.no_progress))
             print(json.dumps(r, indent=2))
             if args.json:
                 with open(args.json, "w") as f:

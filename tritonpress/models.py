@@ -94,16 +94,8 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise MissingFileError(f"checkpoint {path} is not a directory: pass the folder "
                                "tritonpress compress wrote (--out)")
-    config = read_config(path)
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict):
-        raise ValueError(f"{path / 'config.json'} has no quantization_config: {path} is not a "
-                         "compressed checkpoint (an uncompressed model? compress it first with "
-                         "tritonpress compress, or pass it as the base model)")
-    if qc.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"{path / 'config.json'}: quantization_config has quant_method "
-                         f"{qc.get('quant_method')!r}; tritonpress evaluates compressed-tensors "
-                         "checkpoints (what tritonpress compress and llm-compressor write)")
+    from .checkpoint.reader import read_quantization_config
+    read_quantization_config(path)
     if not check_weights(path, safetensors_only=True):
         raise MissingFileError(f"checkpoint {path} has no *.safetensors files: compressed-tensors "
                                "checkpoints are safetensors; pass the folder tritonpress "
@@ -322,6 +314,16 @@ def load_tokenizer(path: Path):
     except Exception as e:  # transformers raises several kinds for a missing/bad tokenizer
         raise ValueError(f"{path}: could not load its tokenizer ({e}); save the tokenizer "
                          "beside the model (tokenizer.save_pretrained(dir))") from e
+
+
+def check_finite(tensors) -> None:
+    """No NaN or Inf in the weights, (name, tensor) pairs: checked before any calibration (a
+    streamed model: each layer as it is read)."""
+    bad = [n for n, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"NaN or Inf in the model's weights ({', '.join(bad[:5])}"
+                         f"{'...' if len(bad) > 5 else ''}): the model is broken before "
+                         "compression; re-download or re-convert it")
 
 
 def check_has_linear_layers(model: nn.Module) -> None:

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .schemes import Scheme
+from .schemes import ACT_SIMS, Scheme
 
 
 # ----------------------------------------------------------------------------- checks
@@ -231,7 +231,7 @@ class Evaluation:
                    "name held-out texts, e.g. 'canterbury+code' or a file")
         check_int("windows", self.windows, 1, "pass a positive whole number of windows")
         check_int("seq_len", self.seq_len, 1, "pass a positive whole number of tokens")
-        check_choice("act_sim", self.act_sim, ("vllm", "compressed-tensors"))
+        check_choice("act_sim", self.act_sim, ACT_SIMS)
 
 
 STREAM_MODES = ("auto", "on", "off")

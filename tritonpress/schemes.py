@@ -57,6 +57,12 @@ ALIASES = {"W8A8": "W8A8_INT8", "FP8_DYNAMIC": "W8A8_FP8", "FP8": "W8A8_FP8",
            "INT8": "W8A8_INT8", "W4A16_SYM": "W4A16", "2:4_FP8": "W8A8_FP8_24"}
 
 
+# how a scheme's dynamic per-token activation quantization is simulated (kernels/quant.py):
+# as vLLM's kernels round (int8 scale absmax / 127), or compressed-tensors' fake quantization
+# (absmax / 127.5)
+ACT_SIMS = ("vllm", "compressed-tensors")
+
+
 def get_scheme(name: str | Scheme, group_size: int | None = None, symmetric: bool | None = None,
                ignore: list[str] | tuple[str, ...] | None = None) -> Scheme:
     """Look up a preset by name (or alias) and apply the user's overrides."""

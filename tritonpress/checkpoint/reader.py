@@ -62,11 +62,17 @@ class ShardReader:
 
 def read_quantization_config(path) -> dict:
     """config.json's quantization_config, which must be compressed-tensors'."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    qc = cfg.get("quantization_config")
-    if not qc or qc.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"{path}/config.json has no compressed-tensors quantization_config; "
-                         "is this a compressed checkpoint?")
+    from ..models import read_config          # a missing or broken config.json, named
+    path = Path(path)
+    qc = read_config(path).get("quantization_config")
+    if not isinstance(qc, dict):
+        raise ValueError(f"{path / 'config.json'} has no quantization_config: {path} is not a "
+                         "compressed checkpoint (an uncompressed model? compress it first with "
+                         "tritonpress compress, or pass it as the base model)")
+    if qc.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{path / 'config.json'}: quantization_config has quant_method "
+                         f"{qc.get('quant_method')!r}; tritonpress reads compressed-tensors "
+                         "checkpoints (what tritonpress compress and llm-compressor write)")
     return qc
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schemes import QuantArgs
+from ..schemes import ACT_SIMS, QuantArgs
 
 FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -453,8 +453,6 @@ def quantize_pack_int4(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtyp
         return _pack_int4_triton(q), scale, zp
     return _quantize_groups_triton(w, args, gs, scale_dtype or w.dtype, pack=True)
 
-
-ACT_SIMS = ("vllm", "compressed-tensors")
 
 
 def check_act_sim(act_sim: str) -> str:

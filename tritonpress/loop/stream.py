@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import check_finite
 from ..checkpoint import ShardReader, tied_aliases
 from .targets import find_decoder_layers
 from ..report import step
@@ -92,10 +93,7 @@ class Stream:
                  if v.device.type == "meta" and pre + k not in self.aliases
                  and not (pre + k).startswith(skip)}
         tensors = self.reader.read(pre + k for k in local)
-        bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise ValueError(f"NaN or Inf in the model's weights ({', '.join(bad[:5])}): the "
-                             "model is broken before compression; re-download or re-convert it")
+        check_finite(tensors.items())
         with torch.no_grad():
             for k, meta in local.items():
                 t = tensors[pre + k]
