@@ -44,6 +44,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 from tritonpress.kernels import (awq_search, gemm_w4a16, gemm_w8a8, gptq_sweep,  # noqa: E402
                                  hessian, primitives, quant, sparse24)
 from tritonpress.kernels.dispatch import SMEM_BYTES  # noqa: E402
+from tritonpress.methods.gptq_solve import solve_in_order  # noqa: E402
 from tritonpress.schemes import PRESETS  # noqa: E402
 
 MODULES = (primitives, quant, hessian, gptq_sweep, awq_search, sparse24, gemm_w4a16, gemm_w8a8)
@@ -99,15 +100,17 @@ def launches():
             ng = cols // (wa.group_size or cols)
             sc = torch.rand(rows, ng) + 0.1
             zp = None if wa.symmetric else torch.zeros(rows, ng)
-        return gptq_sweep.gptq_solve(rn(rows, cols), hinv(cols), wa, sc, zp, scale_dtype=bf16)
+        return solve_in_order(rn(rows, cols), hinv(cols), wa, sc, zp, triton=True,
+                              scale_dtype=bf16)
     for lbl, wa, st in (("W4A16 g128 sym static", w4s, True), ("W4A16 g128 asym static", w4a, True),
                         ("W4A16 g128 sym dynamic", w4s, False), ("int8 channel", i8c, True),
                         ("fp8 channel", f8c, True)):
-        add(f"gptq_solve {lbl} W[{rows},{cols}]", lambda wa=wa, st=st: solve(wa, st))
+        add(f"solve_in_order {lbl} W[{rows},{cols}]", lambda wa=wa, st=st: solve(wa, st))
     for wa in (w4s, w4a):
-        add(f"sweep_block W4A16 {sym(wa)} [256,128]", lambda wa=wa: gptq_sweep.sweep_block(
-            torch.randn(256, 128), hinv(128), torch.rand(256, 128),
-            None if wa.symmetric else torch.zeros(256, 128), wa))
+        add(f"sweep_block W4A16 {sym(wa)} [256,128]",
+            lambda wa=wa: gptq_sweep.sweep_block_triton(
+                torch.randn(256, 128), hinv(128), torch.rand(256, 128),
+                None if wa.symmetric else torch.zeros(256, 128), wa))
 
     for dt, gs, s in ((bf16, 128, True), (bf16, 128, False), (bf16, 64, True), (bf16, 32, True),
                       (f16, 128, True), (f32, 128, True)):

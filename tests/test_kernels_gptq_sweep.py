@@ -1,15 +1,14 @@
-"""The fused GPTQ sweep (Triton interpreter on CPU) against compress/gptq.py's torch path."""
+"""The fused GPTQ sweep (Triton interpreter on CPU) against methods/gptq.py's torch path."""
 import pytest
 import torch
 
 from tritonpress.methods.gptq import gptq_quantize, inverse_cholesky
 from tritonpress.kernels.gptq_sweep import sweep_block_ref as _sweep_block_ref
-from tritonpress.kernels import gptq_sweep
-from tritonpress.kernels.gptq_sweep import (gptq_solve, gptq_solve_ref, gptq_solve_triton,
-                                            inverse_hessian_factor, lower_triangular_inverse,
-                                            sweep_block,
-                                            sweep_block_triton, trailing_update_ref,
-                                            trailing_update_triton)
+from tritonpress.methods import gptq_solve
+from tritonpress.kernels.gptq_sweep import (sweep_block_ref, sweep_block_triton,
+                                            trailing_update_ref, trailing_update_triton)
+from tritonpress.methods.gptq_solve import (gptq_sweep, inverse_hessian_factor,
+                                            lower_triangular_inverse, solve_in_order)
 from tritonpress.kernels.quant import quantize_ref, weight_qparams_ref
 from tritonpress.schemes import QuantArgs
 
@@ -67,8 +66,9 @@ def test_layer_solve_matches_gptq_quantize(args, mode):
     qw, Q_ref, info = gptq_quantize(W, H, args, torch.bfloat16, block_size=64, group_scales=mode)
     U, frac, _ = inverse_cholesky(H.clone())
     s, z = (None, None) if mode == "dynamic" else weight_qparams_ref(W, args, torch.bfloat16)
-    Q, scale, zp, losses = gptq_solve_triton(W, U, args, s, z, scale_dtype=torch.bfloat16,
-                                             block_size=64, outer=128, block_m=32)
+    Q, scale, zp, losses = solve_in_order(W, U, args, s, z, triton=True,
+                                          scale_dtype=torch.bfloat16, block_size=64, outer=128,
+                                          block_m=32)
     same = (Q == Q_ref).float().mean().item()
     assert same > 0.99, f"only {same:.4f} of the values agree"
     assert abs(losses.sum().item() - info["loss"]) <= 1e-3 * info["loss"]
@@ -82,8 +82,8 @@ def test_solve_triton_matches_its_torch_reference_with_partial_block():
     args = QuantArgs(4, "int", False, "group", 8)
     W = torch.randn(21, 200)
     U = _factor(_hessian(200))
-    got = gptq_solve_triton(W, U, args, block_size=64, outer=128, block_m=32)
-    want = gptq_solve_ref(W, U, args, block_size=64, outer=128)
+    got = solve_in_order(W, U, args, triton=True, block_size=64, outer=128, block_m=32)
+    want = solve_in_order(W, U, args, triton=False, block_size=64, outer=128)
     assert (got[0] == want[0]).float().mean() > 0.99
     torch.testing.assert_close(got[3], want[3], rtol=1e-4, atol=1e-6)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
@@ -94,9 +94,10 @@ def test_stacked_rows_solve_like_separate_layers():
     n = 128
     U = _factor(_hessian(n))
     Wa, Wb = torch.randn(24, n), torch.randn(13, n)
-    both = gptq_solve_ref(torch.cat([Wa, Wb]), U, INT4_SYM, block_size=64, outer=64)
-    a = gptq_solve_ref(Wa, U, INT4_SYM, block_size=64, outer=64)
-    b = gptq_solve_ref(Wb, U, INT4_SYM, block_size=64, outer=64)
+    both = solve_in_order(torch.cat([Wa, Wb]), U, INT4_SYM, triton=False, block_size=64,
+                          outer=64)
+    a = solve_in_order(Wa, U, INT4_SYM, triton=False, block_size=64, outer=64)
+    b = solve_in_order(Wb, U, INT4_SYM, triton=False, block_size=64, outer=64)
     assert torch.equal(both[0], torch.cat([a[0], b[0]]))
     torch.testing.assert_close(both[3], torch.cat([a[3], b[3]]))
 
@@ -133,21 +134,24 @@ def test_trailing_update_kernel_and_precision_emulation():
 
 def test_dispatch_and_bad_inputs(monkeypatch):
     monkeypatch.setenv("TRITONPRESS_BACKEND", "auto")
-    monkeypatch.setattr(gptq_sweep, "sweep_block_triton", lambda *a: pytest.fail("Triton on CPU"))
+    for name in ("sweep_block_triton", "trailing_update_triton"):
+        monkeypatch.setattr(gptq_solve, name, lambda *a, **k: pytest.fail("Triton on CPU"))
     W, U = torch.randn(5, 16), torch.eye(16)
     s1, z1 = _expanded(W, INT8_CHAN)
-    sweep_block(W, U, s1, z1, INT8_CHAN)
+    s, z = weight_qparams_ref(W, INT8_CHAN, torch.bfloat16)
+    gptq_sweep(W.clone(), U, INT8_CHAN, s, z, torch.zeros(16, dtype=torch.long))
     with pytest.raises(ValueError, match="expanded"):
-        sweep_block(W, U, s1[:, :1], None, INT8_CHAN)
+        sweep_block_ref(W, U, s1[:, :1], None, INT8_CHAN)
     with pytest.raises(ValueError, match="Hinv"):
-        sweep_block(W, torch.eye(8), s1, None, INT8_CHAN)
+        sweep_block_ref(W, torch.eye(8), s1, None, INT8_CHAN)
     with pytest.raises(ValueError, match="divide block_size"):
-        gptq_solve(W, U, QuantArgs(4, "int", True, "group", 16), block_size=8, outer=8)
+        solve_in_order(W, U, QuantArgs(4, "int", True, "group", 16), triton=False, block_size=8,
+                       outer=8)
     with pytest.raises(ValueError, match="per-channel"):
-        gptq_solve(W, U, INT8_CHAN)
+        solve_in_order(W, U, INT8_CHAN, triton=False)
     with pytest.raises(ValueError, match="zero point"):
-        gptq_solve(W, U, INT4_ASYM.__class__(4, "int", False, "group", 16),
-                   torch.ones(5, 1), None, block_size=16, outer=16)
+        solve_in_order(W, U, INT4_ASYM.__class__(4, "int", False, "group", 16),
+                       torch.ones(5, 1), None, triton=False, block_size=16, outer=16)
 
 
 @pytest.mark.parametrize("args", [INT4_SYM, INT4_ASYM, INT8_CHAN],

@@ -86,6 +86,17 @@ def _mirror_upper(H: torch.Tensor, step: int) -> torch.Tensor:
     return H
 
 
+def output_error(E: torch.Tensor, H: torch.Tensor, dim: int | None = -1,
+                 bf16: bool = False) -> torch.Tensor:
+    """e H e^T for each row e of a weight error E [..., rows, in] (batched over leading dims;
+    dim=None: summed over all, tr(E H E^T)). With H = X^T X (up to a factor) it is the squared
+    output error ||X e^T||^2 on the inputs H was accumulated from, without X. bf16: the
+    product in bf16 (tensor cores on a GPU; a few digits, for what is only reported)."""
+    if bf16:
+        return ((E.bfloat16() @ H.bfloat16()).float() * E.float()).sum(dim)
+    return ((E @ H) * E).sum(dim)
+
+
 # ----------------------------------------------------------------------------- Triton
 
 @triton.jit
@@ -214,7 +225,7 @@ def xtx_accumulate(H: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None =
 
 def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int,
                        mask: torch.Tensor | None = None) -> int:
-    """The pipeline's contract (compress/pipeline.py accumulate_hessian_ref): H holds
+    """The layer loop's contract (loop/hooks.py accumulate_hessian): H holds
     2/n_seen * sum x x^T; fold in the tokens of x ([tokens, in] or [b, s, in]; with `mask`,
     only those whose mask is nonzero, without copying x) and return the new count. The
     running rescale is fused into the kernel's tile write."""

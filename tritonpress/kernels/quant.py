@@ -23,13 +23,6 @@ FP8_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-def expand(p: torch.Tensor | None, gidx: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """[rows or 1, ngroups] -> [rows, cols]: each column gets its group's value."""
-    if p is None:
-        return None
-    return p[:, gidx].expand(rows, -1) if p.shape[0] == 1 else p[:, gidx]
-
-
 # ----------------------------------------------------------------------------- references
 
 def fp8_round_ref(x: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.quant import expand, qparams_from_minmax, quantize_ref
+from ..kernels.hessian import output_error
+from ..kernels.quant import qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
 from ..recipe import Method, check_actorder, check_int, check_number, check_type
 from ..checkpoint.qweight import QuantizedWeight
 from ..report import step
-from .rtn import clip_search, group_index, group_qparams, hessian_blocks, rtn_quantize
-# The column sweep (quantize, error, update the later columns) with its contract and torch
-# reference lives beside its fused kernels; gptq_sweep picks the implementation by device.
-from ..kernels.gptq_sweep import gptq_sweep, inverse_hessian_factor
+from .rtn import (clip_search, column_qparams, group_index, group_qparams, hessian_blocks,
+                  rtn_quantize)
+# Steps 3-5 (the inverse factor and the column sweep, which picks the fused kernels on a GPU)
+from .gptq_solve import gptq_sweep, inverse_cholesky
 
 # Static group scales (from the weights before the sweep, as llm-compressor), chosen by an
 # earlier measurement on SmolLM2-135M W4A16 g64 against scales made as the sweep meets a group.
@@ -41,34 +42,6 @@ DEFAULT_GROUP_SCALES = "static"
 # the original columns (no g_idx). GPTQ() uses it;
 # gptq_quantize itself orders only when asked (it is also the fused kernels' oracle).
 DEFAULT_ACTORDER = "static"
-
-
-def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_damp: float = 10.0,
-                     overwrite: bool = False):
-    """Upper Cholesky factor of (H + frac * mean(|diag H|) * I)^-1, raising frac x10 from
-    `damp` (0 -> 1e-4) up to `max_damp` until both factorizations succeed.
-    overwrite: dampen H itself (it is left dampened; no n x n copy, for callers done with H).
-
-    Returns (U or None, frac used or None, fractions that failed)."""
-    diag_mean = H.diagonal().abs().mean()
-    if not torch.isfinite(diag_mean) or not torch.isfinite(H).all():
-        return None, None, []
-    if diag_mean == 0:
-        diag_mean = torch.ones_like(diag_mean)
-    frac, failed = damp, []
-    diag = H.diagonal().clone()
-    while frac <= max_damp * (1 + 1e-9):
-        damped = H if overwrite else H.clone()   # H + frac * mean * I, no identity made
-        damped.diagonal().copy_(diag).add_(frac * diag_mean)
-        # one Cholesky and one triangular inverse (kernels/gptq_sweep.py): the same U as
-        # cholesky(cholesky_inverse(cholesky(H)), upper) to 2e-7, in half the time at 1536
-        U, info = inverse_hessian_factor(damped)
-        del damped
-        if info == 0 and torch.isfinite(U).all():
-            return U, frac, failed
-        failed.append(frac)
-        frac = frac * 10 if frac > 0 else 1e-4
-    return None, None, failed
 
 
 @torch.no_grad()
@@ -140,13 +113,13 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
         info.update(fallback="rtn")
         return _split(weight, qw, deq, None, H0, splits, info, t0)
 
-    # the sweep (kernels/gptq_sweep.py): the fused whole-layer solve on a GPU when it applies,
-    # else the paper's loop over blocks of columns
+    # the sweep (gptq_solve.py): the fused whole-layer solve on a GPU when it applies, else
+    # the paper's loop over blocks of columns
     Q, scale, zp, Losses = gptq_sweep(W, Hinv, args, scale, zp, gcol, dynamic=dynamic,
                                       scale_dtype=scale_dtype, block_size=block_size)
     del W                                       # swept: only Q is needed now
     Q = Q[:, torch.argsort(perm)]
-    q = quantize_ref(Q, *_per_column(scale, zp, gidx, cols), args)   # the integers (exact)
+    q = quantize_ref(Q, *column_qparams(scale, zp, gidx), args)   # the integers (exact)
     qw = QuantizedWeight(q, scale.to(scale_dtype), None if zp is None else zp.to(torch.int8), args)
     info.update(fallback=None)
     return _split(weight, qw, Q, Losses, H0, splits, info, t0)
@@ -171,15 +144,6 @@ def _split(weight, qw, deq, losses, H, splits, info, t0) -> list[tuple]:
     return out
 
 
-def _per_column(scale, zp, gidx, cols):
-    """Group qparams as quantize_ref takes them: as they are when the groups are equal (it
-    broadcasts them), expanded to columns when the last group is shorter."""
-    if cols % scale.shape[1] == 0 and torch.equal(gidx, torch.arange(cols, device=gidx.device)
-                                                 // (cols // scale.shape[1])):
-        return scale, zp
-    return expand(scale, gidx, scale.shape[0]), expand(zp, gidx, scale.shape[0])
-
-
 def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, chunk: int = 2048) -> dict:
     """Output error on the calibration data: tr(E H E^T) and relative to tr(W H W^T), a chunk
     of rows at a time (no [rows, cols] temporaries beyond a chunk)."""
@@ -187,8 +151,8 @@ def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, chunk: int = 2048
     for r in range(0, W.shape[0], chunk):
         w = W[r:r + chunk].float()
         e = w - Q[r:r + chunk]
-        err += float((e @ H * e).sum())
-        ref += float((w @ H * w).sum())
+        err += float(output_error(e, H, dim=None))
+        ref += float(output_error(w, H, dim=None))
     return {"output_err": err, "output_rel_err": err / ref if ref > 0 else float("nan")}
 
 

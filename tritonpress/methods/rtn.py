@@ -1,7 +1,8 @@
 """Round-to-nearest weight quantization: the data-free FP8 path and the baseline for GPTQ/AWQ.
 
-Also the group bookkeeping GPTQ shares: which group each input column belongs to (a
-shorter last group when `partial_last_group`), and group qparams expanded to columns.
+Also what GPTQ and AWQ share: the group bookkeeping (which group each input column belongs to,
+a shorter last group when `partial_last_group`; group qparams; the one way they are expanded
+to columns) and the clipping search of group ranges under a Hessian's blocks.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels.quant import dequantize_ref, expand, qparams_from_minmax, quantize_ref
+from ..kernels.hessian import output_error
+from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref, quantize_weight
 from ..schemes import QuantArgs, Scheme
 from ..checkpoint.qweight import QuantizedWeight
 from ..recipe import Method
@@ -58,7 +60,7 @@ def clip_search(w: torch.Tensor, hb: torch.Tensor, args: QuantArgs, scale_dtype:
             scale, zp = qparams_from_minmax(lo0 * f, hi0 * f, args, scale_dtype)
             d = dequantize_ref(quantize_ref(wc, scale, zp, args), scale, zp) - wc
             d = d.view(-1, ng, g).transpose(0, 1)              # [ng, rows, g]
-            err = ((d @ hb) * d).sum(-1).T                     # [rows, ng]
+            err = output_error(d, hb).T                        # [rows, ng]
             better = err < best
             best = torch.where(better, err, best)
             best_f = torch.where(better, torch.full_like(best_f, f), best_f)
@@ -83,6 +85,23 @@ def group_index(cols: int, args: QuantArgs, partial_last_group: bool = False,
     raise ValueError(f"weights cannot be quantized per {args.strategy}")
 
 
+def expand(p: torch.Tensor | None, gidx: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """[rows or 1, ngroups] -> [rows, cols]: each column gets its group's value."""
+    if p is None:
+        return None
+    return p[:, gidx].expand(rows, -1) if p.shape[0] == 1 else p[:, gidx]
+
+
+def column_qparams(scale: torch.Tensor, zp: torch.Tensor | None, gidx: torch.Tensor):
+    """Group qparams [rows, ngroups] as quantize_ref / dequantize_ref take them: as they are
+    when the groups are equal and in order (they broadcast them), else expanded to columns."""
+    cols, ng = gidx.numel(), scale.shape[1]
+    if cols % ng == 0 and torch.equal(gidx, torch.arange(cols, device=gidx.device)
+                                      // (cols // ng)):
+        return scale, zp
+    return expand(scale, gidx, scale.shape[0]), expand(zp, gidx, scale.shape[0])
+
+
 def group_qparams(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
                   gidx: torch.Tensor):
     """Min/max qparams of each group of w [rows, cols]: scale (fp32 values rounded to
@@ -103,15 +122,20 @@ def group_qparams(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
 @step("rtn")
 def rtn_quantize(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None,
                  partial_last_group: bool = False) -> tuple[QuantizedWeight, torch.Tensor]:
-    """Round-to-nearest w [out, in] -> (QuantizedWeight, dequantized weight fp32)."""
+    """Round-to-nearest w [out, in] -> (QuantizedWeight, dequantized weight fp32): the fused
+    kernel on a GPU and its torch reference elsewhere (kernels.quant.quantize_weight); a
+    shorter last group or a per-tensor scale by the reference's formulas."""
     scale_dtype = scale_dtype or w.dtype
     gidx = group_index(w.shape[1], args, partial_last_group, w.device)
-    scale, zp = group_qparams(w, args, scale_dtype, gidx)
-    s_cols, z_cols = expand(scale, gidx, w.shape[0]), expand(zp, gidx, w.shape[0])
-    q = quantize_ref(w, s_cols, z_cols, args)
-    deq = dequantize_ref(q, s_cols, z_cols)
-    zp = None if zp is None else zp.to(torch.int8)
-    return QuantizedWeight(q, scale.to(scale_dtype), zp, args), deq
+    if args.strategy == "channel" or (args.strategy == "group"
+                                      and w.shape[1] % args.group_size == 0):
+        q, scale, zp = quantize_weight(w, args, scale_dtype)
+    else:
+        scale, zp = group_qparams(w, args, scale_dtype, gidx)
+        q = quantize_ref(w, *column_qparams(scale, zp, gidx), args)
+        scale, zp = scale.to(scale_dtype), None if zp is None else zp.to(torch.int8)
+    deq = dequantize_ref(q, *column_qparams(scale, zp, gidx))
+    return QuantizedWeight(q, scale, zp, args), deq
 
 
 @torch.no_grad()

@@ -1,0 +1,239 @@
+"""GPTQ's linear algebra and column sweep for one weight (methods/gptq.py is the method):
+
+1. inverse_cholesky(H, damp): U, the upper Cholesky factor of the dampened H^-1, the
+   dampening raised x10 while H is not positive definite. inverse_hessian_factor gets U with
+   one Cholesky and one triangular inverse instead of Cholesky, cholesky_inverse and
+   Cholesky: if J reverses the index order and J H J = L L^T, then H = R R^T with R = J L J
+   upper, and U = R^-1 = J L^-1 J. Half the O(n^3) work of the usual route, all in torch.
+2. gptq_sweep(W, U, ...): the sweep of every column, the one place the implementation is
+   chosen, once per solve: on a GPU the whole-layer solve below whenever it applies, else the
+   paper's loop over blocks (sweep_blocks), its block step the fused kernel on a GPU and the
+   torch reference elsewhere (kernels/gptq_sweep.py).
+3. solve_in_order: the whole-layer solve, columns in order. Against the paper's loop:
+   - qparams are indexed per group inside the block sweep (no [rows, B] expanded copies);
+     with scale=None (group strategy) they are computed when the sweep reaches the group's
+     first column, from the updated weights -- gptq.py's "dynamic" mode;
+   - errors go to the later columns in two levels: inside a super-block of `outer` columns
+     after every block (K = block_size), to the columns right of the super-block once per
+     super-block (K = outer). The same sums, but the big update is one GEMM with K = 1024
+     instead of eight memory-bound K = 128 ones;
+   - the trailing GEMM runs on tensor cores at `precision` (see TRAILING_PRECISION).
+   Same-shape weights that share the Hessian and quant args (q/k/v, gate/up) can be stacked
+   along rows and solved in one call: rows never interact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from ..kernels.dispatch import use_triton
+from ..kernels.gptq_sweep import (SCALE_DTYPES, TRAILING_PRECISION, sweep_block_ref,
+                                  sweep_block_triton, trailing_update_ref,
+                                  trailing_update_triton)
+from ..kernels.quant import qparams_from_minmax
+from ..schemes import QuantArgs
+from .rtn import expand
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_damp: float = 10.0,
+                     overwrite: bool = False):
+    """Upper Cholesky factor of (H + frac * mean(|diag H|) * I)^-1, raising frac x10 from
+    `damp` (0 -> 1e-4) up to `max_damp` until both factorizations succeed.
+    overwrite: dampen H itself (it is left dampened; no n x n copy, for callers done with H).
+
+    Returns (U or None, frac used or None, fractions that failed)."""
+    diag_mean = H.diagonal().abs().mean()
+    if not torch.isfinite(diag_mean) or not torch.isfinite(H).all():
+        return None, None, []
+    if diag_mean == 0:
+        diag_mean = torch.ones_like(diag_mean)
+    frac, failed = damp, []
+    diag = H.diagonal().clone()
+    while frac <= max_damp * (1 + 1e-9):
+        damped = H if overwrite else H.clone()   # H + frac * mean * I, no identity made
+        damped.diagonal().copy_(diag).add_(frac * diag_mean)
+        # the same U as cholesky(cholesky_inverse(cholesky(H)), upper) to 2e-7, in half the
+        # time at 1536
+        U, info = inverse_hessian_factor(damped)
+        del damped
+        if info == 0 and torch.isfinite(U).all():
+            return U, frac, failed
+        failed.append(frac)
+        frac = frac * 10 if frac > 0 else 1e-4
+    return None, None, failed
+
+
+def inverse_hessian_factor(H: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Upper U with U^T U = H^-1 for a (dampened) positive definite H: (U, 0), or (None, info)
+    when the Cholesky fails. One Cholesky of the index-reversed H and one triangular inverse."""
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0:
+        return None, int(info)
+    return lower_triangular_inverse(L).flip(0, 1), 0
+
+
+def lower_triangular_inverse(L: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """L^-1 by halves: inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]. n^3/3
+    multiply-adds, nearly all in GEMMs (a triangular solve against I costs n^3)."""
+    n = L.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    h = (n // 2 + 127) // 128 * 128 if n > 256 else n // 2  # edges on multiples of 128
+    out = torch.zeros_like(L)
+    Ai = out[:h, :h] = lower_triangular_inverse(L[:h, :h], leaf)
+    Di = out[h:, h:] = lower_triangular_inverse(L[h:, h:], leaf)
+    out[h:, :h] = -(Di @ (L[h:, :h] @ Ai))
+    return out
+
+
+def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs, scale: torch.Tensor,
+               zp: torch.Tensor | None, gcol: torch.Tensor, *, dynamic: bool = False,
+               scale_dtype: torch.dtype = torch.bfloat16, block_size: int = 128):
+    """The whole GPTQ sweep of W [rows, cols] fp32, its columns in sweep order, given U =
+    Hinv (the upper Cholesky factor of the dampened H^-1 in that order). Column j belongs to
+    group gcol[j] of scale/zp [rows, ngroups] (under activation order the groups are
+    scattered). dynamic (group strategy): a group's qparams are computed from the updated
+    weights when the sweep first meets it, into scale/zp.
+
+    On a GPU the whole-layer solve (solve_in_order) whenever it applies; else the paper's loop
+    (sweep_blocks). Returns (Q [rows, cols] fp32 in sweep order, scale, zp, losses [rows]);
+    W is overwritten."""
+    triton = use_triton(W, Hinv)            # the one choice of device for this solve
+    rows, cols = W.shape
+    if triton and args.strategy in ("group", "channel"):
+        gsize = args.group_size if args.strategy == "group" else cols
+        # the whole-layer solve indexes groups as column // group size: columns in that order
+        in_order = args.strategy == "channel" or torch.equal(
+            gcol, torch.arange(cols, device=gcol.device) // gsize)
+        if in_order and (not dynamic or block_size % gsize == 0):
+            return solve_in_order(W, Hinv, args, None if dynamic else scale,
+                                  None if dynamic else zp, triton=True,
+                                  scale_dtype=scale_dtype, block_size=block_size)
+        if not dynamic:             # scattered groups: each column its group's qparams
+            Q, _, _, losses = solve_in_order(
+                W, Hinv, dataclasses.replace(args, group_size=1), expand(scale, gcol, rows),
+                expand(zp, gcol, rows), triton=True, scale_dtype=scale_dtype,
+                block_size=block_size)
+            return Q, scale, zp, losses
+    return sweep_blocks(W, Hinv, args, scale, zp, gcol, dynamic=dynamic, scale_dtype=scale_dtype,
+                        block_size=block_size,
+                        sweep_block=sweep_block_triton if triton else sweep_block_ref)
+
+
+def sweep_blocks(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, block_size,
+                 sweep_block=sweep_block_ref):
+    """The paper's loop (gptq_sweep's arguments): per block of block_size columns,
+    sweep_block with each column's group qparams, then the block's errors to every later
+    column in one matmul."""
+    rows, cols = W.shape
+    # Block boundaries; in dynamic mode also wherever the sweep first meets a group, so that
+    # its scale is computed from weights carrying all earlier updates.
+    bounds = set(range(0, cols, block_size)) | {cols}
+    if dynamic:
+        first = torch.full((int(gcol.max()) + 1,), cols, dtype=torch.long, device=W.device)
+        first = first.scatter_reduce(0, gcol, torch.arange(cols, device=W.device), "amin")
+        bounds |= set(first.tolist())
+    bounds = sorted(bounds)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(rows, device=W.device)
+    seen = torch.zeros(scale.shape[1], dtype=torch.bool, device=W.device)
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        if dynamic and not seen[gcol[i1]]:
+            g = int(gcol[i1])
+            Wg = W[:, gcol == g]
+            s, z = qparams_from_minmax(Wg.amin(1, keepdim=True), Wg.amax(1, keepdim=True), args,
+                                       scale_dtype)
+            scale[:, g:g + 1] = s
+            if zp is not None:
+                zp[:, g:g + 1] = z
+            seen[g] = True
+        Q1, Err1, L1 = sweep_block(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2],
+                                   expand(scale, gcol[i1:i2], rows),
+                                   expand(zp, gcol[i1:i2], rows), args)
+        Q[:, i1:i2] = Q1
+        losses += L1.sum(1) / 2
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q, scale, zp, losses
+
+
+def solve_in_order(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,
+                   scale: torch.Tensor | None = None, zp: torch.Tensor | None = None, *,
+                   triton: bool, scale_dtype: torch.dtype = torch.bfloat16,
+                   block_size: int = 128, outer: int | None = None,
+                   precision: str | None = None, block_m: int | None = None):
+    """GPTQ sweep of a whole weight W [rows, cols] (columns in order) given U = Hinv, the upper
+    Cholesky factor of the dampened H^-1: the two-level schedule of the module docstring, its
+    steps the Triton kernels (triton=True) or their torch references.
+
+    scale/zp: [rows, ngroups] qparams fixed before the sweep (values already rounded to the
+    storage dtype; zp fp32 or None), or scale=None with group strategy: computed when the sweep
+    reaches each group, from the updated weights (needs block_size % group_size == 0).
+    Returns (Q dequantized fp32 [rows, cols], scale, zp, losses [rows]: half the sum of
+    (w - q)^2 / U_ii^2, the paper's loss). W is not modified.
+    outer: super-block width for the two-level update (default: the multiple of block_size
+    nearest 1024 from below); precision: the trailing GEMM's (default TRAILING_PRECISION on
+    the GPU, "ieee" in torch); block_m: the Triton row tile (default: autotuned)."""
+    outer = outer or block_size * max(1, 1024 // block_size)
+    W, rows, cols, gdiv, scale, zp, dynamic = _setup(W, Hinv, args, scale, zp, scale_dtype,
+                                                     block_size, outer)
+    if triton:
+        sweep, trailing = functools.partial(sweep_block_triton, block_m=block_m), \
+            trailing_update_triton
+        precision = precision or TRAILING_PRECISION
+    else:
+        sweep, trailing, precision = sweep_block_ref, trailing_update_ref, precision or "ieee"
+    Hinv = Hinv.float()
+    Hinv = Hinv if Hinv.stride(-1) == 1 else Hinv.contiguous()
+    losses = torch.zeros(rows, device=W.device)
+    E = torch.empty(rows, min(outer, cols), device=W.device)
+    for j1 in range(0, cols, outer):
+        j2 = min(j1 + outer, cols)
+        for i1 in range(j1, j2, block_size):
+            i2 = min(i1 + block_size, j2)
+            Wb = W[:, i1:i2]
+            sweep(Wb, Hinv[i1:i2, i1:i2], scale, zp, args, col0=i1, gdiv=gdiv, dynamic=dynamic,
+                  scale_dtype=scale_dtype, out=(Wb, E[:, i1 - j1:], losses))
+            if i2 < j2:
+                trailing(W[:, i2:j2], E[:, i1 - j1:i2 - j1], Hinv[i1:i2, i2:j2], precision)
+        if j2 < cols:
+            trailing(W[:, j2:], E[:, :j2 - j1], Hinv[j1:j2, j2:], precision)
+    return W, scale, zp, losses / 2
+
+
+def _setup(W, Hinv, args, scale, zp, scale_dtype, block_size, outer):
+    rows, cols = W.shape
+    if Hinv.shape != (cols, cols):
+        raise ValueError(f"Hinv {list(Hinv.shape)} does not match weight {list(W.shape)}")
+    if block_size <= 0 or outer % block_size:
+        raise ValueError(f"outer ({outer}) must be a positive multiple of block_size ({block_size})")
+    if args.strategy not in ("group", "channel"):
+        raise ValueError(f"the whole-layer GPTQ solve handles group and channel weights, not "
+                         f"{args.strategy}; use gptq_sweep")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale dtype {scale_dtype} not supported: use one of "
+                         f"{list(SCALE_DTYPES)}")
+    gsize = args.group_size if args.strategy == "group" else cols
+    ngroups = -(-cols // gsize)
+    dynamic = scale is None
+    if dynamic:
+        if args.strategy != "group":
+            raise ValueError("scale=None (computed in the sweep) is for group strategy only: "
+                             "pass per-channel scales computed from the weight")
+        if block_size % gsize:
+            raise ValueError(f"qparams computed in the sweep need groups inside blocks: group "
+                             f"size {gsize} must divide block_size {block_size}")
+        scale = torch.empty(rows, ngroups, device=W.device)
+        zp = None if args.symmetric else torch.empty_like(scale)
+    else:
+        want = (rows, ngroups)
+        if tuple(scale.shape) != want or (zp is not None and tuple(zp.shape) != want):
+            raise ValueError(f"scale/zp must be [{rows}, {ngroups}] (rows x groups), got "
+                             f"{list(scale.shape)}" + ("" if zp is None else f", {list(zp.shape)}"))
+        if zp is None and not args.symmetric and args.type == "int":
+            raise ValueError("asymmetric args need a zero point: pass zp")
+        scale = scale.float().contiguous()
+        zp = None if zp is None else zp.float().contiguous()
+    return W.float().clone(), rows, cols, gsize, scale, zp, dynamic
