@@ -121,7 +121,7 @@ def test_fp8_round_matches_torch_cast():
 
 def test_full_sweep_triton_vs_torch(monkeypatch, quant=True):
     """The whole blocked sweep (3 blocks of 64, trailing matmuls) on both backends."""
-    from tritonpress.methods.sparsegpt import sparsegpt_sweep
+    from tritonpress.methods.sparsegpt_solve import sparsegpt_sweep
     out, n = 37, 192
     W = torch.randn(out, n)
     Hinv = _hinv(n, tokens=512)

@@ -5,11 +5,12 @@ import functools
 import pytest
 import torch
 
-from tritonpress.methods.sparsegpt import (FP8_CHANNEL, check_24_shapes, hessian_loss,
-                                            hessian_loss_rows, spread_channels,
-                                            inverse_hessian_cholesky, magnitude_24,
-                                            magnitude_linears, sparsegpt_24, sparsegpt_method,
-                                            undampened_loss_rows)
+from tritonpress.kernels.hessian import output_error
+from tritonpress.methods.sparsegpt import (check_24_shapes, magnitude_linears, sparsegpt_method,
+                                            spread_channels)
+from tritonpress.methods.sparsegpt_solve import (FP8_CHANNEL, inverse_hessian_cholesky,
+                                                  magnitude_24, sparsegpt_24,
+                                                  undampened_loss_rows)
 from tritonpress.schemes import QuantArgs, get_scheme
 
 
@@ -53,7 +54,8 @@ def test_sparsegpt_loss_beats_magnitude(kind):
     W = torch.randn(out, n)
     qw, _ = run(kind, W, H)
     mag, _ = run("magnitude", W, H)
-    ours, base = hessian_loss(W, qw.dequantize(), H), hessian_loss(W, mag.dequantize(), H)
+    ours = float(output_error(W - qw.dequantize(), H, dim=None))
+    base = float(output_error(W - mag.dequantize(), H, dim=None))
     assert ours < 0.6 * base, (ours, base)
 
 
@@ -77,7 +79,7 @@ def test_undampened_loss_from_the_sweep_matches_the_matmul(mode):
     inv = inverse_hessian_cholesky(H)
     qw, losses = sparsegpt_24(W, None, mode=mode, hinv=inv)
     torch.testing.assert_close(undampened_loss_rows(losses, W, qw.dequantize(), inv),
-                               hessian_loss_rows(W, qw.dequantize(), H), rtol=2e-3, atol=1e-4)
+                               output_error(W - qw.dequantize(), H), rtol=2e-3, atol=1e-4)
 
 
 def test_stacked_rows_give_the_same_weights():
@@ -209,7 +211,7 @@ def test_layer_method_on_tiny_llama():
 def test_static_order_sweeps_groups_by_hessian_diagonal_and_loses_less():
     """actorder="static": whole 2:4 groups move (the pattern stays on the original groups),
     by decreasing sum of H_ii; on correlated inputs with uneven scales the loss is lower."""
-    from tritonpress.methods.sparsegpt import group_order
+    from tritonpress.methods.sparsegpt_solve import group_order
     H = torch.diag(torch.tensor([1., 1, 1, 1, 5, 0, 0, 0, 2, 2, 2, 2]))
     assert group_order(H).tolist() == [8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3]
     wins = 0
@@ -219,7 +221,7 @@ def test_static_order_sweeps_groups_by_hessian_diagonal_and_loses_less():
         ordered, lo = sparsegpt_24(W, H)
         plain, lp = sparsegpt_24(W, H, actorder=None)
         assert ordered.is_24_sparse()
-        torch.testing.assert_close(lo, hessian_loss_rows(W, ordered.dequantize(), H)
+        torch.testing.assert_close(lo, output_error(W - ordered.dequantize(), H)
                                    + 0.01 * H.diagonal().mean()
                                    * (W - ordered.dequantize()).square().sum(1),
                                    rtol=1e-3, atol=1e-3)
@@ -229,7 +231,7 @@ def test_static_order_sweeps_groups_by_hessian_diagonal_and_loses_less():
 
 def test_refit_kept_reaches_the_least_squares_optimum_for_the_mask():
     """refit_kept against per-row exact solves of the masked normal equations."""
-    from tritonpress.methods.sparsegpt import refit_kept
+    from tritonpress.methods.sparsegpt_solve import refit_kept
     from tritonpress.kernels.sparse24 import keep_2_of_4
     n = 64
     A = correlated_hessian(n, seed=3) + 0.1 * torch.eye(n)
@@ -258,7 +260,8 @@ def test_refit_lowers_the_loss_keeps_the_mask_and_reports_it():
         D = W - qr.dequantize()
         torch.testing.assert_close(lr, ((D @ (H + 0.01 * H.diagonal().mean() * torch.eye(96)))
                                         * D).sum(1), rtol=1e-3, atol=1e-3)
-        wins += hessian_loss(W, qr.dequantize(), H) < hessian_loss(W, q0.dequantize(), H)
+        wins += output_error(W - qr.dequantize(), H, dim=None) < \
+            output_error(W - q0.dequantize(), H, dim=None)
     assert wins >= 3
     for bad in (dict(refit=0.0), dict(refit=0.1, mode="prune_then_quantize")):
         with pytest.raises(ValueError, match="refit"):
