@@ -42,12 +42,13 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from tritonpress.kernels import (awq_search, gemm_w4a16, gemm_w8a8, gptq_sweep,  # noqa: E402
-                                 hessian, primitives, quant, sparse24)
+                                 hessian, primitives, quant, quant_triton, sparse24)
 from tritonpress.kernels.dispatch import SMEM_BYTES  # noqa: E402
 from tritonpress.methods.gptq_solve import solve_in_order  # noqa: E402
 from tritonpress.schemes import PRESETS  # noqa: E402
 
-MODULES = (primitives, quant, hessian, gptq_sweep, awq_search, sparse24, gemm_w4a16, gemm_w8a8)
+MODULES = (primitives, quant_triton, hessian, gptq_sweep, awq_search, sparse24, gemm_w4a16,
+           gemm_w8a8)
 ARCHS = (80, 89, 90)
 # Register spills accepted per kernel (bytes of spill stores + loads per thread), where a
 # measured trade says a spilling config is worth keeping. Everything else must be clean.

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tritonpress.kernels import quant as Q
+from tritonpress.kernels import quant_triton
 from tritonpress.schemes import QuantArgs
 
 FP8_CH = QuantArgs(8, "float", True, "channel")
@@ -121,10 +122,10 @@ def test_long_rows_swept_in_chunks_match_reference(triton_backend, device, args,
                                                    max_block):
     w = _hard_weight(*shape, args, torch.bfloat16, device)
     gs = args.group_size or shape[1]
-    got = Q._quantize_groups_triton(w, args, gs, torch.bfloat16, max_block=max_block)
+    got = quant_triton.quantize_groups_triton(w, args, gs, torch.bfloat16, max_block=max_block)
     _assert_same(got, Q.quantize_weight_ref(w.cpu(), args))
-    packed = Q._quantize_groups_triton(w, args, gs, torch.bfloat16, pack=True,
-                                       max_block=max_block)
+    packed = quant_triton.quantize_groups_triton(w, args, gs, torch.bfloat16, pack=True,
+                                                 max_block=max_block)
     if args.type == "int":
         _assert_same(packed, Q.quantize_pack_int4_ref(w.cpu(), args))
 
@@ -216,7 +217,7 @@ def test_dequantized_error_within_half_a_step(triton_backend, device, args):
     q, scale, zp = Q.quantize_weight(w, args, torch.float32)
     w_hat = Q.dequantize_ref(q.cpu(), scale.cpu(), None if zp is None else zp.cpu())
     err = (w_hat - w.cpu()).abs()
-    s = Q._expand(scale.cpu().float(), w.shape[1])
+    s = scale.cpu().float().repeat_interleave(w.shape[1] // scale.shape[1], dim=1)
     if args.type == "float":      # half an e4m3 step: 2**-4 relative, 2**-10 absolute below 2**-6
         y = (w.cpu() / s).abs()
         step = torch.where(y < 2 ** -6, torch.full_like(y, 2.0 ** -9),
@@ -233,7 +234,7 @@ def test_dequantized_error_within_half_a_step(triton_backend, device, args):
 def test_cpu_tensors_use_the_reference_by_default(monkeypatch):
     monkeypatch.delenv("TRITONPRESS_BACKEND", raising=False)
     calls = []
-    monkeypatch.setattr(Q, "_quantize_groups_triton", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(quant_triton, "quantize_groups_triton", lambda *a, **k: calls.append(1))
     w = torch.randn(4, 64)
     _assert_same(Q.quantize_weight(w, INT4_G64), Q.quantize_weight_ref(w, INT4_G64))
     Q.quantize_per_token(w, INT8_TOKEN)

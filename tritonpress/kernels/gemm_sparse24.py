@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .gemm_w8a8 import scaled_mm_ref
-
 # cuSPARSELt's minimum granularity for 8-bit operands: sparse rows/cols multiples of 32,
 # dense operand multiples of 16 (we pad the token dimension).
 SPARSE_MULTIPLE = 32
@@ -94,9 +92,3 @@ def search_algorithm(w: Sparse24Weight, xq: torch.Tensor,
                                        out_dtype=out_dtype, transpose_result=True)
     w.alg_id = int(alg[0] if isinstance(alg, (tuple, list)) else alg)
     return w.alg_id
-
-
-def sparse24_fp8_ref(xq: torch.Tensor, sx: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The same product with the zeros multiplied out: dense dequantize-then-matmul."""
-    return scaled_mm_ref(xq, sx, q, scale, out_dtype)
