@@ -30,9 +30,9 @@ import triton.language as tl
 
 from ..schemes import QuantArgs
 from .dispatch import use_triton, interpreting
+from .hessian import output_error
 from .primitives import qparams, rne
-from .quant import group_view, qparams_from_minmax
-
+from .quant import dequantize_ref, quantize_ref, weight_qparams_ref
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantArgs):
@@ -52,14 +52,9 @@ def _check(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantAr
 # ----------------------------------------------------------------------------- reference
 
 def fake_quant_ref(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Round-to-nearest quantize-dequantize of w [N, K] (fp32 out): min/max qparams from
-    `kernels.quant`, then quantize_ref / dequantize_ref's formulas on the group view."""
-    g = group_view(w.float(), args.group_size)                # [N, ngroups, group]
-    scale, zp = qparams_from_minmax(g.amin(-1), g.amax(-1), args, scale_dtype)
-    scale = scale.unsqueeze(-1)
-    zp = torch.zeros_like(scale) if zp is None else zp.unsqueeze(-1)
-    q = (torch.round(g / scale) + zp).clamp(args.qmin, args.qmax)
-    return ((q - zp) * scale).view(w.shape)
+    """Round-to-nearest quantize-dequantize of w [N, K] (fp32 out), by `kernels.quant`."""
+    scale, zp = weight_qparams_ref(w, args, scale_dtype)
+    return dequantize_ref(quantize_ref(w, scale, zp, args), scale, zp)
 
 
 def awq_grid_errors_ref(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantArgs,
@@ -85,7 +80,7 @@ def awq_grid_errors_ref(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, 
             H.addmm_(xc.T, xc)
         for c, s in enumerate(scales.float()):
             D = fake_quant_ref(wf * s, args, scale_dtype) / s - wf
-            errs[c] = float(((D @ H) * D).sum())
+            errs[c] = float(output_error(D, H, dim=None))
         return errs.float()
     y = x.float() @ wf.T                           # float output, computed once
     for c, s in enumerate(scales.float()):
