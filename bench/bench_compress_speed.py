@@ -141,8 +141,9 @@ def run_ours(scheme: str, model_dir: Path, calib: Path, out: Path, samples: int,
 def warm_up(scheme: str, calib: Path, device: str) -> float:
     """Compile and first-use costs on a tiny model, so the timed run measures the work."""
     from tritonpress.cli import compress_from_flags as compress
-    from tritonpress.models import tiny_llama
-    model, tok = tiny_llama(hidden=128, intermediate=256, layers=1, dtype=torch.bfloat16)
+    from tritonpress.models import byte_tokenizer, random_llama
+    tok = byte_tokenizer()
+    model = random_llama(128, 256, 4, 2, layers=1, vocab=len(tok), tie=True)
     model.tokenizer = tok
     t = time.perf_counter()
     compress(model, scheme, None, method=SCHEMES[scheme][0], dataset=str(calib), num_samples=2,

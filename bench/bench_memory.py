@@ -20,7 +20,7 @@ import time
 CASE = r"""
 import json, sys, time, torch
 from tritonpress.cli import compress_from_flags as compress
-from tritonpress.models import random_llama, tiny_llama
+from tritonpress.models import byte_tokenizer, random_llama
 from tritonpress.report import peak_cpu_bytes
 c = json.loads(sys.argv[1])
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +33,7 @@ else:
     h, i, layers = c["shape"]
     model = random_llama(hidden=h, intermediate=i, heads=max(1, h // 128),
                          kv_heads=max(1, h // 512), layers=layers, vocab=c.get("vocab", 32000))
-    model.tokenizer = tiny_llama()[1]
+    model.tokenizer = byte_tokenizer()
     nparams = sum(p.numel() for p in model.parameters())
 t0 = time.perf_counter()
 r = compress(model, "W4A16", None, method="gptq", dataset="canterbury", num_samples=c["n"],

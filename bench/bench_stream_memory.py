@@ -48,12 +48,12 @@ print(json.dumps({"cpu_rss": peak_cpu_bytes(), "seconds": time.perf_counter() - 
 
 def make_model(path: Path, layers: int, hidden: int, intermediate: int) -> int:
     """A random Llama saved as bf16 safetensors shards of 1 GB; returns its bf16 bytes."""
-    from tritonpress.models import random_llama, tiny_llama
+    from tritonpress.models import byte_tokenizer, random_llama
     if not (path / "config.json").is_file():
         model = random_llama(hidden=hidden, intermediate=intermediate, heads=hidden // 64,
                              kv_heads=max(1, hidden // 512), layers=layers, vocab=32000)
         model.save_pretrained(path, max_shard_size="1GB")
-        tiny_llama()[1].save_pretrained(path)   # byte tokenizer: ids < 258 fit any vocab
+        byte_tokenizer().save_pretrained(path)   # byte tokenizer: ids < 258 fit any vocab
         del model
     cfg = json.loads((path / "config.json").read_text())
     h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]

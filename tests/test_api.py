@@ -8,7 +8,7 @@ import torch
 import tritonpress
 from tritonpress.cli import main
 from tritonpress.checkpoint import load_dequantized, load_quantized_weights
-from tritonpress.models import tiny_llama
+from helpers import tiny_llama
 
 from tritonpress.cli import compress_from_flags as compress
 

@@ -9,8 +9,8 @@ import transformers as T
 import tritonpress as tp
 from tritonpress.checkpoint import load_dequantized
 from tritonpress.loop.targets import find_decoder_layers
-from tritonpress.models import (byte_tokenizer, check_checkpoint_dir, check_has_linear_layers,
-                                tiny_llama)
+from tritonpress.models import byte_tokenizer, check_checkpoint_dir, check_has_linear_layers
+from helpers import tiny_llama
 from tritonpress.schemes import get_scheme
 
 from test_distributed import write_text

@@ -7,7 +7,7 @@ from conftest import scale_through_awq_mappings
 
 from tritonpress.methods.awq import (AWQ, apply_scales, collect_input_stats,
                                       find_mappings, quantize_linear, search_scales)
-from tritonpress.models import tiny_llama
+from helpers import tiny_llama
 from tritonpress.loop.activations import LayerInputs, capture_layer_inputs
 from tritonpress.loop.sequential import compress_sequential, recipe_fn
 from tritonpress.methods.gptq import GPTQ

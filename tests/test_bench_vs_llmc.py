@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import tritonpress
-from tritonpress.models import tiny_llama
+from helpers import tiny_llama
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_vs_llmcompressor.py"
 

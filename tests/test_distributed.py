@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from tritonpress.loop import distributed
 from tritonpress.cli import compress_from_flags as compress
 from tritonpress.checkpoint import load_quantized_weights
-from tritonpress.models import tiny_llama
+from helpers import tiny_llama
 
 WORDS = ("the of and to in is that it was for on are as with his they at be this from have "
          "or by one had not but what all were when we there can an your which their said if "

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tritonpress.kernels.quant import quantize_per_token_vllm
 from tritonpress.quality import (describe_act_sim, evaluate, fake_quant_per_token, reference,
                                  simulate_activation_quant)
-from tritonpress.models import tiny_llama
+from helpers import tiny_llama
 from tritonpress.schemes import PRESETS, QuantArgs
 
 INT8_TOKEN = PRESETS["W8A8_INT8"].input_activations

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from tritonpress.models import check_checkpoint_dir, check_model_dir, load_model, tiny_llama
+from tritonpress.models import check_checkpoint_dir, check_model_dir, load_model
+from helpers import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from tritonpress import data
 
 from tritonpress import models
 from tritonpress.quality import evaluate
-from tritonpress.models import load_model, random_llama, tiny_llama
+from tritonpress.models import load_model, random_llama
+from helpers import tiny_llama
 
 
 @pytest.fixture(scope="session")

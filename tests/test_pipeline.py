@@ -5,7 +5,7 @@ import torch
 
 from tritonpress.loop import hooks
 from tritonpress.methods.gptq import GPTQ
-from tritonpress.models import tiny_llama
+from helpers import tiny_llama
 from tritonpress.loop.activations import LayerInputs, capture_layer_inputs
 from tritonpress.loop.hooks import capture_module_io, collect_hessians
 from tritonpress.loop.sequential import compress_sequential, recipe_fn

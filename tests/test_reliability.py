@@ -11,7 +11,7 @@ from tritonpress.methods import gptq
 
 from tritonpress.loop import sequential as pipeline
 from tritonpress.methods.gptq import GPTQ
-from tritonpress.models import tiny_llama
+from helpers import tiny_llama
 from tritonpress.loop.activations import DiskTensors
 from tritonpress.loop.sequential import compress_sequential
 from tritonpress.schemes import get_scheme

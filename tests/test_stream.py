@@ -11,7 +11,7 @@ from tritonpress.checkpoint import writer
 
 from tritonpress.loop import stream
 from tritonpress.cli import compress_from_flags as compress
-from tritonpress.models import tiny_llama
+from helpers import tiny_llama
 
 from test_api import CASES
 from test_distributed import write_text

@@ -251,7 +251,10 @@ def check_out(out, overwrite: bool) -> None:
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder: choose a path in a "
+                         "folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: cannot write in {parent} (permission denied): choose a "
                          "folder you can write to")
 

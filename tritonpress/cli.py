@@ -197,7 +197,8 @@ def main(argv=None) -> int:
                 with open(args.json, "w") as f:
                     json.dump(r, f, indent=2)
             return 0
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        # a user's error in one line; TRITONPRESS_DEBUG=1 shows where it was raised
         if os.environ.get("TRITONPRESS_DEBUG"):
             raise
         print(f"tritonpress: error: {exc}", file=sys.stderr)

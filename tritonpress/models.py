@@ -465,19 +465,3 @@ def random_llama(hidden: int = 4096, intermediate: int = 14336, heads: int = 32,
                     setattr(parent, child_name, type(child)(child.config))
     model.tie_weights()
     return model.eval()
-
-
-def tiny_llama(hidden: int = 64, intermediate: int = 160, layers: int = 2, heads: int = 4,
-               kv_heads: int = 2, vocab: int | None = None, seed: int = 0, tie: bool = True,
-               dtype: torch.dtype = torch.float32, max_positions: int = 2048):
-    """(model, tokenizer): a random tiny Llama with the byte-level tokenizer, for tests.
-
-    Tied embeddings by default, like SmolLM2. Weights are a function of `seed` only.
-    """
-    tokenizer = byte_tokenizer()
-    vocab = len(tokenizer) if vocab is None else vocab
-    if vocab < len(tokenizer):
-        raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    model = random_llama(hidden, intermediate, heads, kv_heads, layers, vocab, dtype=dtype,
-                         device="cpu", seed=seed, tie=tie, max_positions=max_positions)
-    return model, tokenizer

@@ -68,6 +68,9 @@ def get_scheme(name: str | Scheme, group_size: int | None = None, symmetric: boo
     """Look up a preset by name (or alias) and apply the user's overrides."""
     if isinstance(name, Scheme):
         scheme = name
+    elif not isinstance(name, str):
+        raise TypeError(f"scheme={name!r} ({type(name).__name__}): pass a scheme name such as "
+                        f"'W4A16' (one of {', '.join(PRESETS)}) or a Scheme")
     else:
         key = name.strip().upper().replace("-", "_")
         key = ALIASES.get(key, key)
@@ -77,6 +80,9 @@ def get_scheme(name: str | Scheme, group_size: int | None = None, symmetric: boo
         scheme = PRESETS[key]
     w = scheme.weights
     if group_size is not None:
+        if not isinstance(group_size, int) or isinstance(group_size, bool):
+            raise TypeError(f"group_size={group_size!r} ({type(group_size).__name__}): pass a "
+                            "whole number of input columns per scale, e.g. 64 or 128")
         if w.strategy != "group":
             raise ValueError(f"scheme {scheme.name} quantizes weights per {w.strategy}; "
                              "--group-size applies only to W4A16 schemes")
@@ -84,11 +90,16 @@ def get_scheme(name: str | Scheme, group_size: int | None = None, symmetric: boo
             raise ValueError(f"group size must be positive, got {group_size}")
         w = dataclasses.replace(w, group_size=group_size)
     if symmetric is not None:
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric={symmetric!r}: pass True, False or None (the scheme's)")
         if w.type == "float" and not symmetric:
             raise ValueError("fp8 weights are symmetric only")
         w = dataclasses.replace(w, symmetric=symmetric)
     scheme = dataclasses.replace(scheme, weights=w)
     if ignore is not None:
+        if isinstance(ignore, str) or not all(isinstance(i, str) for i in ignore):
+            raise TypeError(f"ignore={ignore!r}: pass a list of module names or 're:' patterns, "
+                            "e.g. ['lm_head']")
         scheme = dataclasses.replace(scheme, ignore=tuple(ignore))
     return scheme
 
