@@ -58,7 +58,7 @@ def test_block_sweep_bit_identical_to_gptq_reference(args):
                          ids=["int4sym-static", "int4asym-dynamic", "int8chan", "fp8chan"])
 def test_layer_solve_matches_gptq_quantize(args, mode):
     # out 37, in 192, block 64, group 32; two super-blocks of 128 columns exercise both levels
-    # of the lazy update. Same choices as gptq.py's block loop up to fp reassociation in the
+    # of the lazy update. Same choices as gptq_solve.py's block loop up to fp reassociation in the
     # trailing GEMM: assert >99% identical integers and the loss within 1e-3 relative.
     rows, n = 37, 192
     W = torch.randn(rows, n) * 0.05

@@ -122,7 +122,7 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_pipeline_contract_running_mean(monkeypatch):
-    # accumulate_hessian(H, x, n_seen) -> n: H = 2/n sum x x^T, as compress/pipeline.py expects.
+    # accumulate_hessian(H, x, n_seen) -> n: H = 2/n sum x x^T, as loop/hooks.py expects.
     monkeypatch.setenv("TRITONPRESS_BACKEND", "triton")
     xs = [torch.randn(2, 13, 40, dtype=torch.bfloat16), torch.randn(9, 40, dtype=torch.bfloat16)]
     masks = [torch.tensor([[1] * 10 + [0] * 3, [1] * 13]), None]

@@ -257,9 +257,9 @@ def sweep_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tenso
         E, L = torch.empty_like(Q), torch.empty_like(Q)
     else:
         Q, E, L = out
+    stride_sc = S.stride(1) if S.shape[1] > 1 else 0      # one group: every column reads it
     argv = (W1, Hinv1, S, Z if Z is not None else S, Q, E, L, rows, n, col0,
-            W1.stride(0), Hinv1.stride(0), S.stride(0), S.stride(1) if S.shape[1] > 1 else 0,
-            Q.stride(0), E.stride(0),
+            W1.stride(0), Hinv1.stride(0), S.stride(0), stride_sc, Q.stride(0), E.stride(0),
             L.stride(0), float(args.qmin), float(args.qmax), (args.qmax - args.qmin) / 2,
             torch.finfo(scale_dtype).eps)
     kw = dict(GDIV=gdiv, FP8=args.type == "float", HAS_ZP=Z is not None, DYNAMIC=dynamic,

@@ -208,7 +208,8 @@ def _setup(W, Hinv, args, scale, zp, scale_dtype, block_size, outer):
     if Hinv.shape != (cols, cols):
         raise ValueError(f"Hinv {list(Hinv.shape)} does not match weight {list(W.shape)}")
     if block_size <= 0 or outer % block_size:
-        raise ValueError(f"outer ({outer}) must be a positive multiple of block_size ({block_size})")
+        raise ValueError(f"outer ({outer}) must be a positive multiple of block_size "
+                         f"({block_size})")
     if args.strategy not in ("group", "channel"):
         raise ValueError(f"the whole-layer GPTQ solve handles group and channel weights, not "
                          f"{args.strategy}; use gptq_sweep")
