@@ -130,6 +130,23 @@ def test_long_rows_swept_in_chunks_match_reference(triton_backend, device, args,
         _assert_same(packed, Q.quantize_pack_int4_ref(w.cpu(), args))
 
 
+@pytest.mark.parametrize("args", [FP8_CH, INT8_CH, INT4_G64_ASYM], ids=["fp8", "int8", "int4"])
+def test_rtn_runs_the_fused_kernel_bit_for_bit(monkeypatch, device, args):
+    """rtn_quantize (the RTN method, FP8's default) quantizes through quantize_weight: the
+    kernel under the Triton backend, the same bytes as the torch path."""
+    from tritonpress.methods.rtn import rtn_quantize
+    w = _hard_weight(9, 192, args, torch.bfloat16, device)
+    monkeypatch.setenv("TRITONPRESS_BACKEND", "torch")
+    qw0, deq0 = rtn_quantize(w.cpu(), args)
+    calls, launch = [], quant_triton.quantize_groups_triton
+    monkeypatch.setattr(quant_triton, "quantize_groups_triton",
+                        lambda *a, **k: calls.append(1) or launch(*a, **k))
+    monkeypatch.setenv("TRITONPRESS_BACKEND", "triton")
+    qw, deq = rtn_quantize(w, args)
+    assert calls == [1]
+    _assert_same((qw.q, qw.scale, qw.zero_point, deq), (qw0.q, qw0.scale, qw0.zero_point, deq0))
+
+
 def test_non_contiguous_weight(triton_backend, device):
     w = _hard_weight(64, 40, INT8_CH, torch.bfloat16, device).t()   # [40, 64], strided
     _assert_same(Q.quantize_weight(w, INT8_CH), Q.quantize_weight_ref(w.cpu(), INT8_CH))
