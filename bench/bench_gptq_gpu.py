@@ -45,8 +45,8 @@ if not CUDA:  # must precede the kernels' import
 from tritonpress.schemes import QuantArgs  # noqa: E402
 
 if "--llmc-worker" not in sys.argv:  # llm-compressor's venv may have no Triton (CPU torch)
-    from tritonpress.kernels.gptq_sweep import (gptq_solve, gptq_solve_ref,  # noqa: E402
-                                                inverse_hessian_factor)
+    from tritonpress.methods.gptq_solve import (inverse_hessian_factor,  # noqa: E402
+                                                solve_in_order)
     from tritonpress.kernels.hessian import xtx_accumulate_triton  # noqa: E402
     from tritonpress.kernels.quant import weight_qparams_ref  # noqa: E402
 
@@ -135,13 +135,8 @@ def ours_gptq(W, H, args, scale, zp, precision):
     if U is None:
         raise RuntimeError("Hessian not positive definite in the benchmark problem")
     kw = {} if not CUDA else dict(precision=precision)
-    solve = gptq_solve if CUDA else _solve_interpreted
-    return solve(W, U, args, scale, zp, scale_dtype=torch.bfloat16, **kw)
-
-
-def _solve_interpreted(W, U, args, scale, zp, **kw):  # the Triton path on CPU
-    from tritonpress.kernels.gptq_sweep import gptq_solve_triton
-    return gptq_solve_triton(W, U, args, scale, zp, **kw)
+    # the Triton kernels (in the interpreter on a CPU)
+    return solve_in_order(W, U, args, scale, zp, triton=True, scale_dtype=torch.bfloat16, **kw)
 
 
 def bench_solve(shapes, tokens, llmc_python, reps=3,
@@ -288,7 +283,8 @@ def precision_study(rows=512, cols=1024, tokens=4096):
         scale, zp = weight_qparams_ref(W, args, torch.bfloat16)
         base = None
         for p in ("ieee", "tf32x3", "bf16x3", "tf32", "bf16"):
-            Q, _, _, losses = gptq_solve_ref(W, U, args, scale, zp, block_size=128, outer=512,
+            Q, _, _, losses = solve_in_order(W, U, args, scale, zp, triton=False, block_size=128,
+                                             outer=512,
                                              precision=p)
             if base is None:
                 base = (Q, float(losses.sum()))

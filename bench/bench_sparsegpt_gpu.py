@@ -127,8 +127,12 @@ def llmc_oneshot(model, ids, py, tmp):
 # ----------------------------------------------------------------------------- 1. one layer
 
 def bench_layers(shapes, tokens, device, py, reps):
-    from tritonpress.methods.sparsegpt import (hessian_loss, inverse_hessian_cholesky,
-                                                sparsegpt_24, sparsegpt_sweep)
+    from tritonpress.kernels.hessian import output_error
+    from tritonpress.methods.sparsegpt_solve import (inverse_hessian_cholesky, sparsegpt_24,
+                                                     sparsegpt_sweep)
+
+    def hessian_loss(W, Wq, H):
+        return float(output_error(W.float() - Wq.float(), H.float(), dim=None))
     rows, results = [], []
     for out, n in shapes:
         torch.manual_seed(0)
