@@ -9,7 +9,8 @@ import transformers as T
 import tritonpress as tp
 from tritonpress.checkpoint import load_dequantized
 from tritonpress.loop.targets import find_decoder_layers
-from tritonpress.models import byte_tokenizer, check_checkpoint_dir, check_has_linear_layers
+from tritonpress.folders import check_checkpoint_dir
+from tritonpress.models import byte_tokenizer, check_has_linear_layers
 from helpers import tiny_llama
 from tritonpress.schemes import get_scheme
 

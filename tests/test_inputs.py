@@ -1,5 +1,5 @@
 """A broken model or checkpoint directory is named, with the fix, before any work: a ValueError
-from the files' headers alone (models.check_model_dir / check_checkpoint_dir), never an
+from the files' headers alone (folders.check_model_dir / check_checkpoint_dir), never an
 OSError or a SafetensorError from deep inside transformers."""
 import json
 import re
@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from tritonpress.models import check_checkpoint_dir, check_model_dir, load_model
+from tritonpress.folders import check_checkpoint_dir, check_model_dir
+from tritonpress.models import load_model
 from helpers import tiny_llama
 
 

@@ -172,7 +172,7 @@ def evaluate(checkpoint, base_model="smollm2-135m", *, evaluation: Evaluation = 
     or llm-compressor's) on held-out text, with the checkpoint's dynamic activation
     quantization simulated by evaluation.act_sim. Both models run in run.dtype (auto: the
     base model's own). The checkpoint folder is checked before the base model is loaded."""
-    from . import data, models, quality
+    from . import data, folders, models, quality
     from .checkpoint import load_dequantized
 
     check_type("checkpoint", checkpoint, (str, Path), "pass the checkpoint's folder")
@@ -180,7 +180,7 @@ def evaluate(checkpoint, base_model="smollm2-135m", *, evaluation: Evaluation = 
                "pass the built-in name or the base model's folder")
     check_type("evaluation", evaluation, Evaluation, "pass tritonpress.Evaluation(...)")
     check_type("run", run, Run, "pass tritonpress.Run(...)")
-    models.check_checkpoint_dir(checkpoint)
+    folders.check_checkpoint_dir(checkpoint)
     path = models.model_path(base_model, run.cache_dir)
     torch_dtype, _ = models.resolve_dtype(run.dtype, path)
     base, tokenizer = models.load_model(path, dtype=torch_dtype)

@@ -62,7 +62,7 @@ class ShardReader:
 
 def read_quantization_config(path) -> dict:
     """config.json's quantization_config, which must be compressed-tensors'."""
-    from ..models import read_config          # a missing or broken config.json, named
+    from ..folders import read_config          # a missing or broken config.json, named
     path = Path(path)
     qc = read_config(path).get("quantization_config")
     if not isinstance(qc, dict):

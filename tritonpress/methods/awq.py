@@ -17,17 +17,10 @@ Per mapping (smoothing layer -> balance Linears reading its output), in one deco
          err(r) = sum_balance || X diag(1/s) Q(W diag(s))^T - X W^T ||^2
      evaluated by a fused kernel (kernels/awq_search.py), plus s = 1 (round-to-nearest);
   3. apply the best s: smoothing layer / s, balance Linears' input columns * s.
-Then every Linear of the layer is quantized (group-wise int4; asymmetric by default), after the
-original AWQ's clipping search (llm-compressor has none): per group, shrink [min, max] by f in
-a grid and keep the f minimising that group's share of the output error,
-|| X_g (Q_f(W_g) - W_g)^T ||^2.
-Defaults measured on SmolLM2-135M (W4A16_ASYM g64, 64 x 512 calibration tokens, KL to the
-float model on 16 x 512 held-out tokens): RTN 0.322; duo scaling without clipping 0.166
-(llm-compressor's recipe), with clipping 0.135; plain x_mean^r with clipping 0.129 (default).
-Quantized-dequantized weights go back into the layer; QuantizedWeights are returned.
-
-`AWQ()` is the method object (recipe.py); `awq(...)` and `awq_scale(...)` its per-layer
-steps; the steps are plain functions below them, usable on their own.
+Then every Linear is quantized (int4 groups) after the original AWQ's clipping search
+(llm-compressor has none): per group, the shrink f of [min, max] minimising
+|| X_g (Q_f(W_g) - W_g)^T ||^2. Defaults measured (plain x_mean^r with clipping): docs/results.md.
+`AWQ()` is the method object; `awq_scale` (steps 1-3) and `awq` (all) its per-layer steps.
 """
 from __future__ import annotations
 
@@ -327,9 +320,7 @@ def awq_scale(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: i
     """Steps 1-3 on one decoder layer: the statistics, the scale search and its application
     for every mapping whose balance Linears are all in ctx.linears. Returns (infos, the input
     statistics of each Linear, with the scaled inputs)."""
-    args = ctx.scheme.weights
-    if args.type != "int" or args.strategy != "group":
-        raise ValueError(f"AWQ here quantizes weights to grouped ints (W4A16 schemes), got {args}")
+    args = ctx.scheme.weights                   # grouped ints: AWQ.check
     for name, lin in ctx.linears.items():
         if lin.in_features % args.group_size:
             raise ValueError(f"{name}: in-features {lin.in_features} not a multiple of group "
