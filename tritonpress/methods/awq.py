@@ -59,8 +59,6 @@ class AWQMapping:
     balance: tuple[str, ...]        # Linear names inside the decoder layer
 
 
-# ----------------------------------------------------------------------------- 0. mappings
-
 def find_mappings(layer: nn.Module, patterns=DEFAULT_MAPPINGS
                   ) -> tuple[list[AWQMapping], dict[str, str]]:
     """Resolve (smooth, balance) name patterns in one decoder layer: ([mappings], {skipped
