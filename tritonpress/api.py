@@ -7,6 +7,7 @@ calibrate and compress layer by layer, measure again, write. Each method is its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
     Under torchrun (an initialised process group) the Hessians are all-reduced over the ranks
     (loop/distributed.py) and rank 0 writes."""
     from . import checkpoint, data, models, quality
-    from .loop import distributed
+    from .loop import distributed, experts
     from .loop.sequential import compress_sequential, recipe_fn
 
     t_start = time.perf_counter()
@@ -61,6 +62,17 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
         model.eval()
         if src is None:                          # streamed: each layer as it is read
             models.check_finite(model.named_parameters())
+        moe = experts.linearize_experts(model)   # fused experts -> one Linear per matrix
+        if moe and not data_free and calibration.experts == "routed" and \
+                any(m.name == "awq" for m in recipe):
+            raise ValueError("AWQ scales a norm for all the experts it feeds, from every token: "
+                             "on a Mixture-of-Experts model use Calibration(experts='all') "
+                             "(the default), or GPTQ")
+        if moe:     # routers and shared-expert gates stay 16-bit, as llm-compressor keeps them
+            scheme = dataclasses.replace(scheme, ignore=tuple(scheme.ignore) + tuple(
+                experts.router_names(model)))
+            report["experts"] = {"blocks": len(moe), "per_block": sorted(set(moe.values())),
+                                 "calibration": None if data_free else calibration.experts}
         linears = all_target_linears(model, scheme)
         for m in recipe:
             m.check_model(model, linears)
@@ -109,12 +121,16 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
                 device = distributed.local_device(device)
             if run.resume_dir is not None and not data_free:
                 layer_fn = _resumable(layer_fn, model, scheme, batches, report, run)
-            res = compress_sequential(
-                model, batches, scheme, layer_fn, device=device,
-                partial_last_group=run.partial_last_group,
-                progress=run.progress and distributed.is_main(), spill_dir=run.spill_dir,
-                stream=src, **({"hessians": hessians} if hessians else {}))
+            every = not data_free and moe and calibration.experts == "all"
+            with experts.every_token(model, every):
+                res = compress_sequential(
+                    model, batches, scheme, layer_fn, device=device,
+                    partial_last_group=run.partial_last_group,
+                    progress=run.progress and distributed.is_main(), spill_dir=run.spill_dir,
+                    stream=src, **({"hessians": hessians} if hessians else {}))
         report["layers"] = res.infos
+        if moe:
+            report["experts"]["layers"] = experts.report(model, res.infos, data_free)
         if "resume" in report:
             state = report.pop("resume")
             report["resumed_layers"] = list(state.resumed)
@@ -289,7 +305,7 @@ def _load(model, run: Run, report: dict):
 
 def _open_stream(path, torch_dtype, stream: str, report: dict):
     """A stream.Stream over the model directory, or None (the whole model is loaded)."""
-    from .loop import distributed
+    from .loop import distributed, experts
     from .loop.stream import NotStreamable, Stream
 
     if stream == "off":
@@ -299,7 +315,11 @@ def _open_stream(path, torch_dtype, stream: str, report: dict):
             raise ValueError("stream=on is not supported under torchrun: pass stream=off")
         return None
     try:
-        return Stream(path, torch_dtype)
+        src = Stream(path, torch_dtype)
+        if any(experts.is_fused_experts(m) for m in src.model.modules()):
+            raise NotStreamable("Mixture-of-Experts models are loaded whole for now (their "
+                                "experts are split into Linears in memory)")
+        return src
     except NotStreamable as e:
         if stream == "on":
             raise

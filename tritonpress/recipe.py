@@ -198,14 +198,21 @@ def recipe_from_flags(scheme: Scheme, method: str | None = None, *,
 
 # ----------------------------------------------------------------------------- options
 
+EXPERT_MODES = ("all", "routed")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """The calibration text: `num_samples` windows of `seq_len` tokens from `dataset`
-    (canterbury, code, a+b mixes, .txt/.jsonl files or folders, or a `datasets` name)."""
+    (canterbury, code, a+b mixes, .txt/.jsonl files or folders, or a `datasets` name).
+    experts (Mixture-of-Experts models): the statistics of each routed expert from every
+    token ("all", as llm-compressor; the layer's output stays the routed one) or from the
+    tokens routed to it ("routed"); see loop/experts.py."""
     dataset: str = "canterbury"
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
+    experts: str = "all"
 
     def __post_init__(self):
         check_type("dataset", self.dataset, (str, Path),
@@ -213,6 +220,7 @@ class Calibration:
         check_int("num_samples", self.num_samples, 1, "pass a positive whole number of windows")
         check_int("seq_len", self.seq_len, 1, "pass a positive whole number of tokens")
         check_int("seed", self.seed, 0, "pass a whole number >= 0")
+        check_choice("experts", self.experts, EXPERT_MODES)
 
 
 @dataclass(frozen=True)

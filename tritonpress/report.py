@@ -124,6 +124,19 @@ def format_report(r: dict) -> str:
         lines.append(f"  weights on disk: {r['tensor_bytes'] / 2**20:.1f} MiB of safetensors "
                      f"(uncompressed {dtype} parameters {r['original_bytes'] / 2**20:.1f} MiB); "
                      f"the whole folder {r['size_bytes'] / 2**20:.1f} MiB")
+    ex = r.get("experts")
+    if ex and ex.get("layers"):        # Mixture-of-Experts: nothing left out silently
+        rows = ex["layers"].values()
+        total = sum(v["experts"] for v in rows)
+        done = sum(v["compressed"] for v in rows)
+        fell = sum(v["fell_back"] for v in rows)
+        line = f"  experts: {done} of {total} in {len(ex['layers'])} MoE blocks compressed"
+        if ex["calibration"]:
+            line += (f" by the method, {fell} rounded to nearest (too few calibration tokens); "
+                     f"statistics from {ex['calibration']} tokens; least-routed expert "
+                     f"{100 * min(v['least_routed_share'] for v in rows):.2f}% of a block's "
+                     "tokens")
+        lines.append(line)
     if r.get("out"):
         lines.append(f"  checkpoint: {r['out']}")
     for note in r.get("notes", []):

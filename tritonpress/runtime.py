@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+from .loop import experts
 from .checkpoint import ShardReader, quant_args_from_dict, read_linear, read_quantization_config
 from .kernels import gemm, quant
 from .kernels.gemm_sparse24 import is_24_sparse
@@ -63,8 +64,12 @@ def _empty_model(config, dtype):
 
 
 def load_compressed(path: str, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, act_sim: str = "vllm"):
+                    dtype: torch.dtype | None = None, act_sim: str = "vllm",
+                    dequantize: bool = False):
     """(model, tokenizer) of a compressed-tensors checkpoint; tokenizer is None if absent.
+    dequantize: the Linears stay nn.Linears with the weights decompressed to `dtype` (what
+    the evaluation runs, activation quantization simulated by its hooks) instead of
+    CompressedLinears on the GEMM kernels.
     act_sim: how dynamic per-token activations are rounded (kernels.quant.quantize_per_token):
     "vllm" as vLLM's kernels do (scale absmax / 127 for int8), or "compressed-tensors"
     (absmax / 127.5)."""
@@ -85,6 +90,9 @@ def load_compressed(path: str, device: str | torch.device = "cpu",
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = _empty_model(config, dtype)
+    experts.linearize_experts(model)       # MoE: one Linear per expert matrix, as stored
+    ck = (experts.checkpoint_names(model) if experts.moe_blocks(model) else None) or \
+        (lambda n: n)                      # in-memory name -> stored name
     tensors = ShardReader(path)
     device = torch.device(device)
 
@@ -93,9 +101,10 @@ def load_compressed(path: str, device: str | torch.device = "cpu",
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        group = next((g for g in groups
-                      if _targeted(name, module, g.get("targets", []), qc.get("ignore"))), None)
-        stored = f"{name}.weight_scale" in tensors
+        stored_name = ck(name)
+        group = next((g for g in groups if _targeted(stored_name, module, g.get("targets", []),
+                                                     qc.get("ignore"))), None)
+        stored = f"{stored_name}.weight_scale" in tensors
         if group is None:
             if stored:
                 raise ValueError(f"{name} has a weight_scale but no config group targets it")
@@ -104,29 +113,40 @@ def load_compressed(path: str, device: str | torch.device = "cpu",
             raise ValueError(f"config targets {name} but the checkpoint has no "
                              f"{name}.weight_scale")
         act = quant_args_from_dict(group.get("input_activations"))
-        qw = read_linear(tensors, name, quant_args_from_dict(group.get("weights")))
+        qw = read_linear(tensors, stored_name, quant_args_from_dict(group.get("weights")))
         q = qw.q
         declared = sparsity.get("sparsity_structure") == "2:4" and \
-            _targeted(name, module, sparsity.get("targets", []), sparsity.get("ignore"))
+            _targeted(stored_name, module, sparsity.get("targets", []), sparsity.get("ignore"))
         # 2:4 runs the sparse kernel whether the config says so or the fp8 values show it
         sparse24 = act is not None and q.dtype == torch.float8_e4m3fn and \
             (declared or is_24_sparse(q))
-        isc = tensors.get(f"{name}.input_scale") if f"{name}.input_scale" in tensors else None
+        isc = tensors.get(f"{stored_name}.input_scale") \
+            if f"{stored_name}.input_scale" in tensors else None
         if tuple(q.shape) != (module.out_features, module.in_features):
             raise ValueError(f"{name}: stored weight {tuple(q.shape)} but the model expects "
                              f"{(module.out_features, module.in_features)}")
+        if dequantize:
+            module.weight.data = qw.dequantize(dtype)
+            if module.bias is not None:
+                module.bias.data = tensors.get(f"{stored_name}.bias").to(dtype)
+            replaced.append(name)
+            continue
         to = (lambda v: None if v is None else v.to(device))
         w = gemm.prepare(to(q), to(qw.scale), to(qw.zero_point), qw.args, act,
                          sparse24=sparse24, input_scale=to(isc), act_sim=act_sim)
-        bias = tensors.get(f"{name}.bias").to(device, dtype) if module.bias is not None else None
+        bias = tensors.get(f"{stored_name}.bias").to(device, dtype) \
+            if module.bias is not None else None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 CompressedLinear(w, bias))
         replaced.append(name)
 
     # everything else: embeddings, norms, unquantized Linears (lm_head), biases done above
+    prefixes = tuple(f"{ck(n)}." for n in replaced)
+    stored = {ck(k): k for k in model.state_dict()}
+    rest = {stored.get(k, k): v for k, v in
+            tensors.read(k for k in tensors.keys() if not k.startswith(prefixes)).items()}
     prefixes = tuple(f"{n}." for n in replaced)
-    rest = tensors.read(k for k in tensors.keys() if not k.startswith(prefixes))
     result = model.load_state_dict(rest, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"checkpoint tensors the model does not have: "

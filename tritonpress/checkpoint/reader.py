@@ -67,8 +67,8 @@ def read_quantization_config(path) -> dict:
     qc = read_config(path).get("quantization_config")
     if not isinstance(qc, dict):
         raise ValueError(f"{path / 'config.json'} has no quantization_config: {path} is not a "
-                         "compressed checkpoint (an uncompressed model? compress it first with "
-                         "tritonpress compress, or pass it as the base model)")
+                         "compressed-tensors checkpoint (an uncompressed model? compress it "
+                         "first with tritonpress compress, or pass it as the base model)")
     if qc.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{path / 'config.json'}: quantization_config has quant_method "
                          f"{qc.get('quant_method')!r}; tritonpress reads compressed-tensors "
@@ -100,13 +100,31 @@ def load_quantized_weights(ckpt_dir) -> dict[str, QuantizedWeight]:
 def load_dequantized(path, dtype=torch.bfloat16):
     """A compressed-tensors checkpoint (ours or llm-compressor's) loaded by transformers with
     its weights decompressed to `dtype`; returns (model, activation QuantArgs or None, ignore)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     qc = read_quantization_config(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
+    if _has_fused_experts(AutoConfig.from_pretrained(path)):
+        # transformers fuses per-expert tensors on load and cannot fuse compressed ones:
+        # tritonpress's own loader, experts as Linears, weights decompressed
+        from ..runtime import load_compressed
+        model, _ = load_compressed(path, dtype=dtype, dequantize=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
     model.eval()
     groups = list(qc.get("config_groups", {}).values())
     acts = groups[0].get("input_activations") if groups else None
     return model, quant_args_from_dict(acts or None), tuple(qc.get("ignore") or ())
+
+
+def _has_fused_experts(config) -> bool:
+    """Whether transformers builds this config's routed experts as fused 3-D parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from ..loop.experts import is_fused_experts
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return any(is_fused_experts(m) for m in model.modules())

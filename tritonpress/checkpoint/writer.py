@@ -173,6 +173,7 @@ class CheckpointWriter:
         self.data = None                        # that raw file, open for appending
         self.data_bytes = 0
         self.shards: list[tuple[Path, list[str], int]] = []
+        self.rename = None     # Mixture-of-Experts: in-memory -> original checkpoint names
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-",
                                          dir=self.out_dir.parent))
@@ -229,7 +230,17 @@ class CheckpointWriter:
         if self.data_bytes >= self.max_shard_bytes:
             self._flush()
 
+    def names_of(self, model) -> None:
+        """Mixture-of-Experts: per-expert tensors named as the model's original checkpoints
+        name them (loop/experts.checkpoint_names); called before the first add (MoE models
+        are never streamed)."""
+        from ..loop import experts
+        if experts.moe_blocks(model):
+            self.rename = experts.checkpoint_names(model)
+
     def _append(self, name: str, t: torch.Tensor) -> None:
+        if self.rename is not None:
+            name = self.rename(name)
         if t.dtype not in _ST_DTYPES:
             raise ValueError(f"{name} is {t.dtype}, which safetensors cannot store")
         if self.data is None:
@@ -265,6 +276,8 @@ class CheckpointWriter:
         """Write what is left of `model` (embeddings, norms, lm_head: every tensor not written
         yet; those of Linears in `qweights` compressed), the config with its
         quantization_config and the tokenizer; rename into place."""
+        from ..loop import experts
+        self.names_of(model)
         aliases = tied_aliases(model)
         self.add(model, "", qweights or {}, skip=aliases)
         self._flush()
@@ -280,8 +293,12 @@ class CheckpointWriter:
                      "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(
                 json.dumps(index, indent=2, sort_keys=True) + "\n")
+        # every Linear left unquantized, and the routers beside experts (llm-compressor's)
         ignore = [k for k, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                   and k not in self.quantized]
+        ignore += [k for k in experts.router_names(model) if k not in ignore]
+        if self.rename is not None:
+            ignore = [self.rename(k) for k in ignore]
         sparsity = None
         if self.sparse_format == "sparse-24-bitmask":
             sparsity = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4",
@@ -335,6 +352,7 @@ def save_checkpoint(model, tokenizer, qweights: dict[str, QuantizedWeight], sche
     aliases = tied_aliases(model)
     with CheckpointWriter(out_dir, scheme, overwrite=overwrite, sparse_format=sparse_format,
                           actorder=actorder, max_shard_bytes=max_shard_bytes) as w:
+        w.names_of(model)
         for i, layer in enumerate(layers):      # the order the streaming path writes in
             w.add(layer, f"{prefix}.{i}", qweights, skip=aliases)
         return w.finish(model, tokenizer, qweights)

@@ -31,7 +31,7 @@ from ..recipe import Method, check_actorder, check_int, check_number, check_type
 from ..checkpoint.qweight import QuantizedWeight
 from ..report import step
 from .rtn import (clip_search, column_qparams, group_index, group_qparams, hessian_blocks,
-                  rtn_quantize)
+                  quantize_linears_rtn, rtn_quantize)
 # Steps 3-5 (the inverse factor and the column sweep, which picks the fused kernels on a GPU)
 from .gptq_solve import gptq_sweep, inverse_cholesky
 
@@ -198,6 +198,8 @@ class GPTQ(Method):
     actorder: str | None = DEFAULT_ACTORDER
     clip: bool = True
     max_damp: float = 10.0      # the dampening is raised x10 up to this while H is not PD
+    min_tokens: int = 16        # a Linear whose statistics saw fewer (a rarely routed
+                                # expert) is rounded to nearest, and the report says so
 
     def __post_init__(self):
         check_number("damp", self.damp, 0, None,
@@ -206,6 +208,7 @@ class GPTQ(Method):
         object.__setattr__(self, "actorder", check_actorder(self.actorder))
         check_type("clip", self.clip, bool, "pass True or False")
         check_number("max_damp", self.max_damp, 0, None, "pass a fraction >= damp (e.g. 10)")
+        check_int("min_tokens", self.min_tokens, 1, "pass a positive number of tokens")
 
     def check(self, scheme):
         if scheme.sparsity_24:
@@ -213,13 +216,29 @@ class GPTQ(Method):
 
     def __call__(self, layer_idx, layer, prefix, inputs, ctx):
         hessians = ctx.hessians(layer, ctx.linears, inputs)
-        done = gptq_linears(ctx.linears, {n: st.H for n, st in hessians.items()},
+        qweights, infos = rtn_fallback(ctx, hessians, self.min_tokens)
+        solve = {n: lin for n, lin in ctx.linears.items() if n not in infos}
+        done = gptq_linears(solve, {n: st.H for n, st in hessians.items()},
                             ctx.scheme.weights, ctx.scale_dtype, block_size=self.block_size,
                             damp=self.damp, max_damp=self.max_damp, actorder=self.actorder,
                             clip=self.clip,
                             partial_last_group=ctx.partial_last_group)
-        qweights, infos = {}, {}
         for name, (qw, info) in done.items():
             info["tokens"] = hessians[name].n
             qweights[name], infos[name] = qw, info
         return qweights, infos
+
+
+def rtn_fallback(ctx, hessians, min_tokens: int):
+    """Round to nearest the Linears whose statistics saw fewer than `min_tokens` tokens
+    (none at all: an expert no calibration token was routed to); (qweights, infos) with the
+    fallback and the token count recorded."""
+    few = {n: lin for n, lin in ctx.linears.items()
+           if n not in hessians or hessians[n].n < min_tokens}
+    if not few:
+        return {}, {}
+    qweights, infos = quantize_linears_rtn(few, ctx.scheme, ctx.device, ctx.partial_last_group)
+    for n in few:
+        infos[n].update(fallback="rtn", tokens=hessians[n].n if n in hessians else 0,
+                        why=f"fewer than {min_tokens} calibration tokens")
+    return qweights, infos

@@ -104,17 +104,18 @@ def sparsegpt_method(layer_idx, layer, prefix, inputs, ctx, *, mode: str = DEFAU
         hessians = ctx.hessians(layer, ctx.linears, inputs)
         order = list({id(hessians[n]): [m for m in hessians[n].members if m in ctx.linears]
                       for n in hessians}.values())
-    missing = [n for n in ctx.linears if not any(n in g for g in order)]
-    if missing:
-        raise RuntimeError(f"{missing[0]} was not called during the calibration forward: "
-                           "no Hessian to prune it with (add it to ignore)")
+    # a Linear no calibration token reached (an expert nothing was routed to): by magnitude
+    missing = {n: ctx.linears[n] for n in ctx.linears if not any(n in g for g in order)}
+    qweights, infos = magnitude_linears(missing, ctx.scheme, ctx.device) if missing else ({}, {})
+    for n in missing:
+        infos[n].update(fallback="magnitude", tokens=0, why="no calibration tokens")
 
     if permute:                       # before any solve: the producers' rows move too
         consumers = {n: m for n, m in ctx.linears.items()
                      if n.endswith((".down_proj", ".o_proj"))}
         permute_inputs(layer, prefix, ctx.hessians(layer, consumers, inputs)
-                       if sequential else hessians, ctx.linears)
-    qweights, infos = {}, {}
+                       if sequential else hessians, {n: m for n, m in ctx.linears.items()
+                                                     if n not in missing})
     for names in order:
         if sequential:                # the groups called before it are compressed by now
             hessians = ctx.hessians(layer, {n: ctx.linears[n] for n in names}, inputs)
