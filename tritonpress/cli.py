@@ -41,7 +41,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 500MB or 2GB")
 
 
-CALIBRATION = ("dataset", "num_samples", "seq_len", "seed")
+CALIBRATION = ("dataset", "num_samples", "seq_len", "seed", "experts")
 EVALUATION = {"eval_dataset": "dataset", "eval_windows": "windows", "eval_seq_len": "seq_len",
               "act_sim": "act_sim"}
 METHOD_OPTIONS = ("smoothquant", "damp", "block_size", "actorder", "clip", "refit",
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     c.add_argument("--num-samples", type=int, default=cal.num_samples)
     c.add_argument("--seq-len", type=int, default=cal.seq_len)
     c.add_argument("--seed", type=int, default=cal.seed)
+    c.add_argument("--experts", default=cal.experts, choices=["all", "routed"],
+                   help="Mixture-of-Experts: each expert's statistics from every token (all, "
+                        "the layer's output still routed) or from the tokens routed to it")
     c.add_argument("--group-size", type=int, default=None)
     c.add_argument("--asym", action="store_true", help="asymmetric int weights")
     c.add_argument("--ignore", nargs="*", default=None,
@@ -176,6 +179,7 @@ def main(argv=None) -> int:
                 refit=args.refit, sequential=onoff[args.sequential],
                 permute=onoff[args.permute], dataset=args.dataset,
                 num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+                experts=args.experts,
                 evaluate_quality=not args.no_eval, eval_dataset=args.eval_dataset,
                 eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
                 act_sim=args.act_sim, device=args.device, dtype=args.dtype,

@@ -226,6 +226,15 @@ def _too_few(source: str, split: str, have: int, want: int, seq_len: int, what: 
         "shorter windows, or add text (mix sources with '+', or pass more files)")
 
 
+def _streams(tokenizer, source: str, count: int, split: str, cache_dir):
+    """(part, its share of `count`, its token stream) for each part of a mixed source
+    ("canterbury+code"), in order; parts whose share is 0 are left out."""
+    parts = _parts(source)
+    for part, n in zip(parts, _shares(count, len(parts))):
+        if n:
+            yield part, n, split_stream(tokenizer, part, split, cache_dir)
+
+
 # ----------------------------------------------------------------------------- public
 
 def calibration_batches(tokenizer, source: str = "canterbury", num_samples: int = 128,
@@ -237,12 +246,8 @@ def calibration_batches(tokenizer, source: str = "canterbury", num_samples: int 
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be positive ({num_samples}, {batch_size})")
     gen = torch.Generator().manual_seed(seed)
-    parts = _parts(source)
     windows = []
-    for part, n in zip(parts, _shares(num_samples, len(parts))):
-        if n == 0:
-            continue
-        stream = split_stream(tokenizer, part, "calibration", cache_dir)
+    for part, n, stream in _streams(tokenizer, source, num_samples, "calibration", cache_dir):
         slots = len(stream) // seq_len
         if slots < n:
             raise _too_few(part, "calibration", len(stream), n, seq_len, "samples")
@@ -263,12 +268,8 @@ def eval_windows(tokenizer, source: str = "canterbury", num_windows: int = 16, s
     _check_seq_len(seq_len, max_positions)
     if num_windows < 1:
         raise ValueError(f"num_windows must be positive, got {num_windows}")
-    parts = _parts(source)
     windows = []
-    for part, n in zip(parts, _shares(num_windows, len(parts))):
-        if n == 0:
-            continue
-        stream = split_stream(tokenizer, part, "eval", cache_dir)
+    for part, n, stream in _streams(tokenizer, source, num_windows, "eval", cache_dir):
         if len(stream) < n * seq_len:
             raise _too_few(part, "held-out", len(stream), n, seq_len, "windows")
         # spacing (len - seq_len) / (n - 1) >= seq_len, so windows never overlap
