@@ -146,7 +146,8 @@ def kernel_summary(res: dict) -> str:
                 extra.append(row["linear_method"].lstrip("_"))
             kinds.add(k + (f" ({', '.join(extra)})" if extra else ""))
         return "; ".join(sorted(kinds))
-    return "; ".join(k.split(" for ")[0] for k in res.get("kernels", [])) or "?"
+    names = sorted({k.split(" for ")[0] for k in res.get("kernels", [])})
+    return "; ".join(names) or "unquantized (bf16)"
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -421,6 +422,8 @@ def qps(args) -> dict:
             r = run_worker(job, vllm_env(w4a8=w4a8, in_process=False), out_dir / "logs", tag,
                            timeout=args.timeout)
             r["label"] = label
+            if scheme == "W4A16":   # vLLM's rule (mixed_precision/cpu.py): W4A8 needs AMX
+                r["w4a8"] = w4a8 and "amx_tile" in cpu_flags()
             if "error" in r:
                 print(f"  FAILED: {r['error']}", flush=True)
             else:
@@ -454,7 +457,10 @@ def qps_summary(runs: dict, concurrency: list[int]) -> dict:
             tpot = [q["tpot_ms"] for q in got]
             rows[c] = {"tokens_per_s": sum(tps) / len(tps), "tokens_per_s_runs": tps,
                        "tpot_ms": sum(tpot) / len(tpot), "tpot_ms_runs": tpot}
-        kern = next((kernel_summary(r) for r in rs if "error" not in r), "failed")
+        ok = [r for r in rs if "error" not in r]
+        kern = kernel_summary(ok[0]) if ok else "failed"
+        if ok and "w4a8" in ok[0]:
+            kern += " (W4A8)" if ok[0]["w4a8"] else " (A16)"
         out[label] = {"kernel": kern, "by_concurrency": rows}
     return out
 
@@ -475,22 +481,43 @@ def qps_table(results: dict) -> str:
 
 
 def qps_plot(path: Path, results: dict, cfg: dict):
-    """Two panels over concurrency: output tokens/s, and speedup over bf16."""
-    conc = cfg["concurrency"]
-    summ = results["summary"]
-    tps = {label: [None if s["by_concurrency"].get(c) is None else
-                   s["by_concurrency"][c]["tokens_per_s"] for c in conc]
-           for label, s in summ.items()}
-    base = tps.get("bf16") or [None] * len(conc)
-    speed = {label: [y / b if y and b else None for y, b in zip(ys, base)]
-             for label, ys in tps.items()}
-    info = results["info"]
-    title = (f"vLLM {(info.get('versions') or {}).get('vllm', '')} CPU: "
-             f"random Llama hidden {cfg['hidden']} x {cfg['layers']} layers, "
-             f"{cfg['prompt_len']} prompt + {cfg['tokens']} output tokens per request")
-    return plots.speedup_plot(path, conc, tps, speed, [], title,
-                              note=f"{info['cores']} cores, AMX: {info['cpu_amx'] or 'none'}; "
-                                   "x axis: concurrent requests")
+    """Two panels over concurrent requests (log2 axis): output tokens/s and time per output
+    token, one line per configuration, each run's points beside the mean."""
+    plt = plots.plt
+    if plt is None:
+        return None
+    conc, info = cfg["concurrency"], results["info"]
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
+    styles = {"bf16": "bf16", "W4A16 (A16)": "W4A16", "W8A8-INT8": "W8A8-INT8"}
+    for i, (label, s) in enumerate(results["summary"].items()):
+        color, marker = plots._style(styles.get(label, "FP8 _scaled_mm"), i)
+        ls = "--" if "default" in label else "-"
+        for ax, key in ((ax_t, "tokens_per_s"), (ax_l, "tpot_ms")):
+            pts = [(c, s["by_concurrency"][c]) for c in conc if s["by_concurrency"].get(c)]
+            if not pts:
+                continue
+            ax.plot([c for c, _ in pts], [v[key] for _, v in pts], ls=ls, marker=marker,
+                    color=color, label=f"{label}: {s['kernel']}", lw=1.6, ms=5)
+            for c, v in pts:
+                ax.scatter([c] * len(v[key + "_runs"]), v[key + "_runs"], color=color, s=8,
+                           alpha=0.5)
+    for ax, ylabel in ((ax_t, "output tokens / s"), (ax_l, "time per output token (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(conc)
+        ax.set_xticklabels([str(c) for c in conc])
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    ax_t.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"vLLM {(info.get('versions') or {}).get('vllm', '')} CPU "
+                 f"({info['cores']} cores, AMX: {', '.join(info['cpu_amx']) or 'none'}): random "
+                 f"Llama hidden {cfg['hidden']} x {cfg['layers']} layers, {cfg['prompt_len']} "
+                 f"prompt + {cfg['tokens']} output tokens per request", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------- main
