@@ -39,6 +39,8 @@ except ImportError:          # a tree from before the recipe API
              device="cpu", overwrite=True, **c["opts"], **extra)
     sys.exit(0)
 opts = dict(c["opts"])
+if "actorder" in opts and opts["actorder"] is None:    # None is "unset" to the flags
+    opts["actorder"] = "none"
 scheme = tp.get_scheme(c["scheme"], group_size=opts.pop("group_size", None))
 tp.compress(c["model"], scheme, c["out"], recipe_from_flags(scheme, c["method"], **opts),
             calibration=tp.Calibration("canterbury", c["n"], c["seq"]), evaluation=None,
