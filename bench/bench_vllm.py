@@ -1,9 +1,9 @@
 """The real engine in the loop: every scheme's checkpoint served by vLLM (CPU build).
 
     make setup vllm-env
-    .venv/bin/python bench/bench_vllm.py out/vllm            # agreement, demo model (~25 min)
-    .venv/bin/python bench/bench_vllm.py out/vllm --qps      # throughput, random 2048 x 16 Llama
-    .venv/bin/python bench/bench_vllm.py out/vllm_s --qps --small   # plumbing check (minutes)
+    .venv/bin/python bench/bench_vllm.py out/vllm            # agreement, demo model (~32 min)
+    .venv/bin/python bench/bench_vllm.py out/vllm_qps --qps  # throughput (about 45 min, 2 cores)
+    .venv/bin/python bench/bench_vllm.py out/vllm_qps_small --qps --small   # plumbing (~7 min)
 
 Agreement (default). For every scheme, compress the demo model (SmolLM2-135M, small
 calibration), serve the checkpoint with vLLM in .venv-vllm (bench/vllm_worker.py in a
@@ -32,8 +32,10 @@ then compared on bf16's greedy tokens only (teacher-forced, one prefill); load i
 QPS (--qps). A random-weight Llama (hidden 2048, 16 layers, byte tokenizer) as bf16, W4A16
 served as A16 and as vLLM's default (W4A8 on AMX), and W8A8-INT8 (RTN checkpoints: timing does
 not depend on the values), at 1, 4, 16 and 64 concurrent requests (one offline batch each,
-ignore_eos): output tokens/s and time per output token. Each configuration in its own vLLM
-process, two runs each (interleaved); table, qps.json, qps.png.
+64 prompt + 64 output tokens per request, ignore_eos, no prefix caching): output tokens/s, and
+time per output token from the run's wall time less that of the same batch stopped after its
+first token. Each configuration in its own vLLM process (vLLM's usual engine process), two runs
+each (interleaved); table, qps.json, qps.png.
 """
 from __future__ import annotations
 
@@ -274,7 +276,7 @@ def agreement(args) -> dict:
            "vs_ours": compare(g0, l0, lp, top1),
            "sensitivity": sensitivity(ref, seqs0, P, (lp, top1)),
            "vs_ours_prefix": common_prefix(g0, greedy_ours(ref, prompts, T)),
-           "vs_bf16": None, "load_s": b.get("load_s")}
+           "vs_bf16": None, "load_s": b.get("load_s"), "gen_s": b.get("gen_s")}
     row["within_tolerance"] = within(row["vs_ours"], row["sensitivity"])
     del ref
     results["rows"].append(row)
@@ -294,7 +296,7 @@ def agreement(args) -> dict:
             job = {"mode": "generate", "model": str(ckpt), "llm_kwargs": llm_kwargs,
                    "prompts": prompts if gen else [], "max_tokens": T if gen else 0,
                    "score": [p + g for p, g in zip(prompts, g0)], "score_from": P}
-            print(f"{name}{label}: vLLM", "greedy + " if gen else "", "scoring bf16's tokens",
+            print(f"{name}{label}: vLLM {'greedy + ' if gen else ''}scoring bf16's tokens",
                   flush=True)
             r = run_worker(job, vllm_env(w4a8=w4a8), out_dir / "logs",
                            name + ("-w4a8" if w4a8 else ""), timeout=args.timeout)
@@ -374,7 +376,7 @@ def agreement_table(results: dict) -> str:
 # ----------------------------------------------------------------------------- QPS
 
 QPS_FULL = dict(hidden=2048, intermediate=5632, layers=16, concurrency=[1, 4, 16, 64],
-                prompt_len=128, tokens=128)
+                prompt_len=64, tokens=64)
 QPS_SMALL = dict(hidden=256, intermediate=512, layers=2, concurrency=[1, 4],
                  prompt_len=32, tokens=16)
 # (label, checkpoint scheme or None for bf16, W4A8 on)
@@ -416,7 +418,9 @@ def qps(args) -> dict:
             job = {"mode": "qps", "model": str(paths[scheme]), "concurrency": cfg["concurrency"],
                    "prompt_len": cfg["prompt_len"], "max_tokens": cfg["tokens"],
                    "max_model_len": max_len,
-                   "llm_kwargs": {"max_num_seqs": max(cfg["concurrency"])}}
+                   # no prefix caching: the full run must prefill again, as the first did
+                   "llm_kwargs": {"max_num_seqs": max(cfg["concurrency"]),
+                                  "enable_prefix_caching": False}}
             tag = f"qps-{label.split()[0]}{'-w4a8' if w4a8 else ''}-run{rep}"
             print(f"run {rep + 1}/{args.runs}: {label}", flush=True)
             r = run_worker(job, vllm_env(w4a8=w4a8, in_process=False), out_dir / "logs", tag,
