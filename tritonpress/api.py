@@ -114,29 +114,29 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
                     tokenizer, calibration.dataset, calibration.num_samples,
                     calibration.seq_len, seed=calibration.seed, cache_dir=run.cache_dir,
                     max_positions=getattr(model.config, "max_position_embeddings", None))
-            layer_fn, hessians, batches = recipe_fn(recipe), None, batches
-            if distributed.active() and not data_free:
+            layer_fn, hessians, resumed = recipe_fn(recipe), None, None
+            if distributed.active() and not data_free:   # the one difference over ranks
                 batches = distributed.split_batches(batches)
                 hessians = distributed.collect_hessians_allreduced
                 device = distributed.local_device(device)
             if run.resume_dir is not None and not data_free:
-                layer_fn = _resumable(layer_fn, model, scheme, batches, report, run)
+                layer_fn, resumed = _resumable(layer_fn, model, scheme, batches, report, run)
             every = not data_free and moe and calibration.experts == "all"
             with experts.every_token(model, every):
                 res = compress_sequential(
                     model, batches, scheme, layer_fn, device=device,
                     partial_last_group=run.partial_last_group,
                     progress=run.progress and distributed.is_main(), spill_dir=run.spill_dir,
-                    stream=src, **({"hessians": hessians} if hessians else {}))
+                    stream=src, hessians=hessians)
         report["layers"] = res.infos
         if moe:
             report["experts"]["layers"] = experts.report(model, res.infos, data_free)
-        if "resume" in report:
-            state = report.pop("resume")
-            report["resumed_layers"] = list(state.resumed)
-            if state.resumed:
-                report["notes"].append(f"resumed {len(state.resumed)} of {len(res.seconds_per_layer)}"
-                                       f" layers from {run.resume_dir} (restored, not recomputed)")
+        if resumed is not None:
+            report["resumed_layers"] = list(resumed.resumed)
+            if resumed.resumed:
+                report["notes"].append(
+                    f"resumed {len(resumed.resumed)} of {len(res.seconds_per_layer)} layers "
+                    f"from {run.resume_dir} (restored, not recomputed)")
         # a streamed evaluation ran inside the layer loop: its seconds are not compression's
         eval_s = prof.pop("eval", [0.0])[0]
         report["seconds"]["compress"] = round(report["seconds"]["compress"] - eval_s, 3)
@@ -340,13 +340,13 @@ def _plan_memory(model, calibration, src, run, report) -> None:
 
 
 def _resumable(layer_fn, model, scheme, batches, report, run):
-    """Per-layer state in run.resume_dir; finished layers are restored, not redone."""
+    """(layer function, its ResumeState): per-layer state in run.resume_dir; finished layers
+    are restored, not redone."""
     from .loop import distributed, resume
     fp = resume.fingerprint(model, scheme, batches,
                             {"recipe": report["recipe"], **report["options"]})
     state = resume.ResumeState(run.resume_dir, fp, write=distributed.is_main())
-    report["resume"] = state
-    return resume.resumable(layer_fn, state)
+    return resume.resumable(layer_fn, state), state
 
 
 def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:

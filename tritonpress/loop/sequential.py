@@ -1,7 +1,7 @@
 """Sequential layer-by-layer calibration for decoder-only transformers models: the loop.
 
-How it runs (any model whose decoder layers are in ``model.model.layers``; nothing about the
-architecture is hard-coded):
+How it runs (any model whose decoder layers targets.find_decoder_layers finds: Llama, OPT,
+GPT-NeoX, Mixture-of-Experts with experts.py's Linears...; nothing else is hard-coded):
   1. activations.py: ``capture_layer_inputs`` records what layer 0 is called with (hidden
      states) and every layer's keyword arguments, running only the embeddings.
   2. For each layer in order, on the compute device (one decoder layer there at a time; with a
@@ -17,7 +17,7 @@ Interface:
   compress_sequential(model, batches, scheme, method_fn, device=None, targets=None,
                       ignore=None, offload=True, partial_last_group=False,
                       progress=True, spill_dir=None, keep_final=False, stream=None,
-                      hessians=collect_hessians)
+                      hessians=None)  # None: hooks.collect_hessians
       -> SequentialResult(qweights, infos, final, seconds_per_layer)
   method_fn(layer_idx: int, layer: nn.Module, prefix: str, inputs: LayerInputs | None,
             ctx: LayerContext) -> (dict[full_name, QuantizedWeight], dict[full_name, dict])
@@ -92,7 +92,7 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
                         partial_last_group: bool = False,
                         progress: bool = True, spill_dir=None,
                         keep_final: bool = False, stream=None,
-                        hessians: Callable = collect_hessians) -> SequentialResult:
+                        hessians: Callable | None = None) -> SequentialResult:
     """Calibrate `model` layer by layer with `method_fn` (see the module docstring).
 
     device: where each decoder layer computes (default: the first parameter's device).
@@ -135,7 +135,7 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         scale_dtype = next(iter(linears.values())).weight.dtype if linears else \
             next(layer.parameters()).dtype
         ctx = LayerContext(scheme, device, i, lp, linears, scale_dtype, partial_last_group,
-                           hessians)
+                           hessians or collect_hessians)
         qw, info = method_fn(i, layer, lp, inputs, ctx)
         if stream is None:
             qweights.update(qw)
