@@ -158,6 +158,9 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
                     result[name] = {"ppl_before": ref.ppl, "ppl": after["ppl"], "kl": after["kl"]}
             report["seconds"]["eval_after"] = round(report["seconds"]["eval_after"] + eval_s, 3)
             report["quality"] = result
+            note = quality.vllm_cpu_note(scheme) if evaluation.act_sim == "vllm" else None
+            if note:
+                report["notes"].append(note)
 
         # ---- write (under torchrun only rank 0)
         if out is not None and distributed.is_main():

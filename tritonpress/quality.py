@@ -145,6 +145,20 @@ def describe_act_sim(act_args: QuantArgs | None, act_sim: str) -> str | None:
     return f"{act_sim}: {kind} simulated as {who} (scale = absmax / {div:g})"
 
 
+def vllm_cpu_note(scheme) -> str | None:
+    """What vLLM's CPU build does with this scheme's checkpoint beyond what the KL simulates
+    (vLLM 0.32, docs/vllm.md), or None."""
+    w = scheme.weights
+    if w.type == "int" and w.num_bits == 4 and scheme.input_activations is None:
+        return ("vLLM's CPU build runs 4-bit checkpoints as W4A8 (activations quantized to "
+                "int8 per token) by default on CPUs with AMX (VLLM_CPU_INT4_W4A8=0 keeps A16, "
+                "as measured here); without AMX it runs A16")
+    if w.type == "float" and scheme.input_activations is not None:
+        return ("vLLM's CPU build runs FP8 fast only with AMX and AMX-FP8; elsewhere through "
+                "torch._scaled_mm (slow); the values are the same")
+    return None
+
+
 def fake_quant_per_token(x: torch.Tensor, args: QuantArgs, act_sim: str = "vllm") -> torch.Tensor:
     """Quantize each token's (row's) values with its own scale, then dequantize: x_hat (the
     rounding the runtime's GEMMs use too, kernels.quant.quantize_per_token)."""
