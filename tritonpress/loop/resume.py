@@ -21,8 +21,8 @@ import torch
 
 
 def fingerprint(model, scheme, batches, options: dict) -> dict:
-    """What a resume folder's state depends on (options: Options.as_dict(), the method
-    included); compared key by key on resume."""
+    """What a resume folder's state depends on (options: the recipe and the run's options);
+    compared key by key on resume."""
     h = hashlib.sha256()
     for b in batches or []:
         ids = b if isinstance(b, torch.Tensor) else b["input_ids"]
