@@ -91,9 +91,8 @@ def load_compressed(path: str, device: str | torch.device = "cpu",
         dtype = getattr(torch, dtype)
     model = _empty_model(config, dtype)
     experts.linearize_experts(model)       # MoE: one Linear per expert matrix, as stored
-    ck = (experts.checkpoint_names(model) if experts.moe_blocks(model) else None) or \
-        (lambda n: n)                      # in-memory name -> stored name
     tensors = ShardReader(path)
+    ck = experts.stored_names(model, tensors)   # in-memory name -> stored name (MoE)
     device = torch.device(device)
 
     groups = list((qc.get("config_groups") or {}).values())

@@ -219,3 +219,29 @@ def report(model: nn.Module, infos: dict, data_free: bool = False) -> dict:
                       "least_routed_share": None if data_free else round(float(share.min()), 4),
                       "fewest_tokens": min(tokens) if tokens else None}
     return out
+
+
+def stored_names(model: nn.Module, tensors):
+    """in-memory name -> the name `tensors` (a checkpoint's) stores it under: the original
+    checkpoints' names (checkpoint_names), or for experts the common gate/up/down_proj names
+    llm-compressor writes for every family (vLLM maps both)."""
+    if not moe_blocks(model):
+        return lambda name: name
+    rename = checkpoint_names(model) or (lambda name: name)
+    names = next(iter(moe_blocks(model).values()))[0].names
+    alias = {own: common for own, common in zip(names, DEFAULT_NAMES) if own != common}
+
+    def stored(name: str) -> str:
+        s = rename(name)
+        head, _, leaf = s.rpartition(".")
+        if leaf in alias and ".experts." in head and not any(
+                k.startswith(s + ".") for k in _first(tensors, s)):
+            return f"{head}.{alias[leaf]}"
+        return s
+    return stored
+
+
+def _first(tensors, prefix: str):
+    """The stored names under `prefix` (empty when it holds none)."""
+    return [k for k in (f"{prefix}.weight", f"{prefix}.weight_scale", f"{prefix}.weight_packed")
+            if k in tensors]
