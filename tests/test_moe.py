@@ -223,3 +223,24 @@ def _sub(name, pairs):
     for a, b in pairs.items():
         name = name.replace(a, b)
     return name
+
+
+def test_experts_under_llm_compressors_names_read_the_same(tmp_path, text):
+    """llm-compressor names Mixtral's experts gate/up/down_proj (vLLM maps them to w1/w3/w2):
+    the reader takes either, with the same weights."""
+    from safetensors.torch import load_file, save_file
+    model = tiny_moe("mixtral")
+    model.tokenizer = TOK
+    tp.compress(model, tp.get_scheme("W4A16", group_size=16), tmp_path / "ours",
+                calibration=tp.Calibration(text, 4, 32), evaluation=None,
+                run=tp.Run(device="cpu", progress=False))
+    import shutil
+    shutil.copytree(tmp_path / "ours", tmp_path / "theirs")
+    f = tmp_path / "theirs" / "model.safetensors"
+    names = {".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+    save_file({_sub(k, names): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    ids = torch.randint(3, 250, (2, 16))
+    with torch.no_grad():
+        a = load_compressed(tmp_path / "ours", dtype=torch.float32)[0](ids).logits
+        b = load_compressed(tmp_path / "theirs", dtype=torch.float32)[0](ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
