@@ -123,9 +123,12 @@ class LinearExperts(nn.ModuleList):
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
-    lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+    # a contiguous copy of its own: a slice (or, transposed, a view) of the fused tensor would
+    # keep all of it alive, and run strided
+    own = dict(memory_format=torch.contiguous_format)
+    lin.weight = nn.Parameter(w.detach().clone(**own), requires_grad=False)
     if b is not None:
-        lin.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        lin.bias = nn.Parameter(b.detach().clone(**own), requires_grad=False)
     return lin
 
 
