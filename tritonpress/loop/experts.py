@@ -210,15 +210,15 @@ def report(model: nn.Module, infos: dict, data_free: bool = False) -> dict:
     fewest tokens any expert's statistics saw."""
     out = {}
     for block, experts in moe_blocks(model).items():
-        names = [f"{block}.{e}.{n}" for e in range(len(experts)) for n in experts[e].names]
-        got = [infos.get(n, {}) for n in names]
-        fell = {n.rsplit(".", 2)[-2] for n, i in zip(names, got) if i.get("fallback")}
+        # per expert: the infos of its three Linears
+        got = [[infos.get(f"{block}.{e}.{n}", {}) for n in experts[e].names]
+               for e in range(len(experts))]
+        fell = sum(any(i.get("fallback") for i in ex) for ex in got)
         share = experts.routed.float() / max(experts.tokens, 1)
-        tokens = [i["tokens"] for i in got if "tokens" in i]
+        tokens = [i["tokens"] for ex in got for i in ex if "tokens" in i]
         out[block] = {"experts": len(experts),
-                      "compressed": len({n.rsplit(".", 2)[-2] for n, i in zip(names, got)
-                                         if i}) - len(fell),
-                      "fell_back": len(fell),
+                      "compressed": sum(any(ex) for ex in got) - fell,
+                      "fell_back": fell,
                       "least_routed_share": None if data_free else round(float(share.min()), 4),
                       "fewest_tokens": min(tokens) if tokens else None}
     return out
@@ -237,14 +237,12 @@ def stored_names(model: nn.Module, tensors):
     def stored(name: str) -> str:
         s = rename(name)
         head, _, leaf = s.rpartition(".")
-        if leaf in alias and ".experts." in head and not any(
-                k.startswith(s + ".") for k in _first(tensors, s)):
+        if leaf in alias and ".experts." in head and not _stored(tensors, s):
             return f"{head}.{alias[leaf]}"
         return s
     return stored
 
 
-def _first(tensors, prefix: str):
-    """The stored names under `prefix` (empty when it holds none)."""
-    return [k for k in (f"{prefix}.weight", f"{prefix}.weight_scale", f"{prefix}.weight_packed")
-            if k in tensors]
+def _stored(tensors, name: str) -> bool:
+    """Whether `tensors` hold the Linear `name`'s weight, plain or compressed."""
+    return any(f"{name}.{k}" in tensors for k in ("weight", "weight_scale", "weight_packed"))
