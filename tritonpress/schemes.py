@@ -15,19 +15,34 @@ from dataclasses import dataclass
 class QuantArgs:
     """One tensor's quantization, mirroring compressed-tensors' QuantizationArgs."""
     num_bits: int
-    type: str               # "int" or "float"
+    type: str               # "int" or "float" (8 bits: e4m3; 4 bits: e2m1)
     symmetric: bool
-    strategy: str           # "group", "channel", "tensor" (weights) or "token" (activations)
+    strategy: str           # "group", "channel", "tensor", "tensor_group" (group scales under
+                            # a global one: NVFP4), "block" (weights) or "token" (activations)
     group_size: int | None = None
-    dynamic: bool = False
+    dynamic: bool | str = False           # "local": group scales dynamic, global one static
+    block_structure: tuple[int, int] | None = None   # strategy "block": [rows, cols]
+    scale_dtype: str | None = None        # stored scale dtype: "float8_e4m3fn" (NVFP4),
+                                          # "uint8" (MX e8m0 exponents); None: the model's
 
     @property
     def qmin(self) -> float:
-        return -448.0 if self.type == "float" else float(-(2 ** (self.num_bits - 1)))
+        return -self.qmax if self.type == "float" else float(-(2 ** (self.num_bits - 1)))
 
     @property
     def qmax(self) -> float:
-        return 448.0 if self.type == "float" else float(2 ** (self.num_bits - 1) - 1)
+        if self.type == "float":
+            return 6.0 if self.num_bits == 4 else 448.0
+        return float(2 ** (self.num_bits - 1) - 1)
+
+    @property
+    def is_fp4(self) -> bool:
+        return self.type == "float" and self.num_bits == 4
+
+    @property
+    def is_mx(self) -> bool:
+        """MX scales (power-of-two e8m0 exponents, uint8), as compressed-tensors tells them."""
+        return self.type == "float" and self.scale_dtype == "uint8" and self.group_size == 32
 
 
 @dataclass(frozen=True)
