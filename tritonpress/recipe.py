@@ -112,9 +112,9 @@ def default_recipe(scheme: Scheme) -> list[Method]:
     from .methods.sparsegpt import SparseGPT
     if scheme.sparsity_24:
         return [SparseGPT()]
-    if scheme.weights.type == "float":
-        return [RTN()]
-    return [GPTQ()]
+    if scheme.weights.type == "float" and scheme.weights.num_bits == 8:
+        return [RTN()]             # fp8 (per channel or per block): data-free
+    return [GPTQ()]                # 4-bit grids: int4, and the fp4 formats
 
 
 def resolve_recipe(recipe, scheme: Scheme) -> list[Method]:

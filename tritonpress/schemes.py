@@ -61,12 +61,28 @@ _FP8_CHAN = QuantArgs(8, "float", True, "channel")
 _INT8_TOKEN = QuantArgs(8, "int", True, "token", dynamic=True)
 _FP8_TOKEN = QuantArgs(8, "float", True, "token", dynamic=True)
 
+# compressed-tensors 0.19's newer presets, field for field
+_FP8_BLOCK = QuantArgs(8, "float", True, "block", block_structure=(128, 128))
+_FP8_GROUP128 = QuantArgs(8, "float", True, "group", 128, dynamic=True)
+_NVFP4 = QuantArgs(4, "float", True, "tensor_group", 16, scale_dtype="float8_e4m3fn")
+_NVFP4_ACT = QuantArgs(4, "float", True, "tensor_group", 16, dynamic="local",
+                       scale_dtype="float8_e4m3fn")     # group scales dynamic, global static
+_MXFP4 = QuantArgs(4, "float", True, "group", 32, scale_dtype="uint8")
+_MXFP4_ACT = QuantArgs(4, "float", True, "group", 32, dynamic=True, scale_dtype="uint8")
+
 PRESETS: dict[str, Scheme] = {
     "W4A16": Scheme("W4A16", _INT4_SYM),
     "W4A16_ASYM": Scheme("W4A16_ASYM", _INT4_ASYM),
     "W8A8_INT8": Scheme("W8A8_INT8", _INT8_CHAN, _INT8_TOKEN),
     "W8A8_FP8": Scheme("W8A8_FP8", _FP8_CHAN, _FP8_TOKEN),
     "W8A8_FP8_24": Scheme("W8A8_FP8_24", _FP8_CHAN, _FP8_TOKEN, sparsity_24=True),
+    "FP8_BLOCK": Scheme("FP8_BLOCK", _FP8_BLOCK, _FP8_GROUP128),
+    "NVFP4A16": Scheme("NVFP4A16", _NVFP4),
+    "NVFP4": Scheme("NVFP4", _NVFP4, _NVFP4_ACT),
+    "MXFP4A16": Scheme("MXFP4A16", _MXFP4),
+    "MXFP4": Scheme("MXFP4", _MXFP4, _MXFP4_ACT),
+    "W4A8": Scheme("W4A8", _INT4_SYM, _INT8_TOKEN),
+    "W4AFP8": Scheme("W4AFP8", _INT4_SYM, _FP8_TOKEN),
 }
 ALIASES = {"W8A8": "W8A8_INT8", "FP8_DYNAMIC": "W8A8_FP8", "FP8": "W8A8_FP8",
            "INT8": "W8A8_INT8", "W4A16_SYM": "W4A16", "2:4_FP8": "W8A8_FP8_24"}
@@ -98,9 +114,11 @@ def get_scheme(name: str | Scheme, group_size: int | None = None, symmetric: boo
         if not isinstance(group_size, int) or isinstance(group_size, bool):
             raise TypeError(f"group_size={group_size!r} ({type(group_size).__name__}): pass a "
                             "whole number of input columns per scale, e.g. 64 or 128")
-        if w.strategy != "group":
-            raise ValueError(f"scheme {scheme.name} quantizes weights per {w.strategy}; "
-                             "--group-size applies only to W4A16 schemes")
+        if w.strategy != "group" or w.type != "int":
+            what = (f"per {w.strategy}" if w.type == "int" else
+                    f"in {w.type}{w.num_bits} with the format's fixed groups")
+            raise ValueError(f"scheme {scheme.name} quantizes weights {what}; "
+                             "--group-size applies only to W4A16, W4A8 and W4AFP8")
         if group_size <= 0:
             raise ValueError(f"group size must be positive, got {group_size}")
         w = dataclasses.replace(w, group_size=group_size)
@@ -108,7 +126,7 @@ def get_scheme(name: str | Scheme, group_size: int | None = None, symmetric: boo
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric={symmetric!r}: pass True, False or None (the scheme's)")
         if w.type == "float" and not symmetric:
-            raise ValueError("fp8 weights are symmetric only")
+            raise ValueError(f"{w.type}{w.num_bits} weights are symmetric only")
         w = dataclasses.replace(w, symmetric=symmetric)
     scheme = dataclasses.replace(scheme, weights=w)
     if ignore is not None:

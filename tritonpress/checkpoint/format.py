@@ -13,7 +13,18 @@ Layout per quantized Linear `<name>` (compressed-tensors 0.19 formats):
   sparse-24-bitmask <name>.compressed    the 2 kept values of every 4, [out, in/2] (row-major order)
   (legacy, 2:4)     <name>.bitmask       uint8 [out, ceil(in/8)], bit j of byte k = column 8k+j kept
                     <name>.shape         int64 [2, 1], + <name>.weight_scale as above
-Scales are stored in the model's dtype. Everything else (embeddings, norms, lm_head, biases) is
+  float-quantized, block strategy (FP8_BLOCK): <name>.weight float8_e4m3fn [out, in]
+                    + <name>.weight_scale [ceil(out/128), ceil(in/128)] (partial edge blocks)
+  int-quantized, 4-bit (W4A8, W4AFP8): <name>.weight int8 [out, in] holding values in [-8, 7]
+                    (compressed-tensors picks int-quantized over pack-quantized whenever
+                    activations are quantized too; vLLM's W4A8 loads it so)
+  nvfp4-pack-quantized <name>.weight_packed uint8 [out, in/2] (e2m1 codes, column 2j in the low
+                    nibble), <name>.weight_scale float8_e4m3fn [out, in/16],
+                    <name>.weight_global_scale fp32 [1], and for NVFP4 (W4A4)
+                    <name>.input_global_scale fp32 [1] (from the calibration inputs' amax)
+  mxfp4-pack-quantized <name>.weight_packed uint8 [out, in/2], <name>.weight_scale uint8
+                    [out, in/32] (e8m0 exponents: scale 2^(e - 127))
+Scales are stored in the model's dtype unless the format says otherwise. Everything else (embeddings, norms, lm_head, biases) is
 saved as the model holds it (tied aliases left out, as save_pretrained leaves them out).
 """
 from __future__ import annotations
@@ -31,15 +42,33 @@ ACTORDERS = (None, "static")
 
 # ----------------------------------------------------------------------------- config
 
-def _args_dict(a: QuantArgs, observer: str | None, actorder: str | None = None) -> dict:
+def _args_dict(a: QuantArgs, observer: str | None, actorder: str | None = None,
+               full: bool = False) -> dict:
     """QuantizationArgs as config.json holds it: the fields every compressed-tensors release
-    since 0.4 knows (vLLM validates with extra="forbid" against the version it pins).
+    since 0.4 knows (vLLM validates with extra="forbid" against the version it pins), and with
+    `full` (the schemes only compressed-tensors >= 0.12 knows) also scale_dtype and zp_dtype,
+    as 0.19 serialises them ("torch.uint8"; zp_dtype None when symmetric).
     actorder: "static" for weights GPTQ swept in activation order (what llm-compressor writes;
     compressed-tensors 0.19 reads it as an alias of "weight", no g_idx), else None."""
-    return {"num_bits": a.num_bits, "type": a.type, "symmetric": a.symmetric,
-            "group_size": a.group_size if a.strategy == "group" else None,
-            "strategy": a.strategy, "block_structure": None, "dynamic": a.dynamic,
-            "actorder": actorder, "observer": observer, "observer_kwargs": {}}
+    d = {"num_bits": a.num_bits, "type": a.type, "symmetric": a.symmetric,
+         "group_size": a.group_size if a.strategy in ("group", "tensor_group") else None,
+         "strategy": a.strategy,
+         "block_structure": None if a.block_structure is None else list(a.block_structure),
+         "dynamic": a.dynamic, "actorder": actorder, "observer": observer,
+         "observer_kwargs": {}}
+    if full:
+        d["scale_dtype"] = None if a.scale_dtype is None else f"torch.{a.scale_dtype}"
+        d["zp_dtype"] = None
+    return d
+
+
+def needs_ct19(scheme: Scheme) -> bool:
+    """Whether the scheme is one of compressed-tensors 0.19's newer presets (fp4, fp8 blocks,
+    4-bit weights with 8-bit activations): its config carries every 0.19 field, as
+    llm-compressor 0.14 writes it."""
+    w, a = scheme.weights, scheme.input_activations
+    return (w.is_fp4 or w.strategy in ("block", "tensor_group")
+            or (a is not None and (a.strategy != "token" or w.num_bits < 8)))
 
 
 def quant_args_from_dict(d: dict | None) -> QuantArgs | None:
@@ -49,19 +78,31 @@ def quant_args_from_dict(d: dict | None) -> QuantArgs | None:
     if d is None:
         return None
     strategy = d.get("strategy") or ("group" if d.get("group_size") else "tensor")
+    dynamic = d.get("dynamic", False)
+    block = d.get("block_structure")
+    if isinstance(block, str):                  # the older "128x128" spelling
+        block = [int(v) for v in block.split("x")]
+    scale_dtype = d.get("scale_dtype")
     return QuantArgs(int(d.get("num_bits", 8)), d.get("type", "int"),
                      bool(d.get("symmetric", True)), strategy,
-                     d.get("group_size") if strategy == "group" else None,
-                     bool(d.get("dynamic", False)))
+                     d.get("group_size") if strategy in ("group", "tensor_group") else None,
+                     dynamic.lower() if isinstance(dynamic, str) else bool(dynamic),
+                     None if block is None else tuple(int(v) for v in block),
+                     None if scale_dtype is None else str(scale_dtype).removeprefix("torch."))
 
 
 def weight_format(scheme: Scheme) -> str:
-    """compressed-tensors format of the weights. Integer weight-only schemes are packed even at
-    8 bits: vLLM reads int-quantized as a W8A8 format and wants activation args with it."""
+    """compressed-tensors format of the weights, as its infer_module_format picks it: fp4 in
+    the MX or NVFP4 packing, fp8 float-quantized; integer weight-only schemes packed even at
+    8 bits (vLLM reads int-quantized as a W8A8 format and wants activation args with it),
+    integer weights with quantized activations int-quantized (W8A8, and 4-bit W4A8/W4AFP8:
+    llm-compressor 0.14 writes those as int8 values, which vLLM's W4A8 loads)."""
     w = scheme.weights
+    if w.is_fp4:
+        return "mxfp4-pack-quantized" if w.is_mx else "nvfp4-pack-quantized"
     if w.type == "float":
         return "float-quantized"
-    if scheme.input_activations is None or w.num_bits < 8:
+    if scheme.input_activations is None:
         return "pack-quantized"
     return "int-quantized"
 
@@ -75,9 +116,14 @@ def quantization_config(scheme: Scheme, ignore: list[str], sparsity: dict | None
         raise ValueError(f"actorder={actorder!r}: the checkpoint records None or 'static'")
     fmt = weight_format(scheme)
     act = scheme.input_activations
+    full = needs_ct19(scheme)
+    # llm-compressor 0.14 names its weight observer memoryless_minmax; static activation
+    # scales (NVFP4's global one) come from static_minmax over the calibration inputs
     group = {"targets": ["Linear"],
-             "weights": _args_dict(scheme.weights, "minmax", actorder),
-             "input_activations": None if act is None else _args_dict(act, None),
+             "weights": _args_dict(scheme.weights, "memoryless_minmax" if full else "minmax",
+                                   actorder, full),
+             "input_activations": None if act is None else _args_dict(
+                 act, "static_minmax" if act.dynamic == "local" else None, None, full),
              "output_activations": None,
              "format": fmt}
     return {"quant_method": "compressed-tensors", "version": CT_VERSION, "format": fmt,
@@ -162,8 +208,14 @@ def sparse24_decompress(compressed: torch.Tensor, bitmask: torch.Tensor,
 # ----------------------------------------------------------------------------- one Linear
 
 def _storage_scale(qw: QuantizedWeight, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """The scale in the model's dtype; casting is allowed only when it loses nothing."""
+    """The scale in the model's dtype (fp4 formats: as the format stores it); casting is
+    allowed only when it loses nothing."""
     s = qw.scale
+    if qw.args.is_fp4:
+        want = torch.uint8 if qw.args.is_mx else torch.float8_e4m3fn
+        if s.dtype != want:
+            raise ValueError(f"{name}: fp4 group scales must be {want}, got {s.dtype}")
+        return s
     if s.dtype != dtype:
         cast = s.to(dtype)
         if not torch.equal(cast.to(s.dtype), s):
@@ -179,7 +231,14 @@ def compressed_tensors_for(name: str, qw: QuantizedWeight, fmt: str, dtype: torc
     q = qw.q.detach()
     scale = _storage_scale(qw, dtype, name).detach().contiguous()
     t = {f"{name}.weight_scale": scale}
-    if fmt == "pack-quantized":
+    if fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+        from ..kernels.fp4 import pack_fp4_ref
+        t[f"{name}.weight_packed"] = pack_fp4_ref(q.contiguous())
+        if fmt == "nvfp4-pack-quantized":
+            t[f"{name}.weight_global_scale"] = qw.global_scale.detach().float().reshape(1)
+        if qw.input_global_scale is not None:
+            t[f"{name}.input_global_scale"] = qw.input_global_scale.detach().float().reshape(1)
+    elif fmt == "pack-quantized":
         if qw.args.num_bits != 4:
             raise ValueError(f"{name}: only 4-bit weights can be packed, got {qw.args.num_bits}")
         t[f"{name}.weight_packed"] = _pack4(q)
@@ -203,6 +262,15 @@ def decompress_linear(t: dict[str, torch.Tensor], name: str, args: QuantArgs) ->
     llm-compressor's 8-bit words): the values [out, in] (int8, or fp8), the scale and zero
     point [out, ngroups] as stored, and `args` (the config group's weights)."""
     scale, zp = t[f"{name}.weight_scale"], t.get(f"{name}.weight_zero_point")
+    if args.is_fp4:                                               # nvfp4/mxfp4-pack-quantized
+        from ..kernels.fp4 import unpack_fp4_codes
+        packed = t[f"{name}.weight_packed"]
+        if packed.dtype != torch.uint8:
+            raise TypeError(f"{name}.weight_packed is {packed.dtype}: fp4 weights are packed "
+                            "two per uint8")
+        return QuantizedWeight(unpack_fp4_codes(packed), scale, None, args,
+                               t.get(f"{name}.weight_global_scale"),
+                               t.get(f"{name}.input_global_scale"))
     if f"{name}.weight_packed" in t:                              # pack-quantized
         rows, cols = (int(v) for v in t[f"{name}.weight_shape"].tolist())
         q = unpack_words(t[f"{name}.weight_packed"], cols, args.num_bits)
@@ -222,4 +290,5 @@ def decompress_linear(t: dict[str, torch.Tensor], name: str, args: QuantArgs) ->
 
 # the suffixes decompress_linear reads, for a reader to fetch one Linear's tensors at once
 LINEAR_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_packed", "weight_shape",
-                   "compressed", "bitmask", "shape", "weight")
+                   "compressed", "bitmask", "shape", "weight", "weight_global_scale",
+                   "input_global_scale")

@@ -36,16 +36,23 @@ def _check_qweight(name: str, m, qw: QuantizedWeight, scheme: Scheme, fmt: str,
                          f"{tuple(m.weight.shape)}")
     if qw.args != scheme.weights:
         raise ValueError(f"{name}: quantized with {qw.args}, but the scheme says {scheme.weights}")
-    want = torch.float8_e4m3fn if qw.args.type == "float" else torch.int8
+    a = qw.args
+    want = torch.uint8 if a.is_fp4 else torch.float8_e4m3fn if a.type == "float" else torch.int8
     if qw.q.dtype != want:
         raise ValueError(f"{name}: values are {qw.q.dtype}, expected {want}")
-    ngroups = 1 if qw.args.strategy != "group" else qw.q.shape[1] // qw.args.group_size
-    if qw.args.strategy == "group" and qw.q.shape[1] % qw.args.group_size:
+    grouped = a.strategy in ("group", "tensor_group")
+    ngroups = qw.q.shape[1] // a.group_size if grouped else 1
+    if grouped and qw.q.shape[1] % a.group_size:
         raise ValueError(f"{name}: {qw.q.shape[1]} input features are not a multiple of "
-                         f"group size {qw.args.group_size}")
-    if tuple(qw.scale.shape) != (qw.q.shape[0], ngroups):
-        raise ValueError(f"{name}: scale is {tuple(qw.scale.shape)}, expected "
-                         f"{(qw.q.shape[0], ngroups)}")
+                         f"group size {a.group_size}")
+    want_shape = (qw.q.shape[0], ngroups)
+    if a.strategy == "block":
+        (bh, bw), (o, i) = a.block_structure, qw.q.shape
+        want_shape = (-(-o // bh), -(-i // bw))
+    if tuple(qw.scale.shape) != want_shape:
+        raise ValueError(f"{name}: scale is {tuple(qw.scale.shape)}, expected {want_shape}")
+    if a.strategy == "tensor_group" and qw.global_scale is None:
+        raise ValueError(f"{name}: NVFP4 weights need their global scale (weight_global_scale)")
     if qw.args.symmetric and qw.zero_point is not None:
         raise ValueError(f"{name}: zero point given for a symmetric scheme")
     if not qw.args.symmetric and qw.zero_point is None:

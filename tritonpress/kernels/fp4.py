@@ -59,6 +59,13 @@ def e2m1_codes_ref(x: torch.Tensor) -> torch.Tensor:
     return _e2m1_index(x.abs()) | ((x < 0).to(torch.uint8) << 3)
 
 
+def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (any shape) -> fp32 e2m1 values (code 8 gives -0.0)."""
+    table = torch.tensor(E2M1_VALUES, device=codes.device)
+    mag = table[(codes & 7).long()]
+    return torch.where((codes & 8) != 0, -mag, mag)
+
+
 def pack_fp4_ref(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [rows, cols] (cols even) -> uint8 [rows, cols/2], column 2j in the low
     nibble of byte j and column 2j+1 in the high one (compressed-tensors' pack_fp4_to_uint8)."""
@@ -77,10 +84,12 @@ def unpack_fp4_ref(packed: torch.Tensor, cols: int) -> torch.Tensor:
     if packed.shape[1] * 2 != cols:
         raise ValueError(f"{packed.shape[1]} bytes per row hold {packed.shape[1] * 2} fp4 "
                          f"values, not {cols}")
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], cols)
-    table = torch.tensor(E2M1_VALUES, device=packed.device)
-    mag = table[(codes & 7).long()]
-    return torch.where((codes & 8) != 0, -mag, mag)
+    return decode_e2m1(unpack_fp4_codes(packed))
+
+
+def unpack_fp4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, cols/2] -> uint8 codes [rows, cols]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
 # ----------------------------------------------------------------------------- scales

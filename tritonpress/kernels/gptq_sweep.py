@@ -23,6 +23,7 @@ import triton.language as tl
 from ..schemes import QuantArgs
 from .dispatch import interpreting
 from .primitives import e4m3_round, qparams, rne
+from .fp4 import round_e2m1_ref
 from .quant import fp8_round_ref, qparams_from_minmax
 
 # Precision of the trailing GEMM W[:, right] -= Err @ Hinv[block, right] on the GPU. Measured
@@ -54,7 +55,8 @@ def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor,
       dynamic a group's qparams are computed (at scale_dtype) when the block reaches its first
               column, from the current weights of its columns, and written into scale/zp
               (launches start on group starts)
-      args    the weight QuantArgs (int: round-half-even + clamp; float: e4m3 RNE)
+      args    the weight QuantArgs (int: round-half-even + clamp; float: e4m3 RNE; fp4: the
+              e2m1 grid, kernels/fp4.py's rounding; scale is then the effective fp32 scale)
     Returns (Q1, Err1, Losses1), each [rows, B] fp32:
       Q1      the dequantized values chosen, (q - zp) * scale
       Err1    (w - q) / Hinv1[i, i], the scaled errors the caller propagates to later columns
@@ -68,7 +70,7 @@ def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor,
     Wt = W1.float().t().contiguous()
     St = scale.float().t().contiguous()
     Zt = None if zp is None else zp.float().t()
-    fp8 = args.type == "float"
+    fp8 = args.type == "float" and not args.is_fp4
     qmin, qmax = float(args.qmin), float(args.qmax)
     Qt, Dt = torch.empty_like(Wt), torch.empty_like(Wt)
     d = Hinv1.diagonal().float()
@@ -83,7 +85,9 @@ def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor,
                 Zt = zp.float().t()
         w = Wt[i]
         y = w / St[g]
-        if fp8:
+        if args.is_fp4:
+            q = round_e2m1_ref(y)
+        elif fp8:
             q = fp8_round_ref(y)
         else:   # clamping y to [qmin - zp, qmax - zp] before rounding: integer bounds commute
             lo, hi = ((torch.full_like(y, qmin), torch.full_like(y, qmax)) if Zt is None
@@ -152,7 +156,8 @@ def round_tf32(x: torch.Tensor) -> torch.Tensor:
 def _sweep_kernel(W, Hinv, S, Z, Q, E, L, rows, n, col0,
                   stride_w, stride_h, stride_sr, stride_sc, stride_q, stride_e, stride_l,
                   qmin, qmax, half_range, eps,
-                  GDIV: tl.constexpr, FP8: tl.constexpr, HAS_ZP: tl.constexpr,
+                  GDIV: tl.constexpr, FP8: tl.constexpr, FP4: tl.constexpr,
+                  HAS_ZP: tl.constexpr,
                   DYNAMIC: tl.constexpr, SCALE_DTYPE: tl.constexpr, LOSS_COLS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: rows [pid*BLOCK_M, +BLOCK_M) of a block of n columns.
@@ -196,7 +201,9 @@ def _sweep_kernel(W, Hinv, S, Z, Q, E, L, rows, n, col0,
                     z = tl.load(zpp, mask=rmask, other=0.0).to(tl.float32)
 
         y = tl.div_rn(w, s)
-        if FP8:
+        if FP4:
+            q = _e2m1_round(y) * s
+        elif FP8:
             q = e4m3_round(y) * s
         else:
             # clamp before rounding (the bounds are integers, so it commutes with rounding)
@@ -220,6 +227,17 @@ def _sweep_kernel(W, Hinv, S, Z, Q, E, L, rows, n, col0,
     else:
         lp = L + r64
         tl.store(lp, tl.load(lp, mask=rmask, other=0.0) + loss_row, mask=rmask)
+
+
+@triton.jit
+def _e2m1_round(y):
+    """fp4.round_e2m1_ref: the e2m1 grid, compressed-tensors' thresholds (ties to even),
+    saturating at 6; a negative value rounding to zero gives -0.0."""
+    a = tl.abs(y)
+    m = tl.where(a > 5.0, 6.0, tl.where(a >= 3.5, 4.0, tl.where(a > 2.5, 3.0, tl.where(
+        a >= 1.75, 2.0, tl.where(a > 1.25, 1.5, tl.where(a >= 0.75, 1.0, tl.where(
+            a > 0.25, 0.5, 0.0)))))))
+    return tl.where(y < 0, -m, m)
 
 
 def _sweep_configs():
@@ -262,7 +280,10 @@ def sweep_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tenso
             W1.stride(0), Hinv1.stride(0), S.stride(0), stride_sc, Q.stride(0), E.stride(0),
             L.stride(0), float(args.qmin), float(args.qmax), (args.qmax - args.qmin) / 2,
             torch.finfo(scale_dtype).eps)
-    kw = dict(GDIV=gdiv, FP8=args.type == "float", HAS_ZP=Z is not None, DYNAMIC=dynamic,
+    if dynamic and args.is_fp4:
+        raise ValueError("fp4 group scales are fixed before the sweep (dynamic=False)")
+    kw = dict(GDIV=gdiv, FP8=args.type == "float" and not args.is_fp4, FP4=args.is_fp4,
+              HAS_ZP=Z is not None, DYNAMIC=dynamic,
               SCALE_DTYPE=SCALE_DTYPES[scale_dtype], LOSS_COLS=out is None,
               BLOCK_N=max(triton.next_power_of_2(n), 16))
     # no fused multiply-add: round every op as torch does (bit-identical to the reference)

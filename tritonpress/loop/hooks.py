@@ -159,6 +159,8 @@ class HessianStats:
     H: torch.Tensor       # [in, in] fp32, 2/n sum x x^T
     n: int = 0            # tokens seen
     members: list[str] = field(default_factory=list)   # Linears reading this input
+    amax: torch.Tensor | None = None    # max |x| over the tokens seen, in the inputs' dtype
+                                        # (NVFP4's static activation global scale)
 
 
 def collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs
@@ -172,6 +174,9 @@ def collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs: La
                                                    dtype=torch.float32, device=x.device))
         s = stats[lead]
         s.n = accumulate_hessian(s.H, x, s.n, mask)
+        a = tokens_of(x, mask).abs().amax() if x.numel() else None
+        if a is not None:
+            s.amax = a if s.amax is None else torch.maximum(s.amax, a)
 
     groups = run_with_linear_inputs(layer, linears, inputs, add)
     out = {}

@@ -93,7 +93,7 @@ def check_group_sizes(model: nn.Module, scheme: Scheme, targets, ignore,
                       partial_last_group: bool = False) -> None:
     """Group quantization needs in-features divisible by the group size: say which layers don't."""
     w = scheme.weights
-    if w.strategy != "group" or partial_last_group:
+    if w.strategy not in ("group", "tensor_group") or partial_last_group:
         return
     layers, prefix = find_decoder_layers(model)
     bad = {}

@@ -18,20 +18,22 @@ first reaches a group ("dynamic", as the paper); see DEFAULT_GROUP_SCALES.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+from ..kernels import fp4
 from ..kernels.hessian import output_error
 from ..kernels.quant import qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs
 from ..recipe import Method, check_actorder, check_int, check_number, check_type
 from ..checkpoint.qweight import QuantizedWeight
 from ..report import step
-from .rtn import (clip_search, column_qparams, group_index, group_qparams, hessian_blocks,
-                  quantize_linears_rtn, rtn_quantize)
+from .rtn import (clip_search, column_qparams, fp4_scale_search, group_index, group_qparams,
+                  hessian_blocks, nvfp4_global_scales, quantize_linears_rtn, rtn_quantize)
 # Steps 3-5 (the inverse factor and the column sweep, which picks the fused kernels on a GPU)
 from .gptq_solve import gptq_sweep, inverse_cholesky
 
@@ -59,14 +61,19 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
                           scale_dtype: torch.dtype | None = None, *, block_size: int = 128,
                           damp: float = 0.01, max_damp: float = 10.0,
                           actorder: str | None = None, group_scales: str = DEFAULT_GROUP_SCALES,
-                          partial_last_group: bool = False, clip: bool = False) -> list[tuple]:
+                          partial_last_group: bool = False, clip: bool = False,
+                          global_scales: list | None = None) -> list[tuple]:
     """GPTQ several weights that read the same input (q/k/v, gate/up) against their shared
     Hessian in one solve: rows never interact, so stacking them along rows gives each the result
     it would get alone, with one factorisation of H and one column sweep instead of one each.
 
     clip: static group scales from each group's range shrunk by the factor that minimises the
     group's output error e H_gg e^T on the calibration data (rtn.clip_search, AWQ's clipping
-    search with GPTQ's own Hessian blocks) instead of the full min/max.
+    search with GPTQ's own Hessian blocks) instead of the full min/max. On the fp4 grids
+    (rtn.fp4_scale_search): NVFP4's group ranges shrunk the same way under the tensor's fixed
+    global scale, MXFP4's power-of-two exponent moved by rtn.MX_EXPONENT_STEPS.
+    global_scales: NVFP4's global scale of each weight (default: one from all of `weights`,
+    which are q/k/v or gate/up: the fused Linears vLLM wants to share it).
 
     actorder: None (default here: columns in order) or "static" (sweep columns by decreasing
     H_ii; see check_actorder); GPTQ() passes DEFAULT_ACTORDER. group_scales:
@@ -94,12 +101,19 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
     W[:, dead] = 0
     info["dead_columns"] = int(dead.sum())
 
-    dynamic = group_scales == "dynamic" and args.strategy == "group"
-    scale, zp = group_qparams(W, args, scale_dtype, gidx)
-    if clip and args.strategy == "group" and not dynamic and cols % args.group_size == 0:
-        lo, hi, f = clip_search(W, hessian_blocks(H, args.group_size), args, scale_dtype)
-        scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
-        info["clipped_groups"] = float((f < 1).float().mean())
+    dynamic = group_scales == "dynamic" and args.strategy == "group" and not args.is_fp4
+    gparts = None
+    if args.is_fp4:     # the format's group scales (searched), fixed before the sweep
+        if partial_last_group:
+            raise ValueError("fp4 formats have fixed groups: partial_last_group does not apply")
+        stored, gparts, scale = _fp4_scales(weights, W, H, args, global_scales, clip, info)
+        zp = None
+    else:
+        scale, zp = group_qparams(W, args, scale_dtype, gidx)
+        if clip and args.strategy == "group" and not dynamic and cols % args.group_size == 0:
+            lo, hi, f = clip_search(W, hessian_blocks(H, args.group_size), args, scale_dtype)
+            scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
+            info["clipped_groups"] = float((f < 1).float().mean())
 
     perm = torch.argsort(H.diagonal(), descending=True) if actorder else \
         torch.arange(cols, device=W.device)
@@ -109,23 +123,65 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
     del H                                       # the sweep needs only its inverse factor
     info.update(dampening=frac, dampening_failed=failed)
     if Hinv is None:
-        qw, deq = rtn_quantize(weight, args, scale_dtype, partial_last_group)
+        if args.is_fp4:     # each part its own global scale: one RTN per part
+            res = [rtn_quantize(w, args, scale_dtype, global_scale=g)
+                   for w, g in zip(weights, gparts)]
+            qw = _cat_fp4([r[0] for r in res])
+            deq = torch.cat([r[1] for r in res])
+        else:
+            qw, deq = rtn_quantize(weight, args, scale_dtype, partial_last_group)
         info.update(fallback="rtn")
-        return _split(weight, qw, deq, None, H0, splits, info, t0)
+        return _split(weight, qw, deq, None, H0, splits, info, t0, gparts)
 
     # the sweep (gptq_solve.py): the fused whole-layer solve on a GPU when it applies, else
     # the paper's loop over blocks of columns
-    Q, scale, zp, Losses = gptq_sweep(W, Hinv, args, scale, zp, gcol, dynamic=dynamic,
+    # NVFP4's groups under their fixed global scale sweep as plain groups
+    sweep_args = dataclasses.replace(args, strategy="group") if args.is_fp4 else args
+    Q, scale, zp, Losses = gptq_sweep(W, Hinv, sweep_args, scale, zp, gcol, dynamic=dynamic,
                                       scale_dtype=scale_dtype, block_size=block_size)
     del W                                       # swept: only Q is needed now
     Q = Q[:, torch.argsort(perm)]
-    q = quantize_ref(Q, *column_qparams(scale, zp, gidx), args)   # the integers (exact)
-    qw = QuantizedWeight(q, scale.to(scale_dtype), None if zp is None else zp.to(torch.int8), args)
+    if args.is_fp4:     # the e2m1 codes of the values chosen (exact: Q = value * scale)
+        g = args.group_size
+        q = fp4.e2m1_codes_ref((Q.reshape(len(Q), -1, g) / scale.unsqueeze(-1))
+                               .clamp(-6, 6)).reshape(Q.shape)
+        qw = QuantizedWeight(q, stored, None, args)
+    else:
+        q = quantize_ref(Q, *column_qparams(scale, zp, gidx), args)   # the integers (exact)
+        qw = QuantizedWeight(q, scale.to(scale_dtype), None if zp is None else zp.to(torch.int8),
+                             args)
     info.update(fallback=None)
-    return _split(weight, qw, Q, Losses, H0, splits, info, t0)
+    return _split(weight, qw, Q, Losses, H0, splits, info, t0, gparts)
 
 
-def _split(weight, qw, deq, losses, H, splits, info, t0) -> list[tuple]:
+def _fp4_scales(weights, W, H, args, global_scales, clip, info):
+    """fp4 group scales of the stacked weights W (dead columns zeroed): (stored [rows, ng],
+    each part's global scale (NVFP4) or Nones, the effective fp32 scale [rows, ng])."""
+    gparts = [None] * len(weights)
+    if args.strategy == "tensor_group":
+        if global_scales is None:       # the stacked weights are one fused group
+            g = nvfp4_global_scales({"w": torch.cat([w.reshape(-1) for w in weights])})["w"]
+            global_scales = [g] * len(weights)
+        gparts = [g.to(W.device).float().reshape(1) for g in global_scales]
+    hb = hessian_blocks(H, args.group_size) if clip else None
+    stored, eff, row = [], [], 0
+    for w, g in zip(weights, gparts):
+        part = W[row:row + w.shape[0]].to(w.dtype)      # the weights' dtype, as observers see
+        row += w.shape[0]
+        st, moved = fp4_scale_search(part, hb, args, g)
+        info["clipped_groups"] = info.get("clipped_groups", 0.0) + moved * w.shape[0] / len(W)
+        stored.append(st.view(torch.uint8))
+        eff.append(fp4.effective_scale(st, g, args))
+    dtype = torch.uint8 if args.is_mx else torch.float8_e4m3fn
+    return torch.cat(stored).view(dtype), gparts, torch.cat(eff)
+
+
+def _cat_fp4(qws: list[QuantizedWeight]) -> QuantizedWeight:
+    st = torch.cat([q.scale.view(torch.uint8) for q in qws]).view(qws[0].scale.dtype)
+    return QuantizedWeight(torch.cat([q.q for q in qws]), st, None, qws[0].args)
+
+
+def _split(weight, qw, deq, losses, H, splits, info, t0, gparts=None) -> list[tuple]:
     """The stacked result back into one (QuantizedWeight, dequantized, info) per weight; the
     seconds shared out by rows."""
     out, row, seconds = [], 0, time.perf_counter() - t0
@@ -135,13 +191,21 @@ def _split(weight, qw, deq, losses, H, splits, info, t0) -> list[tuple]:
         r = slice(row, row + n)
         row += n
         own = (lambda t: t[r].clone()) if stacked else (lambda t: t)  # no shared storage
-        part = QuantizedWeight(own(qw.q), own(qw.scale), None if zp is None else own(zp), qw.args)
+        part = QuantizedWeight(own(qw.q), _rows(qw.scale, r, own), None if zp is None else own(zp),
+                               qw.args, None if gparts is None else gparts[len(out)])
         i = dict(info, seconds=seconds * n / weight.shape[0])
         if losses is not None:
             i["loss"] = float(losses[r].sum())
         i.update(_losses(weight[r], deq[r], H))
         out.append((part, deq[r], i))
     return out
+
+
+def _rows(t, r, own):
+    """Rows r of t (fp8 has no slicing copy on every build: through its bytes)."""
+    if t.element_size() == 1 and t.dtype not in (torch.int8, torch.uint8):
+        return own(t.view(torch.uint8)).view(t.dtype)
+    return own(t)
 
 
 def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, chunk: int = 2048) -> dict:
@@ -169,8 +233,12 @@ def gptq_linears(linears: dict[str, torch.nn.Linear], hessians: dict[str, torch.
                                "no Hessian to quantize it with (add it to ignore)")
         groups.setdefault(id(hessians[name]), []).append(name)
     out = {}
+    gscales = (nvfp4_global_scales({n: lin.weight for n, lin in linears.items()})
+               if args.strategy == "tensor_group" else None)
     for names in groups.values():
         lins = [linears[n] for n in names]
+        if gscales is not None:     # fused q/k/v, gate/up share one (llm-compressor's rule)
+            options["global_scales"] = [gscales[n] for n in names]
         results = gptq_quantize_stacked([lin.weight.data for lin in lins], hessians[names[0]],
                                         args, scale_dtype, **options)
         for name, lin, (qw, deq, info) in zip(names, lins, results):
@@ -181,8 +249,7 @@ def gptq_linears(linears: dict[str, torch.nn.Linear], hessians: dict[str, torch.
                 warnings.warn(f"GPTQ {name}: Hessian not positive definite with dampening "
                               f"{info['dampening_failed']}; {what}", stacklevel=3)
             info["hessian_shared_with"] = [m for m in names if m != name]
-            out[name] = (QuantizedWeight(qw.q.cpu(), qw.scale.cpu(), None if qw.zero_point is None
-                                         else qw.zero_point.cpu(), qw.args), info)
+            out[name] = (qw.cpu(), info)
     return out
 
 
@@ -213,6 +280,9 @@ class GPTQ(Method):
     def check(self, scheme):
         if scheme.sparsity_24:
             raise ValueError("scheme W8A8_FP8_24 prunes to 2:4: use SparseGPT() or Magnitude()")
+        if scheme.weights.strategy == "block":
+            raise ValueError(f"scheme {scheme.name} scales 128 x 128 blocks of fp8 weights, "
+                             "which GPTQ does not solve for: use RTN() (its default, data-free)")
 
     def __call__(self, layer_idx, layer, prefix, inputs, ctx):
         hessians = ctx.hessians(layer, ctx.linears, inputs)
@@ -226,7 +296,23 @@ class GPTQ(Method):
         for name, (qw, info) in done.items():
             info["tokens"] = hessians[name].n
             qweights[name], infos[name] = qw, info
+        input_global_scales(ctx, hessians, qweights)
         return qweights, infos
+
+
+def input_global_scales(ctx, hessians, qweights) -> None:
+    """NVFP4 (W4A4): each Linear's static activation global scale 448 * 6 / amax over its
+    calibration inputs (llm-compressor's static_minmax observer), into its QuantizedWeight and
+    onto the Linear (input_global_scale, which the evaluation's activation simulation reads)."""
+    act = ctx.scheme.input_activations
+    if act is None or act.dynamic != "local":
+        return
+    for name, qw in qweights.items():
+        amax = getattr(hessians.get(name), "amax", None)
+        # no inputs seen (an expert no token was routed to): 1, llm-compressor's fallback
+        qw.input_global_scale = (torch.ones(1) if amax is None
+                                 else fp4.nvfp4_global_scale_ref(amax).cpu())
+        ctx.linears[name].input_global_scale = qw.input_global_scale
 
 
 def rtn_fallback(ctx, hessians, min_tokens: int):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kernels import fp4
 from ..kernels.hessian import output_error
 from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref, quantize_weight
 from ..schemes import QuantArgs, Scheme
@@ -70,10 +71,63 @@ def clip_search(w: torch.Tensor, hb: torch.Tensor, args: QuantArgs, scale_dtype:
     return torch.cat(lo_all), torch.cat(hi_all), torch.cat(f_all)
 
 
+# MXFP4 clip search: the exponent steps from the format's own exponent e (+1: twice the
+# scale, nothing saturates; -1: half, more resolution, more clipping) a group may choose
+MX_EXPONENT_STEPS = (0, 1)
+
+
+def fp4_scale_candidates(amax_g: torch.Tensor, args: QuantArgs, global_scale, shrinks,
+                         mx_steps) -> list[torch.Tensor]:
+    """The stored group scales a search tries: NVFP4 from the range shrunk by each factor,
+    MXFP4 the format's exponent moved by each step (any power of two is a valid MX scale)."""
+    if args.is_mx:
+        e = fp4.mx_exponents_ref(amax_g).to(torch.int32)
+        return [(e + k).clamp(0, 254).to(torch.uint8) for k in mx_steps]
+    return [fp4.nvfp4_group_scales_ref(amax_g * f, global_scale) for f in shrinks]
+
+
+@torch.no_grad()
+@step("clip search")
+def fp4_scale_search(w: torch.Tensor, hb: torch.Tensor | None, args: QuantArgs,
+                     global_scale: torch.Tensor | None, shrinks=CLIP_SHRINKS,
+                     mx_steps=MX_EXPONENT_STEPS, chunk_rows: int = 4096
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of w [N, K]: the stored fp4 scale (fp4_scale_candidates) minimising the
+    group's output error e_g H_g e_g^T, e_g = Q(w_g) - w_g (hb: the diagonal blocks of the
+    Hessian, as clip_search; None: the format's own scales). Returns (stored [N, K/g], the
+    share of groups that chose another scale than the format's first candidate)."""
+    g = args.group_size
+    out, moved = [], 0
+    for r0 in range(0, w.shape[0], chunk_rows):
+        wc = w[r0:r0 + chunk_rows]
+        wg = wc.reshape(wc.shape[0], -1, g)
+        cands = fp4_scale_candidates(wg.abs().amax(-1), args, global_scale, shrinks, mx_steps)
+        dtype = cands[0].dtype
+        if hb is None or len(cands) == 1:
+            out.append(cands[0].view(torch.uint8))
+            continue
+        wf = wg.float()
+        best, pick = None, torch.zeros(wg.shape[:2], dtype=torch.long, device=w.device)
+        for i, c in enumerate(cands):
+            sc = fp4.effective_scale(c, global_scale, args).unsqueeze(-1)
+            d = fp4.round_e2m1_ref((wf / sc).clamp(-6, 6)) * sc - wf
+            err = output_error(d.transpose(0, 1), hb).T            # [rows, ng]
+            if best is None:
+                best = err
+            else:
+                better = err < best
+                best = torch.where(better, err, best)
+                pick = torch.where(better, torch.full_like(pick, i), pick)
+        stacked = torch.stack([c.view(torch.uint8) for c in cands])      # fp8 as its bytes
+        out.append(stacked.gather(0, pick.unsqueeze(0)).squeeze(0))
+        moved += int((pick != 0).sum())
+    return torch.cat(out).view(dtype), moved / max(1, w.shape[0] * (w.shape[1] // g))
+
+
 def group_index(cols: int, args: QuantArgs, partial_last_group: bool = False,
                 device=None) -> torch.Tensor:
     """[cols] long: the scale column (group) of each input column."""
-    if args.strategy == "group":
+    if args.strategy in ("group", "tensor_group"):
         g = args.group_size
         if cols % g and not partial_last_group:
             raise ValueError(f"{cols} in-features are not a multiple of group size {g}: choose "
@@ -119,13 +173,60 @@ def group_qparams(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
     return qparams_from_minmax(lo, hi, args, scale_dtype)
 
 
+# Linears whose NVFP4 global scales vLLM needs equal, since it runs them as one fused GEMM
+# (llm-compressor's FUSED_LAYER_NAMES): siblings under one parent module
+FUSED_LINEARS = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"),
+                 ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3"))
+
+
+def fused_groups(names) -> list[list[str]]:
+    """The full names in `names` that share a global scale, as lists (singletons for the rest):
+    the members of one FUSED_LINEARS tuple under one parent, when all of them are there."""
+    names = list(names)
+    left, out = set(names), []
+    for n in names:
+        if n not in left:
+            continue
+        parent, _, leaf = n.rpartition(".")
+        pre = f"{parent}." if parent else ""
+        group = next(([pre + m for m in t] for t in FUSED_LINEARS
+                      if leaf in t and all(pre + m in left for m in t)), [n])
+        left -= set(group)
+        out.append(group)
+    return out
+
+
+def nvfp4_global_scales(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each weight's NVFP4 global scale 448 * 6 / amax, from the amax over its fused group."""
+    out = {}
+    for group in fused_groups(weights):
+        amax = torch.stack([weights[n].detach().abs().amax().cpu() for n in group]).amax()
+        g = fp4.nvfp4_global_scale_ref(amax)
+        out.update({n: g for n in group})
+    return out
+
+
 @step("rtn")
 def rtn_quantize(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None,
-                 partial_last_group: bool = False) -> tuple[QuantizedWeight, torch.Tensor]:
+                 partial_last_group: bool = False, global_scale: torch.Tensor | None = None
+                 ) -> tuple[QuantizedWeight, torch.Tensor]:
     """Round-to-nearest w [out, in] -> (QuantizedWeight, dequantized weight fp32): the fused
-    kernel on a GPU and its torch reference elsewhere (kernels.quant.quantize_weight); a
-    shorter last group or a per-tensor scale by the reference's formulas."""
+    kernel on a GPU and its torch reference elsewhere (kernels.quant.quantize_weight,
+    kernels.fp4.quantize_fp4, kernels.fp8_block.quantize_fp8_block); a shorter last group or a
+    per-tensor scale by the reference's formulas. global_scale: NVFP4's (default: from w)."""
     scale_dtype = scale_dtype or w.dtype
+    if args.is_fp4:
+        if partial_last_group:
+            raise ValueError("fp4 formats have fixed groups: partial_last_group does not apply")
+        packed, scale, gs = fp4.quantize_fp4(w, args, None if global_scale is None
+                                             else global_scale.to(w.device))
+        qw = QuantizedWeight(fp4.unpack_fp4_codes(packed), scale, None, args, gs)
+        return qw, qw.dequantize()
+    if args.strategy == "block":
+        from ..kernels.fp8_block import quantize_fp8_block
+        q, scale = quantize_fp8_block(w, tuple(args.block_structure), scale_dtype)
+        qw = QuantizedWeight(q, scale, None, args)
+        return qw, qw.dequantize()
     gidx = group_index(w.shape[1], args, partial_last_group, w.device)
     if args.strategy == "channel" or (args.strategy == "group"
                                       and w.shape[1] % args.group_size == 0):
@@ -145,16 +246,17 @@ def quantize_linears_rtn(linears: dict[str, nn.Linear], scheme: Scheme, device=N
 
     One weight at a time on `device` (default: where it is). Returns (qweights, infos)."""
     qweights, infos = {}, {}
+    gscales = (nvfp4_global_scales({n: lin.weight for n, lin in linears.items()})
+               if scheme.weights.strategy == "tensor_group" else {})
     for name, lin in linears.items():
         t0 = time.perf_counter()
         w = lin.weight.data
         dev = device if device is not None else w.device
-        qw, deq = rtn_quantize(w.to(dev), scheme.weights, w.dtype, partial_last_group)
+        qw, deq = rtn_quantize(w.to(dev), scheme.weights, w.dtype, partial_last_group,
+                               gscales.get(name))
         err = (deq - w.to(dev).float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-30)
         lin.weight.data = deq.to(w.dtype).to(w.device)
-        qweights[name] = QuantizedWeight(qw.q.cpu(), qw.scale.cpu(),
-                                         None if qw.zero_point is None else qw.zero_point.cpu(),
-                                         qw.args)
+        qweights[name] = qw.cpu()
         infos[name] = {"method": "rtn", "weight_rel_err": float(err),
                        "seconds": round(time.perf_counter() - t0, 4)}
     return qweights, infos
@@ -164,6 +266,13 @@ def quantize_linears_rtn(linears: dict[str, nn.Linear], scheme: Scheme, device=N
 class RTN(Method):
     """Round-to-nearest of every target Linear: no calibration data (the FP8 default)."""
     data_free = True
+
+    def check(self, scheme):
+        a = scheme.input_activations
+        if a is not None and a.dynamic == "local":
+            raise ValueError(f"scheme {scheme.name} calibrates a static global scale of each "
+                             "Linear's inputs from data, and RTN() reads none: use GPTQ() (its "
+                             "default recipe) with calibration data, or NVFP4A16 for RTN")
 
     def __call__(self, layer_idx, layer, prefix, inputs, ctx):
         return quantize_linears_rtn(ctx.linears, ctx.scheme, ctx.device, ctx.partial_last_group)
