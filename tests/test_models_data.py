@@ -274,3 +274,92 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
             (tmp / "half").write_text("x")
             raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- BOS, chat template
+
+def _bos_tokenizer(chat_template=None):
+    """The byte tokenizer, but putting <|endoftext|> (its BOS) first as Gemma's and Llama 3's do."""
+    from tokenizers import processors
+    tok = models.byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B",
+        special_tokens=[("<|endoftext|>", 0)])
+    tok.chat_template = chat_template
+    return tok
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("".join(f"sentence number {i} of the text.\n" for i in range(300)))
+    return str(path)
+
+
+def _in_stream(stream, piece):
+    n = len(piece)
+    return any(torch.equal(stream[s:s + n], piece) for s in range(len(stream) - n + 1))
+
+
+def test_windows_start_with_bos_only_when_the_tokenizer_adds_one(tmp_path):
+    src = _text_file(tmp_path)
+    plain, bos = models.byte_tokenizer(), _bos_tokenizer()
+    assert plain("x")["input_ids"] == [ord("x") + 2] and bos("x")["input_ids"] == [0, ord("x") + 2]
+    assert data.bos_prefix(plain) == [] and data.bos_prefix(bos) == [0]
+    for tok, first in ((plain, []), (bos, [0])):
+        stream = data.split_stream(tok, src, "calibration")
+        held = data.split_stream(tok, src, "eval")
+        assert 0 not in stream.tolist()          # one document: no EOS (id 0) inside
+        x = torch.cat([b["input_ids"] for b in data.calibration_batches(tok, src, 6, 40, seed=3)])
+        w = data.eval_windows(tok, src, num_windows=3, seq_len=40)
+        assert x.shape == (6, 40) and w.shape == (3, 40)
+        for win, s in [*((r, stream) for r in x), *((r, held) for r in w)]:
+            assert win[:len(first)].tolist() == first
+            assert _in_stream(s, win[len(first):])       # then consecutive text of the split
+        # the first held-out window starts where the held-out text starts, after BOS if any
+        assert w[0, len(first):].tolist() == held[:40 - len(first)].tolist()
+
+
+def test_chat_template_renders_each_window_as_a_user_turn(tmp_path):
+    src = _text_file(tmp_path)
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                "<|end|>\n{% endfor %}")
+    tok = _bos_tokenizer(template)
+    before = tok("<|endoftext|><|user|>\n", add_special_tokens=False)["input_ids"]
+    after = tok("<|end|>\n", add_special_tokens=False)["input_ids"]
+    assert before[0] == 0 and data.chat_frame(tok) == (before, after)
+    stream = data.split_stream(tok, src, "calibration")
+    batches = data.calibration_batches(tok, src, 5, 48, seed=0, chat_template=True)
+    x = torch.cat([b["input_ids"] for b in batches])
+    assert x.shape == (5, 48)
+    k, m = len(before), len(after)
+    for row in x:
+        assert row[:k].tolist() == before and row[-m:].tolist() == after
+        assert _in_stream(stream, row[k:-m])
+    assert tok.decode(x[0]).startswith("<|endoftext|><|user|>\n")
+    # plain windows of the same tokenizer: BOS only
+    plain = torch.cat([b["input_ids"] for b in data.calibration_batches(tok, src, 5, 48)])
+    assert (plain[:, 0] == 0).all() and not torch.equal(plain[:, 1:k], x[:, 1:k])
+
+
+def test_chat_template_errors_are_clear(tmp_path):
+    from tritonpress.cli import CALIBRATION
+    from tritonpress.recipe import Calibration
+    src = _text_file(tmp_path)
+    with pytest.raises(ValueError, match="has no chat template.*chat_template=False"):
+        data.calibration_batches(models.byte_tokenizer(), src, 2, 32, chat_template=True)
+    with pytest.raises(ValueError, match="leaves no room for text"):
+        data.calibration_batches(_bos_tokenizer("{{ bos_token }}" + "#" * 40 +
+                                                "{{ messages[0]['content'] }}"),
+                                 src, 2, 32, chat_template=True)
+    with pytest.raises(TypeError, match="chat_template"):
+        Calibration(chat_template="yes")
+    assert "chat_template" in CALIBRATION and Calibration().chat_template is False
+
+
+def test_bpe_merges_follow_piece_scores():
+    from tritonpress.gguf import NORMAL, CONTROL, bpe_merges
+    tokens = ["<s>", "a", "b", "c", "bc", "ab", "abc", "ca"]
+    scores = [0.0, -10, -10, -10, -1, -2, -3, -4]
+    types = [CONTROL, *[NORMAL] * 7]
+    assert bpe_merges(tokens, scores, types) == [("b", "c"), ("a", "b"), ("a", "bc"),
+                                                 ("ab", "c"), ("c", "a")]

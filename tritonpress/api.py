@@ -113,7 +113,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
                 batches = data.calibration_batches(
                     tokenizer, calibration.dataset, calibration.num_samples,
                     calibration.seq_len, seed=calibration.seed, cache_dir=run.cache_dir,
-                    max_positions=getattr(model.config, "max_position_embeddings", None))
+                    max_positions=getattr(model.config, "max_position_embeddings", None),
+                    chat_template=calibration.chat_template)
             layer_fn, hessians, resumed = recipe_fn(recipe), None, None
             if distributed.active() and not data_free:   # the one difference over ranks
                 batches = distributed.split_batches(batches)

