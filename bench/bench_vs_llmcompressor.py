@@ -50,7 +50,17 @@ SCHEMES = {
     # a row name, not a scheme: SmoothQuant 0.8 before GPTQ in both tools
     "W8A8_INT8+SQ": dict(recipe="smoothquant-gptq-w8a8", reference=None, scheme="W8A8_INT8",
                          opts={"smoothquant": 0.8}),
+    # issue #29's schemes, llm-compressor's presets of the same names (bench/llmc_oneshot.py):
+    # fp8 blocks data-free in both, the 4-bit grids by GPTQ in both (tritonpress' defaults)
+    "FP8_BLOCK": dict(recipe="rtn-FP8_BLOCK", reference=None),
+    "NVFP4A16": dict(recipe="gptq-NVFP4A16", reference="rtn"),
+    "NVFP4": dict(recipe="gptq-NVFP4", reference="rtn"),
+    "MXFP4A16": dict(recipe="gptq-MXFP4A16", reference="rtn"),
+    "MXFP4": dict(recipe="gptq-MXFP4", reference="rtn"),
+    "W4A8": dict(recipe="gptq-W4A8", reference="rtn"),
+    "W4AFP8": dict(recipe="gptq-W4AFP8", reference="rtn"),
 }
+GROUPED = ("W4A16", "W4A16_ASYM", "W4A8", "W4AFP8")   # --group-size applies (int 4-bit groups)
 SOURCES = ("canterbury", "code")
 
 
@@ -221,16 +231,22 @@ def upsert(rows: list[dict], row: dict) -> None:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="built-in name or local HF dir")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="built-in name (smollm2-135m, gemma3-270m: converted once into the "
+                         "cache, the folder both tools load) or a local HF dir")
     ap.add_argument("--schemes", default="W4A16,W8A8_INT8,W8A8_FP8",
                     help=f"comma list of {', '.join(SCHEMES)}")
     ap.add_argument("--group-size", type=int, default=64,
-                    help="W4A16 group (SmolLM2's hidden 576 is not a multiple of 128)")
+                    help=f"group of {', '.join(GROUPED)} (SmolLM2's hidden 576 is not a "
+                         "multiple of 128)")
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat-template", action="store_true",
+                    help="calibration windows as user turns of the model's chat template "
+                         "(both tools get the same windows)")
     ap.add_argument("--variant", action="append", default=[], metavar="METHOD[:KEY=VALUE,...]",
                     help="an extra tritonpress row for each scheme, e.g. gptq:clip=false, "
                          "gptq:actorder=null or awq+gptq (values are JSON); repeatable")
@@ -266,8 +282,7 @@ def main(argv=None) -> list[dict]:
     out_dir = Path(args.out_dir).resolve()
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     ckpts = out_dir / "checkpoints"
-    model_dir = (models.smollm2_checkpoint() if args.model.lower() in models.BUILTIN_MODELS
-                 else Path(args.model).expanduser().resolve())
+    model_dir = models.model_path(args.model).resolve()    # a built-in: its converted folder
     use_llmc = not args.skip_llmc
     if use_llmc and not Path(args.llmc_python).exists():
         if not args.tiny:
@@ -279,7 +294,7 @@ def main(argv=None) -> list[dict]:
     # the calibration windows, exactly as compress() makes them (same source, sizes, seed)
     tokenizer = models.load_model(model_dir)[1]
     batches = data.calibration_batches(tokenizer, "canterbury", args.num_samples, args.seq_len,
-                                       seed=args.seed)
+                                       seed=args.seed, chat_template=args.chat_template)
     calib = out_dir / "calib_input_ids.pt"
     torch.save(torch.cat([b["input_ids"] for b in batches]), calib)
 
@@ -289,10 +304,12 @@ def main(argv=None) -> list[dict]:
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.node()}",
             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
             "model": str(args.model), "group_size": args.group_size,
-            "calibration": f"canterbury {args.num_samples} x {args.seq_len} seed {args.seed}",
+            "calibration": f"canterbury {args.num_samples} x {args.seq_len} seed {args.seed}"
+                           f"{' chat template' if args.chat_template else ''}"
+                           f"{' BOS first' if data.bos_prefix(tokenizer) else ''}",
             "eval": f"{'+'.join(SOURCES)} {args.eval_windows} x {args.eval_seq_len} each"}
     opts = dict(dataset="canterbury", num_samples=args.num_samples, seq_len=args.seq_len,
-                seed=args.seed)
+                seed=args.seed, chat_template=args.chat_template)
     t0 = time.perf_counter()
     scorer = Scorer(str(model_dir), args.eval_windows, args.eval_seq_len, cache=out_dir)
     print(f"[bench] reference distributions: {time.perf_counter() - t0:.0f}s", flush=True)
@@ -324,7 +341,7 @@ def main(argv=None) -> list[dict]:
     from tritonpress.recipe import default_recipe, recipe_label
     from tritonpress.schemes import get_scheme
     for scheme in args.schemes:
-        spec, gs = SCHEMES[scheme], (args.group_size if scheme.startswith("W4A16") else None)
+        spec, gs = SCHEMES[scheme], (args.group_size if scheme in GROUPED else None)
         method = spec.get("method") or recipe_label(
             default_recipe(get_scheme(spec.get("scheme", scheme))))
         runs = [] if args.skip_ours else [(method, method, {})]      # (row label, method, options)

@@ -6,6 +6,11 @@ bench/bench_vs_llmcompressor.py:
   .venv-llmc/bin/python bench/llmc_oneshot.py --model DIR --calib calib.pt \
       --recipe gptq-w4a16 --group-size 64 --out OUT
 
+Recipes: the named ones below, and for llm-compressor's preset schemes (FP8_BLOCK, NVFP4A16,
+NVFP4, MXFP4A16, MXFP4, W4A8, W4AFP8, ...) "gptq-SCHEME" (GPTQModifier) or "rtn-SCHEME"
+(QuantizationModifier, no solve); --group-size then changes an int preset's group (W4A8,
+W4AFP8), never an fp4 format's own (16 for NVFP4, 32 for MXFP4).
+
 Prints one JSON line: {"seconds": oneshot wall time, "out": OUT}.
 """
 import argparse
@@ -38,6 +43,15 @@ def recipe_for(name: str, group_size: int):
         return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4",
                                   targets=[r"re:model\.layers\.\d+$"], ignore=["lm_head"]),
                 QuantizationModifier(targets="Linear", ignore=["lm_head"], scheme="FP8_DYNAMIC")]
+    kind, _, preset = name.partition("-")
+    if kind in ("gptq", "rtn") and preset.isupper():
+        from compressed_tensors.quantization import preset_name_to_scheme
+        scheme = preset_name_to_scheme(preset, ["Linear"])
+        if group_size and scheme.weights.type == "int" and scheme.weights.strategy == "group":
+            scheme.weights.group_size = group_size
+        groups = {"group_0": scheme}
+        cls = GPTQModifier if kind == "gptq" else QuantizationModifier
+        return cls(targets="Linear", ignore=["lm_head"], config_groups=groups)
     if name == "awq-w4a16-asym":
         from llmcompressor.modifiers.awq import AWQModifier
         return AWQModifier(targets="Linear", ignore=["lm_head"], scheme="W4A16_ASYM")
