@@ -120,6 +120,15 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
         load_model("smollm2-135m", cache_dir=tmp_path)
 
 
+def test_missing_gemma3_package_says_how_to_install(monkeypatch, tmp_path):
+    from tritonpress import gguf
+    real = gguf.importlib.util.find_spec
+    monkeypatch.setattr(gguf.importlib.util, "find_spec",
+                        lambda n, *a: None if n == gguf.GEMMA3_PACKAGE else real(n, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"gemma3-270m needs .*tritonpress\[gemma\]"):
+        load_model("gemma3-270m", cache_dir=tmp_path)
+
+
 def test_smollm2_conversion_cache_and_tied_embeddings(smollm2, cache, monkeypatch):
     model, tok = smollm2
     assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 30

