@@ -2,6 +2,7 @@
 
     python bench/bench_gemm.py out/bench_gemm          # GPU: the full table, < 3 minutes
     python bench/bench_gemm.py out/bench_gemm --cpu    # reduced: tiny shapes, references only
+    python bench/bench_gemm.py out/bench_gemm --formats new   # issue 29's formats, < 3 min
 
 Per N x K in {8192x8192, 14336x4096, 4096x14336} and M in {1, 16, 64, 256, 1024, 4096}:
   bf16        cuBLAS x @ w.t()
@@ -14,6 +15,11 @@ our per-token activation quantization. Times are medians over CUDA-graph replays
 rotate through several weight/input copies (more bytes than L2 holds), so neither launch
 overhead nor a warm L2 flatters the small-M numbers. Every kernel is checked against its
 torch reference before it is timed. Targets (from the issue) are checked at the end.
+
+--formats new: the formats of issue 29 against the same baselines (bf16 cuBLAS, scaled_mm
+per-channel fp8, our W4A16): FP8 block (kernel alone, and e2e with the token-group fp8
+quantization), NVFP4A16 / MXFP4A16, NVFP4 / MXFP4 W4A4 e2e (emulated below sm100; MXFP4 through
+tl.dot_scaled on sm100), W4A8 (int8, kernel alone and e2e) and W4AFP8 (sm89+).
 """
 from __future__ import annotations
 
@@ -45,6 +51,11 @@ ROTATE = 4            # weight copies: >= 4 x 29 MB of int4 exceeds an H100/H200
 
 COLUMNS = ["bf16", "scaled_mm", "scaled_mm_fast", "int_mm", "int_mm+ep", "w4a16", "int8",
            "int8 e2e", "fp8", "fp8 e2e", "2:4 fp8", "2:4 fp8 searched"]
+NEW_COLUMNS = ["bf16", "scaled_mm", "w4a16", "fp8 block", "fp8 block e2e", "nvfp4a16",
+               "mxfp4a16", "nvfp4 e2e", "mxfp4 e2e", "w4a8", "w4a8 e2e", "w4afp8"]
+NVFP4, NVFP4_ACT = PRESETS["NVFP4"].weights, PRESETS["NVFP4"].input_activations
+MXFP4, MXFP4_ACT = PRESETS["MXFP4"].weights, PRESETS["MXFP4"].input_activations
+FP8_BLOCK, FP8_GROUP_ACT = PRESETS["FP8_BLOCK"].weights, PRESETS["FP8_BLOCK"].input_activations
 
 
 def _per_token(x, args):
@@ -63,6 +74,67 @@ def _weights(n, k, device):
         bf16=w, w4=gemm.prepare(q4, s4, None, INT4),
         i8=gemm.prepare(q8, s8, None, INT8, INT8_ACT), f8=gemm.prepare(f8, sf8, None, FP8, FP8_ACT),
         f24=gemm.prepare(q24, s24, None, FP8, FP8_ACT, sparse24=True))
+
+
+def _weights_new(n, k, device):
+    """Issue 29's formats, all from the same random bf16 weight."""
+    from tritonpress.kernels import fp4, fp8_block
+    w = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16)
+    q4, s4, _ = quantize_weight_ref(w, INT4, torch.bfloat16)
+    f8, sf8, _ = quantize_weight_ref(w, FP8, torch.float32)
+    fb, sfb = fp8_block.quantize_fp8_block(w)
+    out = dict(bf16=w, w4=gemm.prepare(q4, s4, None, INT4),
+               f8=gemm.prepare(f8, sf8, None, FP8, FP8_ACT),
+               fb=gemm.prepare(fb, sfb, None, FP8_BLOCK, FP8_GROUP_ACT),
+               w4a8=gemm.prepare(q4, s4, None, INT4, INT8_ACT),
+               w4afp8=gemm.prepare(q4, s4, None, INT4, FP8_ACT))
+    for key, wa, act in (("nv", NVFP4, None), ("mx", MXFP4, None), ("nv44", NVFP4, NVFP4_ACT),
+                         ("mx44", MXFP4, MXFP4_ACT)):
+        p, sc, g = fp4.quantize_fp4(w, wa)
+        # a static activation global scale as calibration would give for |x| <= 5
+        out[key] = gemm.prepare(p, sc, None, wa, act, global_scale=g,
+                                input_global_scale=torch.tensor([448 * 6 / 5.0], device=device))
+    return out
+
+
+def _inputs_new(m, k, device):
+    from tritonpress.kernels import fp8_block
+    I = _inputs(m, k, device)
+    I["xb"], I["sb"] = fp8_block.quantize_fp8_groups(I["x"])
+    return I
+
+
+def _impls_new():
+    from tritonpress.kernels.gemm_fp8_block import fp8_block_gemm
+    from tritonpress.kernels.gemm_w4a16 import wna16_gemm
+    from tritonpress.kernels.gemm_w4a8 import w4a8_gemm
+    bf = torch.bfloat16
+    lin = (lambda key: lambda W, I: gemm.linear(I["x"], W[key]))  # noqa: E731
+    return {
+        "bf16": lambda W, I: I["x"] @ W["bf16"].t(),
+        "scaled_mm": lambda W, I: torch._scaled_mm(
+            I["xf"], W["f8"].q.t(), I["sf"], W["f8"].scale[None, :], out_dtype=bf),
+        "w4a16": lambda W, I: wna16_gemm(I["x"], W["w4"].wna16),
+        "fp8 block": lambda W, I: fp8_block_gemm(I["xb"], I["sb"], W["fb"].q, W["fb"].scale, bf),
+        "fp8 block e2e": lin("fb"),
+        "nvfp4a16": lin("nv"), "mxfp4a16": lin("mx"),
+        "nvfp4 e2e": lin("nv44"), "mxfp4 e2e": lin("mx44"),
+        "w4a8": lambda W, I: w4a8_gemm(I["xi"], I["si"], W["w4a8"].wna16, bf),
+        "w4a8 e2e": lin("w4a8"),
+        "w4afp8": lambda W, I: w4a8_gemm(I["xf"], I["sf"], W["w4afp8"].wna16, bf),
+    }
+
+
+NEW_KEYS = {"w4a16": "w4", "fp8 block": "fb", "fp8 block e2e": "fb", "nvfp4a16": "nv",
+            "mxfp4a16": "mx", "nvfp4 e2e": "nv44", "mxfp4 e2e": "mx44", "w4a8": "w4a8",
+            "w4a8 e2e": "w4a8", "w4afp8": "w4afp8"}
+
+
+def _reference_new(name, W, I):
+    """gemm_ref quantizes the activations exactly as the kernels' callers do."""
+    if name in ("bf16", "scaled_mm"):
+        return _reference(name, W, I)
+    return gemm.gemm_ref(I["x"], W[NEW_KEYS[name]]).float()
 
 
 def _inputs(m, k, device):
@@ -138,21 +210,25 @@ def _search_alg(W, I):
     return int(alg[0] if isinstance(alg, (tuple, list)) else alg)
 
 
-def run(out_dir: str, cpu: bool):
+def run(out_dir: str, cpu: bool, formats: str = "core"):
     device = "cpu" if cpu else "cuda"
     if cpu:
         os.environ["TRITONPRESS_GEMM_BACKEND"] = "torch"
     shapes, ms = (CPU_SHAPES, CPU_MS) if cpu else (SHAPES, MS)
+    new = formats == "new"
     cslt_ok = not cpu and gemm.cslt_available() and torch.cuda.get_device_capability() >= (9, 0)
-    impls = _impls(cslt_ok)
+    make_w, make_i, reference = (_weights_new, _inputs_new, _reference_new) if new else \
+        (_weights, _inputs, _reference)
+    impls = _impls_new() if new else _impls(cslt_ok)
     if cpu:   # references only: what each implementation is checked against
-        impls = {name: (lambda W, I, n=name: _reference(n, W, I)) for name in
-                 ("bf16", "int_mm", "w4a16", "int8", "fp8", "2:4 fp8")}
+        impls = {name: (lambda W, I, n=name: reference(n, W, I)) for name in
+                 (NEW_COLUMNS if new else ("bf16", "int_mm", "w4a16", "int8", "fp8", "2:4 fp8"))
+                 if name != "scaled_mm"}
     records, t_start = [], time.time()
     for n, k in shapes:
-        sets_w = [_weights(n, k, device) for _ in range(1 if cpu else ROTATE)]
+        sets_w = [make_w(n, k, device) for _ in range(1 if cpu else ROTATE)]
         for m in ms:
-            sets_i = [_inputs(m, k, device) for _ in range(len(sets_w))]
+            sets_i = [make_i(m, k, device) for _ in range(len(sets_w))]
             row = {}
             for name, fn in impls.items():
                 try:
@@ -161,7 +237,7 @@ def run(out_dir: str, cpu: bool):
                             fn(W, I)             # compress first
                             I["alg"] = _search_alg(W, I)
                     out = fn(sets_w[0], sets_i[0])           # compiles and autotunes
-                    ref = _reference(name, sets_w[0], sets_i[0])
+                    ref = reference(name, sets_w[0], sets_i[0])
                     err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
                     if not cpu and err > 2e-2:
                         raise AssertionError(f"{name} wrong: relative error {err:.2e}")
@@ -177,28 +253,35 @@ def run(out_dir: str, cpu: bool):
                     row[name] = None
                     records.append(dict(n=n, k=k, m=m, impl=name, ms=None,
                                         error=f"{type(e).__name__}: {e}"[:200]))
-            _print_row(n, k, m, row, first=(m == ms[0]))
-    summary = _targets(records) if not cpu else []
+            _print_row(n, k, m, row, first=(m == ms[0]), new=new)
+    summary = _targets(records) if not cpu and not new else []
     info = dict(common.env_info(not cpu), seconds=round(time.time() - t_start, 1),
-                mode="cpu-reference" if cpu else "gpu")
+                mode="cpu-reference" if cpu else "gpu", formats=formats)
     common.add_versions(info)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "bench_gemm.json")
+    path = os.path.join(out_dir, "bench_gemm_new.json" if new else "bench_gemm.json")
     with open(path, "w") as f:
         json.dump(dict(info=info, results=records, targets=summary), f, indent=1)
     print(f"\n{info['device']}: {info['seconds']} s; wrote {path}")
 
 
-def _print_row(n, k, m, row, first):
-    cols = [c for c in COLUMNS if c in row]
+SPEEDUPS = (("w4a16", "bf16"), ("int8", "int_mm+ep"), ("fp8", "scaled_mm"),
+            ("2:4 fp8 searched", "scaled_mm"))
+NEW_SPEEDUPS = (("fp8 block", "scaled_mm"), ("nvfp4a16", "w4a16"), ("mxfp4a16", "w4a16"),
+                ("nvfp4 e2e", "bf16"), ("mxfp4 e2e", "bf16"), ("w4a8", "w4a16"),
+                ("w4afp8", "w4a16"))
+
+
+def _print_row(n, k, m, row, first, new=False):
+    cols = [c for c in (NEW_COLUMNS if new else COLUMNS) if c in row]
+    pairs = NEW_SPEEDUPS if new else SPEEDUPS
     if first:
-        print(f"\nN x K = {n} x {k}   (ms per call; speedups: w4a16/bf16, int8/int_mm+ep, "
-              "fp8/scaled_mm, 2:4/scaled_mm)")
+        print(f"\nN x K = {n} x {k}   (ms per call; speedups: "
+              + ", ".join(f"{a}/{b}" for a, b in pairs) + ")")
         print(f"{'M':>5} " + " ".join(f"{c:>10.10s}" for c in cols) + "   speedups")
     cell = (lambda v: f"{v:10.4f}" if v is not None else f"{'-':>10}")
     sp = []
-    for ours, base in (("w4a16", "bf16"), ("int8", "int_mm+ep"), ("fp8", "scaled_mm"),
-                       ("2:4 fp8 searched", "scaled_mm")):
+    for ours, base in pairs:
         if row.get(ours) and row.get(base):
             sp.append(f"{row[base] / row[ours]:.2f}x")
         else:
@@ -234,8 +317,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out_dir", help="folder for bench_gemm.json")
     p.add_argument("--cpu", action="store_true", help="reduced reference-only run (no GPU)")
+    p.add_argument("--formats", choices=("core", "new"), default="core",
+                   help="core: W4A16/INT8/FP8/2:4 (default); new: issue 29's formats")
     a = p.parse_args()
-    run(a.out_dir, a.cpu or not torch.cuda.is_available())
+    run(a.out_dir, a.cpu or not torch.cuda.is_available(), a.formats)
 
 
 if __name__ == "__main__":

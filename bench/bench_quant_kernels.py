@@ -28,8 +28,9 @@ CUDA = torch.cuda.is_available()
 if not CUDA:  # must precede the kernels' import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tritonpress.kernels import fp4, fp8_block  # noqa: E402
 from tritonpress.kernels import quant as Q  # noqa: E402
-from tritonpress.schemes import QuantArgs  # noqa: E402
+from tritonpress.schemes import PRESETS, QuantArgs  # noqa: E402
 
 FP8_CH = QuantArgs(8, "float", True, "channel")
 INT8_CH = QuantArgs(8, "int", True, "channel")
@@ -37,6 +38,7 @@ INT4_G128 = QuantArgs(4, "int", True, "group", 128)
 INT4_G128_ASYM = QuantArgs(4, "int", False, "group", 128)
 FP8_TOK = QuantArgs(8, "float", True, "token", dynamic=True)
 INT8_TOK = QuantArgs(8, "int", True, "token", dynamic=True)
+NVFP4, MXFP4 = PRESETS["NVFP4"].weights, PRESETS["MXFP4"].weights
 CHECK_ROWS = 64  # rows compared against the CPU reference (rows are independent)
 
 
@@ -98,6 +100,25 @@ def cases(rows: int, cols: int, device):
         lambda: _same((Q.unpack_int4(packed[:CHECK_ROWS], cols),), (q4[:CHECK_ROWS].cpu(),)))
     add("fp8 round", lambda: Q.fp8_round(w), lambda: Q.fp8_round_ref(w), 6 * n,
         lambda: _same((Q.fp8_round(w[:CHECK_ROWS]),), (Q.fp8_round_ref(w[:CHECK_ROWS].cpu()),)))
+    # issue 29's formats: bf16 in, fp8 / packed fp4 bytes and scales out
+    blocks = -(-rows // 128) * -(-cols // 128)
+    add("fp8 block 128x128", lambda: fp8_block.quantize_fp8_block(w),
+        lambda: fp8_block.quantize_fp8_block_ref(w), 3 * n + 4 * blocks,
+        lambda: _same(fp8_block.quantize_fp8_block(w[:CHECK_ROWS]),
+                      fp8_block.quantize_fp8_block_ref(w[:CHECK_ROWS].cpu())))
+    add("fp8 token-group 128", lambda: fp8_block.quantize_fp8_groups(w),
+        lambda: fp8_block.quantize_fp8_groups_ref(w), 3 * n + 4 * (n // 128),
+        lambda: _same(fp8_block.quantize_fp8_groups(w[:CHECK_ROWS]),
+                      fp8_block.quantize_fp8_groups_ref(w[:CHECK_ROWS].cpu())))
+    gs1 = torch.ones(1, device=device)
+    for name, args in (("nvfp4 quant+pack", NVFP4), ("mxfp4 quant+pack", MXFP4)):
+        gsc = None if args.is_mx else gs1
+        add(name, lambda a=args, g=gsc: fp4.quantize_fp4(w, a, g),
+            lambda a=args, g=gsc: fp4.quantize_fp4_ref(w, a, g),
+            2 * n + n // 2 + n // args.group_size,
+            lambda a=args, g=gsc: _same(
+                fp4.quantize_fp4(w[:CHECK_ROWS], a, g),
+                fp4.quantize_fp4_ref(w[:CHECK_ROWS].cpu(), a, None if g is None else g.cpu())))
     return out
 
 

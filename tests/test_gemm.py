@@ -24,15 +24,11 @@ N, K = 72, 200
 MS = (1, 5, 33)
 # the new formats need K in whole groups (16, 32, 128): N = 200 leaves a partial 128-row block
 N4, K4 = 200, 256
-NV = QuantArgs(4, "float", True, "tensor_group", 16, scale_dtype="float8_e4m3fn")
-MX = QuantArgs(4, "float", True, "group", 32, scale_dtype="uint8")
-NV_ACT = QuantArgs(4, "float", True, "tensor_group", 16, dynamic="local",
-                   scale_dtype="float8_e4m3fn")
-MX_ACT = QuantArgs(4, "float", True, "group", 32, dynamic=True, scale_dtype="uint8")
-FP8_BLOCK_W = QuantArgs(8, "float", True, "block", block_structure=(128, 128))
-FP8_GROUP_ACT = QuantArgs(8, "float", True, "group", 128, dynamic=True)
-INT8_TOKEN = QuantArgs(8, "int", True, "token", dynamic=True)
-FP8_TOKEN = QuantArgs(8, "float", True, "token", dynamic=True)
+NV, NV_ACT = PRESETS["NVFP4"].weights, PRESETS["NVFP4"].input_activations
+MX, MX_ACT = PRESETS["MXFP4"].weights, PRESETS["MXFP4"].input_activations
+FP8_BLOCK_W, FP8_GROUP_ACT = PRESETS["FP8_BLOCK"].weights, PRESETS["FP8_BLOCK"].input_activations
+INT8_TOKEN = PRESETS["W4A8"].input_activations
+FP8_TOKEN = PRESETS["W4AFP8"].input_activations
 
 
 def _close(y, ref, rel=1e-2):

@@ -8,10 +8,9 @@ import triton
 import triton.language as tl
 
 from tritonpress.kernels import fp4, fp4_triton
-from tritonpress.schemes import QuantArgs
+from tritonpress.schemes import PRESETS
 
-NV = QuantArgs(4, "float", True, "tensor_group", 16, scale_dtype="float8_e4m3fn")
-MX = QuantArgs(4, "float", True, "group", 32, scale_dtype="uint8")
+NV, MX = PRESETS["NVFP4A16"].weights, PRESETS["MXFP4A16"].weights
 
 
 def _same(a, b):
