@@ -20,6 +20,14 @@ that (quantize -> dequantize the input) so the numbers match what vLLM would com
                         value rounds to 128 and is clamped to 127) and absmax / 448 for fp8.
 Both are kernels.quant.quantize_per_token(x, args, act_sim), the rounding the runtime's GEMMs
 use too (runtime.load_compressed, vLLM's by default).
+
+The newer schemes quantize activations in groups along the features (fake_quant_activations):
+  FP8_BLOCK  fp8 per token and group of 128, dynamic (kernels.fp8_block.quantize_fp8_groups:
+             "vllm" scale = max(amax, 1e-10) / 448 as per_token_group_quant_fp8, else amax / 448)
+  NVFP4      e2m1 in groups of 16, each group's e4m3 scale from its values under the Linear's
+             static input_global_scale (calibrated; the module attribute), as compressed-tensors
+             and vLLM's scaled_fp4_quant compute them (kernels.fp4.fake_quantize_fp4_ref)
+  MXFP4      e2m1 in groups of 32 with dynamic e8m0 scales (the same function)
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import fp4
 from .kernels.quant import FP8_MAX, check_act_sim, quantize_per_token
 from .schemes import QuantArgs
 from .schemes import matches
@@ -136,6 +145,15 @@ def describe_act_sim(act_args: QuantArgs | None, act_sim: str) -> str | None:
     """One line for the report: how the activations were quantized when KL was measured."""
     if act_args is None:
         return None
+    if act_args.is_fp4:
+        how = ("e4m3 group scales under the calibrated static global scale"
+               if act_args.dynamic == "local" else "dynamic e8m0 (power-of-two) group scales")
+        return (f"fp4 e2m1 in groups of {act_args.group_size}, {how}, as compressed-tensors "
+                "and vLLM compute them")
+    if act_args.strategy == "group":
+        div = "max(absmax, 1e-10) / 448" if act_sim == "vllm" else "absmax / 448"
+        return (f"{act_sim}: fp8 per token and group of {act_args.group_size} features "
+                f"(scale = {div})")
     kind = f"{act_args.type}{act_args.num_bits} per token"
     if act_args.type == "float":
         div = FP8_MAX
@@ -159,6 +177,24 @@ def vllm_cpu_note(scheme) -> str | None:
     return None
 
 
+def fake_quant_activations(x: torch.Tensor, args: QuantArgs, act_sim: str = "vllm",
+                           global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x quantized and dequantized as the scheme's input_activations say (module docstring):
+    per token, per token and group (fp8), or in fp4 groups (global_scale: NVFP4's static one)."""
+    if args.is_fp4:
+        if args.dynamic == "local" and global_scale is None:
+            raise ValueError("NVFP4 activations need the Linear's calibrated input_global_scale "
+                             "(a checkpoint's <name>.input_global_scale)")
+        return fp4.fake_quantize_fp4_ref(x, args, global_scale if args.dynamic == "local"
+                                         else None)
+    if args.strategy == "group":
+        from .kernels.fp8_block import quantize_fp8_groups
+        q, scale = quantize_fp8_groups(x, args.group_size, act_sim)
+        g = q.float().unflatten(-1, (-1, args.group_size)) * scale.unsqueeze(-1)
+        return g.flatten(-2).to(x.dtype)
+    return fake_quant_per_token(x, args, act_sim)
+
+
 def fake_quant_per_token(x: torch.Tensor, args: QuantArgs, act_sim: str = "vllm") -> torch.Tensor:
     """Quantize each token's (row's) values with its own scale, then dequantize: x_hat (the
     rounding the runtime's GEMMs use too, kernels.quant.quantize_per_token)."""
@@ -174,15 +210,16 @@ def simulate_activation_quant(model: nn.Module, act_args: QuantArgs,
     quantized per token by the `act_sim` convention (yields how many Linears are hooked).
     `model` may be one decoder layer, `prefix` its full name (for the ignore patterns)."""
     check_act_sim(act_sim)
-    if act_args.strategy != "token":
-        raise ValueError(f"activation quantization is simulated per token (dynamic); "
-                         f"got strategy {act_args.strategy!r}")
-    if act_args.type == "int" and not act_args.symmetric:
-        raise ValueError("dynamic per-token activations are symmetric; asymmetric ones are not "
+    if act_args.strategy not in ("token", "group", "tensor_group") or not act_args.dynamic:
+        raise ValueError(f"activation quantization is simulated dynamically per token or per "
+                         f"group; got strategy {act_args.strategy!r}, dynamic={act_args.dynamic}")
+    if not act_args.symmetric:
+        raise ValueError("dynamic activations are symmetric; asymmetric ones are not "
                          "supported by the W8A8 kernels either")
 
     def hook(module, inputs):
-        return (fake_quant_per_token(inputs[0], act_args, act_sim), *inputs[1:])
+        g = getattr(module, "input_global_scale", None)
+        return (fake_quant_activations(inputs[0], act_args, act_sim, g), *inputs[1:])
 
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     pre = f"{prefix}." if prefix else ""

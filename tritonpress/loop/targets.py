@@ -93,20 +93,22 @@ def check_group_sizes(model: nn.Module, scheme: Scheme, targets, ignore,
                       partial_last_group: bool = False) -> None:
     """Group quantization needs in-features divisible by the group size: say which layers don't."""
     w = scheme.weights
-    if w.strategy not in ("group", "tensor_group") or partial_last_group:
+    if w.strategy not in ("group", "tensor_group", "block") or partial_last_group:
         return
+    # FP8_BLOCK: its activations are quantized in groups of the block width (vLLM needs whole ones)
+    gsize = w.block_structure[1] if w.strategy == "block" else w.group_size
     layers, prefix = find_decoder_layers(model)
     bad = {}
     for i, layer in enumerate(layers):
         for name, lin in target_linears(layer, f"{prefix}.{i}", targets, ignore).items():
-            if lin.in_features % w.group_size:
+            if lin.in_features % gsize:
                 bad[name] = lin.in_features
     if bad:
         shown = ", ".join(f"{k} ({v})" for k, v in list(bad.items())[:6])
         more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
         suffixes = sorted({k.split(".")[-1] for k in bad})
         raise ValueError(
-            f"group size {w.group_size} does not divide the in-features of {len(bad)} Linears: "
+            f"group size {gsize} does not divide the in-features of {len(bad)} Linears: "
             f"{shown}{more}. Choose a group size dividing them, or leave them unquantized "
             f"(ignore={suffixes}), or pass partial_last_group=True (the last group is shorter; "
             "not every inference kernel accepts that)")
