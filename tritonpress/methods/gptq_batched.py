@@ -6,10 +6,11 @@ Per expert, the cheap row-wise preparation of gptq_quantize_stacked (dead column
 scales, clipping search, activation order); then the two expensive steps once for all experts
 (gptq_solve.py): the dampened Cholesky factor of each H^-1 as one batched factorisation
 (experts that fail retried with more dampening), and the column sweep with a leading expert
-dimension (each column step and each block's trailing update one batched op). Each expert's
-result is the one gptq_quantize_stacked gives it alone, bit for bit on CPU, except dynamic
-group scales under activation order (equal to fp32 rounding; see sweep_blocks_batched). An
-expert whose Hessian stays singular is rounded to nearest, as alone.
+dimension (each column step and each block's trailing update one batched op; on a GPU, for
+now, each expert's fused sweep in turn: gptq_sweep_batched). Each expert's result is the one
+gptq_quantize_stacked gives it alone, bit for bit on CPU, except dynamic group scales under
+activation order (equal to fp32 rounding; see sweep_blocks_batched). An expert whose Hessian
+stays singular is rounded to nearest, as alone.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ..recipe import check_actorder
 from ..report import step
 from ..schemes import QuantArgs
 from .gptq import DEFAULT_GROUP_SCALES, _split
-from .gptq_solve import inverse_cholesky_batched, sweep_blocks_batched
+from .gptq_solve import gptq_sweep_batched, inverse_cholesky_batched
 from .rtn import (clip_search, column_qparams, group_index, group_qparams, hessian_blocks,
                   rtn_quantize)
 
@@ -114,7 +115,7 @@ def _solve(weights, Hs, args, scale_dtype, block_size, damp, max_damp, actorder,
         gcol = torch.stack([gidx[p] for p in perms])[idx]
         scale = torch.stack(scales)[idx]
         zp = None if zps[0] is None else torch.stack(zps)[idx]
-        Q, scale, zp, losses = sweep_blocks_batched(
+        Q, scale, zp, losses = gptq_sweep_batched(
             W[idx] if len(idx) < E else W, U[idx] if len(idx) < E else U, args, scale, zp, gcol,
             dynamic=dynamic, scale_dtype=scale_dtype, block_size=block_size)
     del W, U
