@@ -221,36 +221,59 @@ def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, chunk: int = 2048
 
 
 def gptq_linears(linears: dict[str, torch.nn.Linear], hessians: dict[str, torch.Tensor],
-                 args: QuantArgs, scale_dtype: torch.dtype, **options) -> dict[str, tuple]:
+                 args: QuantArgs, scale_dtype: torch.dtype, *, stack_experts: bool = True,
+                 **options) -> dict[str, tuple]:
     """GPTQ every Linear against its Hessian, one stacked solve per shared Hessian (the same H
     object: q/k/v, gate/up); writes each dequantized weight back into its Linear. Returns
     {name: (QuantizedWeight on the CPU, info)}; the options are gptq_quantize_stacked's. The one
-    GPTQ-per-Linear step of the plain, distributed and AWQ+GPTQ runs."""
+    GPTQ-per-Linear step of the plain, distributed and AWQ+GPTQ runs.
+    stack_experts: groups of equal shapes with Hessians of their own (the routed experts of an
+    MoE layer) are solved together, in one batched solve (gptq_batched.py)."""
+    from .gptq_batched import gptq_quantize_batched     # it builds on this file's pieces
+
     groups: dict[int, list[str]] = {}
     for name in linears:
         if name not in hessians:
             raise RuntimeError(f"{name} was not called during the calibration forward: "
                                "no Hessian to quantize it with (add it to ignore)")
         groups.setdefault(id(hessians[name]), []).append(name)
-    out = {}
     gscales = (nvfp4_global_scales({n: lin.weight for n, lin in linears.items()})
                if args.strategy == "tensor_group" else None)
+    # groups of the same shapes (experts of one layer): one batched solve each; fp4 grids one
+    # by one (the batched solve has no fp4 group scales)
+    alike: dict[tuple, list[list[str]]] = {}
     for names in groups.values():
-        lins = [linears[n] for n in names]
-        if gscales is not None:     # fused q/k/v, gate/up share one (llm-compressor's rule)
-            options["global_scales"] = [gscales[n] for n in names]
-        results = gptq_quantize_stacked([lin.weight.data for lin in lins], hessians[names[0]],
-                                        args, scale_dtype, **options)
-        for name, lin, (qw, deq, info) in zip(names, lins, results):
-            lin.weight.data = deq.to(lin.weight.dtype)
-            if info["fallback"] or info["dampening_failed"]:
-                what = ("fell back to RTN" if info["fallback"] else
-                        f"needed dampening {info['dampening']:g}")
-                warnings.warn(f"GPTQ {name}: Hessian not positive definite with dampening "
-                              f"{info['dampening_failed']}; {what}", stacklevel=3)
-            info["hessian_shared_with"] = [m for m in names if m != name]
-            out[name] = (qw.cpu(), info)
+        key = tuple((tuple(linears[n].weight.shape), linears[n].weight.dtype) for n in names)
+        batched = stack_experts and not args.is_fp4
+        alike.setdefault(key if batched else id(names), []).append(names)
+    out = {}
+    for batch in alike.values():
+        weights = [[linears[n].weight.data for n in names] for names in batch]
+        if len(batch) > 1:
+            results = gptq_quantize_batched(weights, [hessians[names[0]] for names in batch],
+                                            args, scale_dtype, **options)
+        else:
+            extra = {} if gscales is None else {"global_scales": [gscales[n] for n in batch[0]]}
+            results = [gptq_quantize_stacked(weights[0], hessians[batch[0][0]], args,
+                                             scale_dtype, **options, **extra)]
+        for names, result in zip(batch, results):
+            for name, (qw, deq, info) in zip(names, result):
+                out[name] = _store(name, linears[name], qw, deq, info, names)
     return out
+
+
+def _store(name, lin, qw, deq, info, names):
+    """The dequantized weight into the Linear, a warning when the Hessian needed more
+    dampening; (QuantizedWeight on the CPU, info)."""
+    lin.weight.data = deq.to(lin.weight.dtype)
+    if info["fallback"] or info["dampening_failed"]:
+        what = ("fell back to RTN" if info["fallback"] else
+                f"needed dampening {info['dampening']:g}")
+        warnings.warn(f"GPTQ {name}: Hessian not positive definite with dampening "
+                      f"{info['dampening_failed']}; {what}", stacklevel=4)
+    info["hessian_shared_with"] = [m for m in names if m != name]
+    return (QuantizedWeight(qw.q.cpu(), qw.scale.cpu(), None if qw.zero_point is None
+                            else qw.zero_point.cpu(), qw.args), info)
 
 
 @dataclass(frozen=True)
@@ -267,6 +290,8 @@ class GPTQ(Method):
     max_damp: float = 10.0      # the dampening is raised x10 up to this while H is not PD
     min_tokens: int = 16        # a Linear whose statistics saw fewer (a rarely routed
                                 # expert) is rounded to nearest, and the report says so
+    stack_experts: bool = True  # a layer's experts (equal shapes, own Hessians) solved as one
+                                # batch (gptq_batched.py); False: one after another
 
     def __post_init__(self):
         check_number("damp", self.damp, 0, None,
@@ -276,6 +301,7 @@ class GPTQ(Method):
         check_type("clip", self.clip, bool, "pass True or False")
         check_number("max_damp", self.max_damp, 0, None, "pass a fraction >= damp (e.g. 10)")
         check_int("min_tokens", self.min_tokens, 1, "pass a positive number of tokens")
+        check_type("stack_experts", self.stack_experts, bool, "pass True or False")
 
     def check(self, scheme):
         if scheme.sparsity_24:
@@ -291,7 +317,7 @@ class GPTQ(Method):
         done = gptq_linears(solve, {n: st.H for n, st in hessians.items()},
                             ctx.scheme.weights, ctx.scale_dtype, block_size=self.block_size,
                             damp=self.damp, max_damp=self.max_damp, actorder=self.actorder,
-                            clip=self.clip,
+                            clip=self.clip, stack_experts=self.stack_experts,
                             partial_last_group=ctx.partial_last_group)
         for name, (qw, info) in done.items():
             info["tokens"] = hessians[name].n
