@@ -272,8 +272,7 @@ def _store(name, lin, qw, deq, info, names):
         warnings.warn(f"GPTQ {name}: Hessian not positive definite with dampening "
                       f"{info['dampening_failed']}; {what}", stacklevel=4)
     info["hessian_shared_with"] = [m for m in names if m != name]
-    return (QuantizedWeight(qw.q.cpu(), qw.scale.cpu(), None if qw.zero_point is None
-                            else qw.zero_point.cpu(), qw.args), info)
+    return qw.cpu(), info
 
 
 @dataclass(frozen=True)
