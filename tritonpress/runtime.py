@@ -173,7 +173,8 @@ def _newer_format(w, act) -> bool:
     """compressed-tensors 0.19's newer schemes (fp4, fp8 blocks, 4-bit weights with 8-bit
     activations), which gemm.prepare does not take yet."""
     return (w.is_fp4 or w.strategy in ("block", "tensor_group")
-            or (act is not None and (act.strategy != "token" or w.num_bits < 8)))
+            or (act is not None and (act.strategy in ("group", "tensor_group")
+                                     or w.num_bits < 8)))
 
 
 def _tokenizer(path: str):

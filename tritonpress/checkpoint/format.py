@@ -68,7 +68,8 @@ def needs_ct19(scheme: Scheme) -> bool:
     llm-compressor 0.14 writes it."""
     w, a = scheme.weights, scheme.input_activations
     return (w.is_fp4 or w.strategy in ("block", "tensor_group")
-            or (a is not None and (a.strategy != "token" or w.num_bits < 8)))
+            or (a is not None and (a.strategy in ("group", "tensor_group")
+                                   or w.num_bits < 8)))
 
 
 def quant_args_from_dict(d: dict | None) -> QuantArgs | None:
