@@ -254,3 +254,17 @@ def test_stacked_solve_gives_each_weight_its_own_result(name, group):
         torch.testing.assert_close(deq, deq1, rtol=0, atol=float(qw1.scale.max()) * 1.01)
         assert info["loss"] == pytest.approx(info1["loss"], rel=0.05)
         assert info["output_err"] == pytest.approx(info1["output_err"], rel=0.05)
+
+
+def test_report_output_error_estimated_from_spaced_rows():
+    # beyond 256 rows the report's output error comes from 256 evenly spaced rows, scaled
+    from tritonpress.methods.gptq import _losses
+    W = torch.randn(2000, 96)
+    Q = W + 0.05 * torch.randn_like(W)
+    H = correlated_hessian(96, seed=2)
+    exact = _losses(W, Q, H, max_rows=4096)
+    est = _losses(W, Q, H)
+    assert exact["output_err"] == pytest.approx(out_err(W, Q, H), rel=1e-4)
+    assert est["output_err"] == pytest.approx(exact["output_err"], rel=0.15)
+    assert est["output_rel_err"] == pytest.approx(exact["output_rel_err"], rel=0.15)
+    assert est["output_err"] != exact["output_err"]          # it did sample
