@@ -2,6 +2,7 @@
 
     python bench/bench_quant_kernels.py                  # CUDA: 8192x8192 and 4096x14336 bf16
     python bench/bench_quant_kernels.py --shapes 1024x4096
+    python bench/bench_quant_kernels.py --formats new   # issue 29: fp8 block, fp4 quant+pack
 
 Prints, per kernel and shape: Triton median ms (triton.testing.do_bench), GB/s of the bytes it
 must move (inputs read once, outputs written once), that rate as a fraction of a plain
@@ -59,8 +60,11 @@ def copy_gbps(device) -> float:
     return 2 * n / ms / 1e6
 
 
-def cases(rows: int, cols: int, device):
-    """(name, triton fn, torch fn, bytes moved, checker) for one shape."""
+def cases(rows: int, cols: int, device, formats: str = "core"):
+    """(name, triton fn, torch fn, bytes moved, checker) for one shape; formats 'new': the
+    quantizers of issue 29's formats instead."""
+    if formats == "new":
+        return new_cases(rows, cols, device)
     n = rows * cols
     w = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
     q4 = torch.randint(-8, 8, (rows, cols), device=device, dtype=torch.int8)
@@ -100,7 +104,18 @@ def cases(rows: int, cols: int, device):
         lambda: _same((Q.unpack_int4(packed[:CHECK_ROWS], cols),), (q4[:CHECK_ROWS].cpu(),)))
     add("fp8 round", lambda: Q.fp8_round(w), lambda: Q.fp8_round_ref(w), 6 * n,
         lambda: _same((Q.fp8_round(w[:CHECK_ROWS]),), (Q.fp8_round_ref(w[:CHECK_ROWS].cpu()),)))
-    # issue 29's formats: bf16 in, fp8 / packed fp4 bytes and scales out
+    return out
+
+
+def new_cases(rows: int, cols: int, device):
+    """Issue 29's formats: bf16 in, fp8 / packed fp4 bytes and scales out."""
+    n = rows * cols
+    w = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
+    out = []
+
+    def add(name, fast, ref, nbytes, check):
+        out.append((name, fast, ref, nbytes, check))
+
     blocks = -(-rows // 128) * -(-cols // 128)
     add("fp8 block 128x128", lambda: fp8_block.quantize_fp8_block(w),
         lambda: fp8_block.quantize_fp8_block_ref(w), 3 * n + 4 * blocks,
@@ -138,6 +153,8 @@ def _same(got, want) -> bool:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--formats", choices=("core", "new"), default="core",
+                   help="core: the int/fp8 quantizers (default); new: issue 29's formats")
     p.add_argument("--shapes", default=None, help="comma list of ROWSxCOLS (default: "
                    "8192x8192,4096x14336 on a GPU, 48x256 in the interpreter)")
     a = p.parse_args()
@@ -159,7 +176,7 @@ def main():
           f"{'torch ms':>10}{'speedup':>9}{'exact':>7}")
     for shape in shapes.split(","):
         rows, cols = map(int, shape.lower().split("x"))
-        for name, fast, ref, nbytes, check in cases(rows, cols, device):
+        for name, fast, ref, nbytes, check in cases(rows, cols, device, a.formats):
             exact = check()
             ms = bench_ms(fast)
             ref_ms = bench_ms(ref)

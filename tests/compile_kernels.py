@@ -41,15 +41,17 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from tritonpress.kernels import (awq_search, gemm_w4a16, gemm_w8a8, gptq_sweep,  # noqa: E402
-                                 hessian, primitives, quant, quant_triton, sparse24)
+from tritonpress.kernels import (awq_search, fp4, fp4_triton, fp8_block,  # noqa: E402
+                                 gemm_fp4, gemm_fp8_block, gemm_w4a8, gemm_w4a16, gemm_w8a8,
+                                 gptq_sweep, hessian, primitives, quant, quant_triton, sparse24)
 from tritonpress.kernels.dispatch import SMEM_BYTES  # noqa: E402
 from tritonpress.methods.gptq_solve import solve_in_order  # noqa: E402
 from tritonpress.schemes import PRESETS  # noqa: E402
 
 MODULES = (primitives, quant_triton, hessian, gptq_sweep, awq_search, sparse24, gemm_w4a16,
-           gemm_w8a8)
-ARCHS = (80, 89, 90)
+           gemm_w8a8, fp8_block, fp4_triton, gemm_fp8_block, gemm_fp4, gemm_w4a8)
+# sm_100 (Blackwell): triton 3.9.0's wheel ships ptxas-blackwell, so it compiles here too
+ARCHS = (80, 89, 90, 100)
 # Register spills accepted per kernel (bytes of spill stores + loads per thread), where a
 # measured trade says a spilling config is worth keeping. Everything else must be clean.
 SPILL_BOUND: dict[str, int] = {}
@@ -150,6 +152,52 @@ def launches():
             lambda dt=dt: w8.w8a16_gemm(rn(512, 1024, dt=dt), rn(1024, 1024, dt=fp8), sb))
         add(f"w8a16 x {dt} w int8 M=512",
             lambda dt=dt: w8.w8a16_gemm(rn(512, 1024, dt=dt), rn(1024, 1024, dt=i8), sb))
+
+    # the formats of issue 29: FP8 block, NVFP4 / MXFP4, W4A8 / W4AFP8
+    for sd in (f32, bf16):
+        add(f"fp8_block quantize w bf16[512,4096] scale {sd}",
+            lambda sd=sd: fp8_block.quantize_fp8_block(rn(512, 4096), (128, 128), sd))
+    nv, mx = PRESETS["NVFP4"].weights, PRESETS["MXFP4"].weights
+    for wa in (nv, mx):
+        for dt in (bf16, f32):
+            add(f"fp4 quantize g{wa.group_size} w {dt}[512,4096]",
+                lambda wa=wa, dt=dt: fp4.quantize_fp4(rn(512, 4096, dt=dt), wa,
+                                                      torch.ones(1)))
+    fb, f4, wa8 = gemm_fp8_block, gemm_fp4, gemm_w4a8
+    sw8 = torch.rand(8, 8)
+    for m_rows in (16, 512):
+        add(f"fp8_block_gemm fp8 M={m_rows} N=K=1024", lambda m_rows=m_rows: fb.fp8_block_gemm(
+            rn(m_rows, 1024, dt=fp8), torch.rand(m_rows, 8), rn(1024, 1024, dt=fp8), sw8), 89)
+        for dt in (bf16, f16):
+            add(f"fp8_block_a16 x {dt}[{m_rows},1024]", lambda m_rows=m_rows, dt=dt:
+                fb.fp8_block_a16_gemm(rn(m_rows, 1024, dt=dt), rn(1024, 1024, dt=fp8), sw8))
+
+    def fp4w(wa, rows=1024, k=1024):
+        sc = torch.randint(100, 130, (rows, k // wa.group_size), dtype=torch.uint8)
+        return (torch.randint(0, 256, (rows, k // 2), dtype=torch.uint8),
+                sc if wa.is_mx else sc.view(fp8), None if wa.is_mx else torch.ones(1))
+    for wa in (nv, mx):
+        for m_rows in (16, 512):
+            for dt in (bf16, f16):
+                add(f"fp4_a16 g{wa.group_size} x {dt}[{m_rows},1024]",
+                    lambda wa=wa, m_rows=m_rows, dt=dt: f4.fp4_a16_gemm(
+                        rn(m_rows, 1024, dt=dt), *fp4w(wa), wa))
+            add(f"fp4_w4a4 g{wa.group_size} M={m_rows}", lambda wa=wa, m_rows=m_rows:
+                f4.fp4_w4a4_gemm(*fp4w(wa, m_rows), *fp4w(wa), wa))
+        add(f"fp4_w4a4 dot_scaled g32 M={512}", lambda: f4.fp4_w4a4_gemm(
+            *fp4w(mx, 512), *fp4w(mx), mx, dot_scaled=True), 100)
+
+    def int4w(symmetric, group=128, n=1024, k=1024):
+        qw = torch.randint(-8, 8, (n, k), dtype=i8)
+        zp = None if symmetric else torch.randint(-8, 8, (n, k // group), dtype=i8)
+        return gemm_w4a16.pack_wna16(qw, torch.rand(n, k // group).to(bf16), zp, 4)
+    for m_rows in (16, 512):
+        for s in (True, False):
+            add(f"w4a8 int8 M={m_rows} g128 {'sym' if s else 'asym'}",
+                lambda m_rows=m_rows, s=s: wa8.w4a8_gemm(rn(m_rows, 1024, dt=i8),
+                                                         torch.rand(m_rows), int4w(s)))
+        add(f"w4afp8 fp8 M={m_rows} g128 sym", lambda m_rows=m_rows: wa8.w4a8_gemm(
+            rn(m_rows, 1024, dt=fp8), torch.rand(m_rows), int4w(True)), 89)
     return L
 
 
