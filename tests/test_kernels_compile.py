@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for sm_80, sm_89 and sm_90, fits the arch's shared memory and
+"""Every Triton kernel compiles for sm_80, sm_89, sm_90 and sm_100, fits the arch's shared memory and
 does not spill registers, for the configs its autotuner can pick there (tests/compile_kernels.py,
 no GPU needed). A subprocess: this suite's kernels are the interpreter's, which cannot be
 compiled. Default: one representative (largest) config per kernel and arch;
