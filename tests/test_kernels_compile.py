@@ -1,8 +1,9 @@
-"""Every Triton kernel compiles for sm_80, sm_89, sm_90 and sm_100, fits the arch's shared memory and
-does not spill registers, for the configs its autotuner can pick there (tests/compile_kernels.py,
-no GPU needed). A subprocess: this suite's kernels are the interpreter's, which cannot be
-compiled. Default: one representative (largest) config per kernel and arch;
-TRITONPRESS_SLOW_TESTS=1 compiles every variant and config (about 10 minutes on 2 cores)."""
+"""Every Triton kernel compiles for sm_80, sm_89, sm_90 and sm_100, fits the arch's shared memory
+and does not spill registers, for the configs its autotuner can pick there
+(tests/compile_kernels.py, no GPU needed). A subprocess: this suite's kernels are the
+interpreter's, which cannot be compiled. Default: one representative (largest) config per
+kernel and arch; TRITONPRESS_SLOW_TESTS=1 compiles every variant and config (about 10 minutes
+on 2 cores)."""
 import os
 import subprocess
 import sys
