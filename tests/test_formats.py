@@ -130,6 +130,17 @@ def test_gptq_on_the_fp4_grids_beats_round_to_nearest():
         assert output_error(deq - w, H, None) < 0.8 * output_error(rtn - w, H, None)
 
 
+def test_fp4_scales_without_a_search_are_the_formats_own():
+    """clip=False (no Hessian blocks): each group keeps the scale RTN would give it, whatever
+    candidates the search would try (a regression: MXFP4 took the first step, e - 1)."""
+    from tritonpress.methods.rtn import fp4_scale_search
+    w = torch.randn(19, 64)
+    for args in (NV, MX):
+        _, stored, gs = fp4.quantize_fp4(w, args)
+        got, moved = fp4_scale_search(w, None, args, gs, shrinks=(0.9, 1.0), mx_steps=(-1, 0))
+        assert torch.equal(got.view(torch.uint8), stored.view(torch.uint8)) and moved == 0
+
+
 def test_fp4_sweep_kernel_matches_its_reference_in_the_interpreter():
     from tritonpress.kernels.gptq_sweep import sweep_block_ref, sweep_block_triton
     torch.manual_seed(1)

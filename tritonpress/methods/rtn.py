@@ -81,12 +81,16 @@ MX_EXPONENT_STEPS = (-1, 0)
 
 def fp4_scale_candidates(amax_g: torch.Tensor, args: QuantArgs, global_scale, shrinks,
                          mx_steps) -> list[torch.Tensor]:
-    """The stored group scales a search tries: NVFP4 from the range shrunk by each factor,
-    MXFP4 the format's exponent moved by each step (any power of two is a valid MX scale)."""
+    """The stored group scales a search tries, the format's own first (what a group keeps
+    unless another is strictly better, and all there is without a search): NVFP4 from the
+    range shrunk by each factor, MXFP4 the format's exponent moved by each step (any power of
+    two is a valid MX scale)."""
     if args.is_mx:
         e = fp4.mx_exponents_ref(amax_g).to(torch.int32)
-        return [(e + k).clamp(0, 254).to(torch.uint8) for k in mx_steps]
-    return [fp4.nvfp4_group_scales_ref(amax_g * f, global_scale) for f in shrinks]
+        return [(e + k).clamp(0, 254).to(torch.uint8)
+                for k in (0, *(k for k in mx_steps if k != 0))]
+    return [fp4.nvfp4_group_scales_ref(amax_g * f, global_scale)
+            for f in (1.0, *(f for f in shrinks if f != 1.0))]
 
 
 @torch.no_grad()
