@@ -268,3 +268,51 @@ def test_report_output_error_estimated_from_spaced_rows():
     assert est["output_err"] == pytest.approx(exact["output_err"], rel=0.15)
     assert est["output_rel_err"] == pytest.approx(exact["output_rel_err"], rel=0.15)
     assert est["output_err"] != exact["output_err"]          # it did sample
+
+
+def test_clip_search_options_are_checked_and_change_the_choice():
+    # clip_damp adds damp * mean(diag H) * ||e||^2 to each group's output error: the outlier
+    # weight on the quiet input (as above) costs weight error now, so fewer groups clip it;
+    # clip_min bounds the shrink (1.0: the full range, as without the search).
+    from tritonpress.methods.gptq import GPTQ, gptq_quantize_stacked
+    from tritonpress.methods.gptq_batched import gptq_quantize_batched
+    from tritonpress.methods.rtn import clip_search, hessian_blocks
+    for bad in (dict(clip_damp=-0.1), dict(clip_damp=float("nan")), dict(clip_damp="0.1"),
+                dict(clip_min=0.5), dict(clip_min=1.2), dict(clip_min=None)):
+        with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+            GPTQ(**bad)
+    with pytest.raises(ValueError, match="integer grids only"):
+        GPTQ(clip_damp=0.1).check(get_scheme("NVFP4A16"))
+    GPTQ().check(get_scheme("NVFP4A16"))                        # the defaults pass
+    GPTQ(clip_damp=0.1, clip_min=0.8).check(get_scheme("W4A16"))
+
+    args = _args("W4A16", 24)
+    W = torch.randn(40, 120) * 0.1
+    W[:, 5] = 1.5
+    H = correlated_hessian(120, seed=2)
+    H[5, :] *= 1e-3
+    H[:, 5] *= 1e-3
+    hb = hessian_blocks(H, 24)
+    eye = torch.eye(24)
+    for d in (0.1, 3.0):        # the dampened criterion is the search on dampened blocks
+        damped = hb + d * H.diagonal().mean() * eye
+        for a, b in zip(clip_search(W, hb, args, torch.float32, damp=d),
+                        clip_search(W, damped, args, torch.float32)):
+            assert torch.equal(a, b)
+    run = lambda **o: gptq_quantize(W, H, args, torch.float32, actorder="static", clip=True, **o)
+    qw0, _, info0 = run()
+    qw1, _, info1 = run(clip_damp=3.0)
+    assert info1["clipped_groups"] < info0["clipped_groups"]
+    assert not torch.equal(qw1.scale[:, 0], qw0.scale[:, 0])  # the outlier's group
+    qw2, _, info2 = run(clip_min=0.8)
+    shrink = qw2.scale / group_qparams(W, args, torch.float32, group_index(120, args))[0]
+    assert shrink.min() >= 0.8 - 1e-6 and shrink.min() < 0.95   # clipped, not below 0.8
+    qw3, Q3, info3 = run(clip_min=1.0)
+    qw4, Q4, _ = gptq_quantize(W, H, args, torch.float32, actorder="static")
+    assert info3["clipped_groups"] == 0 and torch.equal(Q3, Q4)
+    # the batched (MoE experts) solve takes the same options
+    (qb, _, _), = gptq_quantize_batched([[W]], [H], args, torch.float32, actorder="static",
+                                        clip=True, clip_damp=3.0, clip_min=0.8)[0]
+    (qs, _, _), = gptq_quantize_stacked([W], H, args, torch.float32, actorder="static",
+                                        clip=True, clip_damp=3.0, clip_min=0.8)
+    assert torch.equal(qb.scale, qs.scale)

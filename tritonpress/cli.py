@@ -45,8 +45,8 @@ def _size(text: str) -> int:
 CALIBRATION = ("dataset", "num_samples", "seq_len", "seed", "experts", "chat_template")
 EVALUATION = {"eval_dataset": "dataset", "eval_windows": "windows", "eval_seq_len": "seq_len",
               "act_sim": "act_sim"}
-METHOD_OPTIONS = ("smoothquant", "damp", "block_size", "actorder", "clip", "refit",
-                  "sequential", "permute")
+METHOD_OPTIONS = ("smoothquant", "damp", "block_size", "actorder", "clip", "clip_damp",
+                  "clip_min", "refit", "sequential", "permute")
 
 
 def compress_from_flags(model, scheme, out=None, *, method=None, group_size=None,

@@ -32,7 +32,7 @@ from ..schemes import QuantArgs
 from ..recipe import Method, check_actorder, check_int, check_number, check_type
 from ..checkpoint.qweight import QuantizedWeight
 from ..report import step
-from .rtn import (clip_search, column_qparams, fp4_scale_search, group_index, group_qparams,
+from .rtn import (CLIP_SHRINKS, clip_search, column_qparams, fp4_scale_search, group_index, group_qparams,
                   hessian_blocks, nvfp4_global_scales, quantize_linears_rtn, rtn_quantize)
 # Steps 3-5 (the inverse factor and the column sweep, which picks the fused kernels on a GPU)
 from .gptq_solve import gptq_sweep, inverse_cholesky
@@ -44,6 +44,10 @@ DEFAULT_GROUP_SCALES = "static"
 # the original columns (no g_idx). GPTQ() uses it;
 # gptq_quantize itself orders only when asked (it is also the fused kernels' oracle).
 DEFAULT_ACTORDER = "static"
+# The clip search's Hessian blocks dampened by mean(diag H) (its error: output error plus weight
+# error). W4A16 g64 mean KL canterbury/code, 2026-12-07 (docs/results.md): Gemma 3 270M
+# 0.122/0.324 undampened -> 0.094/0.308; SmolLM2-135M 0.128/0.241 -> 0.132/0.225.
+DEFAULT_CLIP_DAMP = 1.0
 
 
 @torch.no_grad()
@@ -62,6 +66,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
                           damp: float = 0.01, max_damp: float = 10.0,
                           actorder: str | None = None, group_scales: str = DEFAULT_GROUP_SCALES,
                           partial_last_group: bool = False, clip: bool = False,
+                          clip_damp: float = 0.0, clip_min: float = min(CLIP_SHRINKS),
                           global_scales: list | None = None) -> list[tuple]:
     """GPTQ several weights that read the same input (q/k/v, gate/up) against their shared
     Hessian in one solve: rows never interact, so stacking them along rows gives each the result
@@ -69,7 +74,10 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
 
     clip: static group scales from each group's range shrunk by the factor that minimises the
     group's output error e H_gg e^T on the calibration data (rtn.clip_search, AWQ's clipping
-    search with GPTQ's own Hessian blocks) instead of the full min/max. On the fp4 grids
+    search with GPTQ's own Hessian blocks) instead of the full min/max; clip_damp: those blocks
+    dampened by this fraction of mean(diag H) (the error measured as output error plus weight
+    error); clip_min: the smallest shrink factor tried (rtn.CLIP_SHRINKS from 1.0 down to it;
+    integer grids only). On the fp4 grids
     (rtn.fp4_scale_search): NVFP4's group ranges shrunk the same way under the tensor's fixed
     global scale, MXFP4's power-of-two exponent moved by rtn.MX_EXPONENT_STEPS.
     global_scales: NVFP4's global scale of each weight (default: one from all of `weights`,
@@ -111,7 +119,8 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
     else:
         scale, zp = group_qparams(W, args, scale_dtype, gidx)
         if clip and args.strategy == "group" and not dynamic and cols % args.group_size == 0:
-            lo, hi, f = clip_search(W, hessian_blocks(H, args.group_size), args, scale_dtype)
+            lo, hi, f = clip_search(W, hessian_blocks(H, args.group_size), args, scale_dtype,
+                                    clip_shrinks(clip_min), damp=clip_damp)
             scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
             info["clipped_groups"] = float((f < 1).float().mean())
 
@@ -152,6 +161,11 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
                              args)
     info.update(fallback=None)
     return _split(weight, qw, Q, Losses, H0, splits, info, t0, gparts)
+
+
+def clip_shrinks(clip_min: float) -> tuple:
+    """The shrink factors of rtn.CLIP_SHRINKS down to clip_min."""
+    return tuple(f for f in CLIP_SHRINKS if f >= clip_min - 1e-9)
 
 
 def _fp4_scales(weights, W, H, args, global_scales, clip, info):
@@ -284,11 +298,16 @@ class GPTQ(Method):
     all-reduced over ranks under torchrun: ctx.hessians). damp: a fraction of the Hessian's
     mean diagonal; block_size: the columns of one lazy-batch block; actorder: "static"
     (llm-compressor's default: columns swept by decreasing H_ii) or None; clip: the clipping
-    search of 4-bit group scales (SmolLM2 W4A16 g64: mean KL 0.217 -> 0.128, docs/results.md)."""
+    search of 4-bit group scales (SmolLM2 W4A16 g64: mean KL 0.217 -> 0.128, docs/results.md);
+    clip_damp: the search's Hessian blocks dampened by this fraction of mean(diag H) (0: as
+    GPTQ's Hessian before dampening; DEFAULT_CLIP_DAMP); clip_min: the smallest range shrink
+    it tries (steps of 0.05 from 1.0); both for the integer grids (fp4 keeps the raw blocks)."""
     damp: float = 0.01
     block_size: int = 128
     actorder: str | None = DEFAULT_ACTORDER
     clip: bool = True
+    clip_damp: float = DEFAULT_CLIP_DAMP
+    clip_min: float = min(CLIP_SHRINKS)
     max_damp: float = 10.0      # the dampening is raised x10 up to this while H is not PD
     min_tokens: int = 16        # a Linear whose statistics saw fewer (a rarely routed
                                 # expert) is rounded to nearest, and the report says so
@@ -301,6 +320,12 @@ class GPTQ(Method):
         check_int("block_size", self.block_size, 1, "pass a positive number of columns (e.g. 128)")
         object.__setattr__(self, "actorder", check_actorder(self.actorder))
         check_type("clip", self.clip, bool, "pass True or False")
+        check_number("clip_damp", self.clip_damp, 0, None,
+                     "the clip search's dampening is a fraction >= 0 of the Hessian's mean "
+                     "diagonal (e.g. 0.1)")
+        check_number("clip_min", self.clip_min, min(CLIP_SHRINKS), 1,
+                     f"the smallest range shrink lies in {min(CLIP_SHRINKS):g} ... 1 (e.g. 0.8; "
+                     "1 tries the full range only)")
         check_number("max_damp", self.max_damp, 0, None, "pass a fraction >= damp (e.g. 10)")
         check_int("min_tokens", self.min_tokens, 1, "pass a positive number of tokens")
         check_type("stack_experts", self.stack_experts, bool, "pass True or False")
@@ -311,6 +336,11 @@ class GPTQ(Method):
         if scheme.weights.strategy == "block":
             raise ValueError(f"scheme {scheme.name} scales 128 x 128 blocks of fp8 weights, "
                              "which GPTQ does not solve for: use RTN() (its default, data-free)")
+        if scheme.weights.is_fp4 and (self.clip_damp != DEFAULT_CLIP_DAMP
+                                      or self.clip_min != min(CLIP_SHRINKS)):
+            raise ValueError(f"scheme {scheme.name}: clip_damp and clip_min apply to integer "
+                             "grids only (fp4 scales are searched by rtn.fp4_scale_search): "
+                             "leave them at their defaults")
 
     def __call__(self, layer_idx, layer, prefix, inputs, ctx):
         hessians = ctx.hessians(layer, ctx.linears, inputs)
@@ -319,7 +349,8 @@ class GPTQ(Method):
         done = gptq_linears(solve, {n: st.H for n, st in hessians.items()},
                             ctx.scheme.weights, ctx.scale_dtype, block_size=self.block_size,
                             damp=self.damp, max_damp=self.max_damp, actorder=self.actorder,
-                            clip=self.clip, stack_experts=self.stack_experts,
+                            clip=self.clip, clip_damp=self.clip_damp, clip_min=self.clip_min,
+                            stack_experts=self.stack_experts,
                             partial_last_group=ctx.partial_last_group)
         for name, (qw, info) in done.items():
             info["tokens"] = hessians[name].n

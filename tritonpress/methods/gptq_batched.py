@@ -23,10 +23,10 @@ from ..kernels.quant import qparams_from_minmax, quantize_ref
 from ..recipe import check_actorder
 from ..report import step
 from ..schemes import QuantArgs
-from .gptq import DEFAULT_GROUP_SCALES, _split
+from .gptq import DEFAULT_GROUP_SCALES, _split, clip_shrinks
 from .gptq_solve import gptq_sweep_batched, inverse_cholesky_batched
-from .rtn import (clip_search, column_qparams, group_index, group_qparams, hessian_blocks,
-                  rtn_quantize)
+from .rtn import (CLIP_SHRINKS, clip_search, column_qparams, group_index, group_qparams,
+                  hessian_blocks, rtn_quantize)
 
 # Experts per batched solve at most this many bytes of fp32 Hessians and weights (a 128-expert
 # layer is solved in several batches).
@@ -39,7 +39,8 @@ def gptq_quantize_batched(weights: list[list[torch.Tensor]], Hs: list[torch.Tens
                           args: QuantArgs, scale_dtype: torch.dtype | None = None, *,
                           block_size: int = 128, damp: float = 0.01, max_damp: float = 10.0,
                           actorder: str | None = None, group_scales: str = DEFAULT_GROUP_SCALES,
-                          partial_last_group: bool = False, clip: bool = False
+                          partial_last_group: bool = False, clip: bool = False,
+                          clip_damp: float = 0.0, clip_min: float = min(CLIP_SHRINKS)
                           ) -> list[list[tuple]]:
     """GPTQ expert e's weights[e] (Linears reading one input, stacked along rows as in
     gptq_quantize_stacked; every expert the same shapes) against its Hessian Hs[e], all experts
@@ -59,12 +60,13 @@ def gptq_quantize_batched(weights: list[list[torch.Tensor]], Hs: list[torch.Tens
     out = []
     for e0 in range(0, len(weights), n):
         out += _solve(weights[e0:e0 + n], Hs[e0:e0 + n], args, scale_dtype, block_size, damp,
-                      max_damp, actorder, group_scales, partial_last_group, clip)
+                      max_damp, actorder, group_scales, partial_last_group, clip,
+                      clip_shrinks(clip_min), clip_damp)
     return out
 
 
 def _solve(weights, Hs, args, scale_dtype, block_size, damp, max_damp, actorder, group_scales,
-           partial_last_group, clip):
+           partial_last_group, clip, shrinks, clip_damp):
     t0 = time.perf_counter()
     E = len(weights)
     stacked = [ws[0] if len(ws) == 1 else torch.cat(ws) for ws in weights]
@@ -91,7 +93,7 @@ def _solve(weights, Hs, args, scale_dtype, block_size, damp, max_damp, actorder,
         scale, zp = group_qparams(W[e], args, scale_dtype, gidx)
         if clip and args.strategy == "group" and not dynamic and cols % args.group_size == 0:
             lo, hi, f = clip_search(W[e], hessian_blocks(H[e], args.group_size), args,
-                                    scale_dtype)
+                                    scale_dtype, shrinks, damp=clip_damp)
             scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
             info["clipped_groups"] = float((f < 1).float().mean())
         perm = torch.argsort(H[e].diagonal(), descending=True) if actorder else \

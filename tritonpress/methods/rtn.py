@@ -39,17 +39,22 @@ def hessian_blocks(H: torch.Tensor, g: int) -> torch.Tensor:
 @torch.no_grad()
 @step("clip search")
 def clip_search(w: torch.Tensor, hb: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
-                shrinks=CLIP_SHRINKS, chunk_rows: int = 4096
+                shrinks=CLIP_SHRINKS, chunk_rows: int = 4096, damp: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per group of w [N, K]: (lo, hi) [N, K/g] from shrinking the group's min/max by the
     factor f in `shrinks` that minimises e_g H_g e_g^T, e_g = Q_f(w_g) - w_g, and the chosen f.
 
     hb [K/g, g, g]: the diagonal blocks of X^T X (group_gram, AWQ) or of GPTQ's Hessian
     (hessian_blocks): the output error of group g on the calibration data needs only its own
-    block, so each candidate costs one small batched matmul."""
+    block, so each candidate costs one small batched matmul. damp: H_g + damp * mean(diag H) * I
+    instead, i.e. the output error plus damp * mean(diag H) * ||e_g||^2 (the weight error, for
+    directions the calibration data never excited)."""
     n, k = w.shape
     g = args.group_size
     ng = k // g
+    if damp:
+        eye = torch.eye(g, device=hb.device, dtype=hb.dtype)
+        hb = hb + damp * hb.diagonal(dim1=1, dim2=2).mean() * eye
     lo_all, hi_all, f_all = [], [], []
     for r0 in range(0, n, chunk_rows):
         wc = w[r0:r0 + chunk_rows].float()
