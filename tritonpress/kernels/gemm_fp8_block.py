@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import capability, fits_gpu, interpreting
+from .dispatch import fits_gpu, interpreting
 from .fp8_block import BLOCK, dequantize_fp8_block_ref
 from .gemm_w8a8 import grouped_tile
 from .primitives import e4m3_byte_to_f32, tune_bench
@@ -80,12 +80,12 @@ def _prune(configs, named_args, **kwargs):
     a = named_args["a_ptr"].element_size()
     a16 = not kwargs.get("A_FP8", True)
     # pipelined A and B tiles (+ B's widened copy in A16 mode). Each K tile's partial sum is a
-    # second fp32 tile beside the accumulator (compile_kernels, triton 3.9): 64 accumulators
-    # per thread compile clean on sm_80/89; on sm_90/100 128 x 256 on 8 warps spilled 652 /
-    # 3508 B, and 64 there is not yet measured, so 32 until the compile check says otherwise
+    # second fp32 tile beside the accumulator: at most 32 accumulators per thread (64 spilled
+    # 16 B on sm_89 at 128 x 64 x 4 warps, 128 x 256 x 8 warps 652 B on sm_90; with 32 the
+    # --all compile is clean on sm_80/90/100, compile_kernels, triton 3.9)
     need = lambda c: (c.num_stages * (c.kwargs["BLOCK_M"] * a + c.kwargs["BLOCK_N"])  # noqa: E731
                       + (c.kwargs["BLOCK_N"] * a if a16 else 0)) * c.kwargs["BLOCK_K"]
-    cap = 32 if a16 or (capability() or (0, 0)) >= (9, 0) else 64
+    cap = 32
     return fits_gpu(configs, need, cap)
 
 
