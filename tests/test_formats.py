@@ -243,7 +243,7 @@ def test_evaluate_of_the_checkpoint_gives_the_reported_kl(checkpoints, name):
     assert kl > 0 and e["canterbury"]["kl"] == pytest.approx(kl, rel=2e-2)
 
 
-def test_runtime_decompresses_new_formats_and_refuses_their_gemm_path(checkpoints):
+def test_runtime_decompresses_new_formats(checkpoints):
     from tritonpress.runtime import load_compressed
     path, _ = checkpoints["NVFP4"]
     model, _ = load_compressed(str(path), dequantize=True, dtype=torch.bfloat16)
@@ -251,8 +251,32 @@ def test_runtime_decompresses_new_formats_and_refuses_their_gemm_path(checkpoint
     assert q.input_global_scale.shape == (1,)
     qw = load_quantized_weights(path)["model.layers.0.self_attn.q_proj"]
     assert torch.equal(q.weight.data, qw.dequantize(torch.bfloat16))
-    with pytest.raises(NotImplementedError, match="dequantize=True"):
-        load_compressed(str(path))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_runtime_gemm_path_runs_new_formats(checkpoints, name):
+    # weights kept compressed, the GEMMs of kernels/gemm.py (their torch references on a CPU),
+    # against the decompressed model with the evaluation's activation simulation
+    import contextlib
+    from tritonpress.checkpoint.format import quant_args_from_dict
+    from tritonpress.checkpoint.reader import read_quantization_config
+    from tritonpress.quality import simulate_activation_quant
+    from tritonpress.runtime import CompressedLinear, load_compressed
+    path, _ = checkpoints[name]
+    qc = read_quantization_config(path)
+    act = quant_args_from_dict(next(iter(qc["config_groups"].values())).get("input_activations"))
+    packed, _ = load_compressed(str(path), dtype=torch.float32)
+    assert any(isinstance(m, CompressedLinear) for m in packed.modules())
+    plain, _ = load_compressed(str(path), dequantize=True, dtype=torch.float32)
+    ids = torch.randint(0, packed.config.vocab_size, (1, 12))
+    sim = contextlib.nullcontext() if act is None else \
+        simulate_activation_quant(plain, act, qc.get("ignore", ()), "vllm")
+    with torch.no_grad(), sim:
+        ref = plain(ids).logits
+    with torch.no_grad():
+        got = packed(ids).logits
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_bad_shapes_and_recipes_are_refused_before_anything_runs(tmp_path):

@@ -132,15 +132,11 @@ def load_compressed(path: str, device: str | torch.device = "cpu",
                 module.bias.data = tensors.get(f"{stored_name}.bias").to(dtype)
             replaced.append(name)
             continue
-        if _newer_format(qw.args, act):
-            raise NotImplementedError(
-                f"{name}: the GEMM path does not run {qc.get('format')} checkpoints ("
-                f"{qw.args.type}{qw.args.num_bits} {qw.args.strategy} weights) yet: load it "
-                "with dequantize=True (weights decompressed, activations simulated by "
-                "tritonpress.evaluate)")
         to = (lambda v: None if v is None else v.to(device))
         w = gemm.prepare(to(q), to(qw.scale), to(qw.zero_point), qw.args, act,
-                         sparse24=sparse24, input_scale=to(isc), act_sim=act_sim)
+                         sparse24=sparse24, input_scale=to(isc), act_sim=act_sim,
+                         global_scale=to(qw.global_scale),
+                         input_global_scale=to(qw.input_global_scale))
         bias = tensors.get(f"{stored_name}.bias").to(device, dtype) \
             if module.bias is not None else None
         parent, _, child = name.rpartition(".")
@@ -167,14 +163,6 @@ def load_compressed(path: str, device: str | torch.device = "cpu",
         raise ValueError(f"checkpoint lacks tensors the model needs: {missing[:5]}")
     model.to(device).eval()
     return model, _tokenizer(path)
-
-
-def _newer_format(w, act) -> bool:
-    """compressed-tensors 0.19's newer schemes (fp4, fp8 blocks, 4-bit weights with 8-bit
-    activations), which gemm.prepare does not take yet."""
-    return (w.is_fp4 or w.strategy in ("block", "tensor_group")
-            or (act is not None and (act.strategy in ("group", "tensor_group")
-                                     or w.num_bits < 8)))
 
 
 def _tokenizer(path: str):
