@@ -74,3 +74,19 @@ def fits_gpu(configs: list, smem_need, max_acc_per_thread: int | None = None) ->
         return smem_need(c) <= limit
     keep = [c for c in configs if ok(c)]
     return keep or [min(configs, key=smem_need)]
+
+
+def launch(kernel, tuned, grid, args: tuple, consts: dict, config: dict | None = None) -> None:
+    """One GEMM launch: with `config` (a tile choice; what the interpreter and the compile test
+    pass) the plain kernel, else `tuned`, its autotuned wrapper, picks over its configs."""
+    if config is not None:
+        kernel[grid](*args, **consts, **config)
+    else:
+        tuned[grid](*args, **consts)
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """t as a 2-D [rows, last dim] tensor whose rows are contiguous (what the GEMM kernels
+    index with one row stride): a view when it already is one."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..schemes import QuantArgs
-from .dispatch import fits_gpu, interpreting
+from .dispatch import fits_gpu, interpreting, launch, row_major
 from .fp4 import dequantize_fp4_ref
 from .fp4_triton import e2m1_value, e8m0_value
 from .gemm_w8a8 import grouped_tile
@@ -183,15 +183,9 @@ def _launch(x, xs, packed, scale, out_scale, args, out_dtype, a_fp4, dot_scaled,
                   UPCAST=not packed.is_cuda)
     if config is None and interpreting() and not packed.is_cuda:
         config = INTERPRET_CONFIG
-    if config is not None:
-        _fp4_gemm_kernel[grid](*cargs, **consts, **config)
-    else:
-        _tuned[grid](*cargs, **consts)
+    launch(_fp4_gemm_kernel, _tuned, grid, cargs, consts, config)
     return y
 
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def fp4_a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
@@ -200,7 +194,7 @@ def fp4_a16_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     """x bf16/fp16/fp32 [M, K] (not quantized), W NVFP4/MXFP4 -> [M, N] in x's dtype."""
     k = x.shape[1]
     _check_weight(packed, scale, args, k)
-    return _launch(_rows(x), None, _rows(packed), _rows(scale), _out_scale(global_scale),
+    return _launch(row_major(x), None, row_major(packed), row_major(scale), _out_scale(global_scale),
                    args, x.dtype, False, False, config)
 
 
@@ -216,6 +210,6 @@ def fp4_w4a4_gemm(xp: torch.Tensor, xs: torch.Tensor, x_global: torch.Tensor | N
         raise ValueError(f"activation scales {tuple(xs.shape)} do not fit {(xp.shape[0], k)}")
     if dot_scaled and not args.is_mx:
         raise ValueError("tl.dot_scaled takes e8m0 group scales (MXFP4); NVFP4 runs emulated")
-    return _launch(_rows(xp), _rows(xs), _rows(packed), _rows(scale),
+    return _launch(row_major(xp), row_major(xs), row_major(packed), row_major(scale),
                    _out_scale(global_scale, x_global), args, out_dtype, True, dot_scaled,
                    config)

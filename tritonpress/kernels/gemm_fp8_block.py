@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import fits_gpu, interpreting
+from .dispatch import fits_gpu, interpreting, launch, row_major
 from .fp8_block import BLOCK, dequantize_fp8_block_ref
 from .gemm_w8a8 import grouped_tile
 from .primitives import e4m3_byte_to_f32, tune_bench
@@ -131,15 +131,9 @@ def _launch(a, sa, wq, sw, out_dtype, block, config):
                   UPCAST=not a.is_cuda and a.dtype in (torch.bfloat16, torch.float16))
     if config is None and interpreting() and not a.is_cuda:
         config = INTERPRET_CONFIG
-    if config is not None:
-        _fp8_block_gemm_kernel[grid](*args, **consts, **config)
-    else:
-        _tuned[grid](*args, **consts)
+    launch(_fp8_block_gemm_kernel, _tuned, grid, args, consts, config)
     return y
 
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def fp8_block_gemm(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor,
@@ -153,7 +147,7 @@ def fp8_block_gemm(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: tor
     if sx.shape != (xq.shape[0], triton.cdiv(xq.shape[1], block[1])):
         raise ValueError(f"activation scales {tuple(sx.shape)} do not fit {tuple(xq.shape)} "
                          f"in groups of {block[1]}")
-    return _launch(_rows(xq), sx, _rows(wq), sw, out_dtype, block, config)
+    return _launch(row_major(xq), sx, row_major(wq), sw, out_dtype, block, config)
 
 
 def fp8_block_a16_gemm(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, block=BLOCK,
@@ -161,4 +155,4 @@ def fp8_block_a16_gemm(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bloc
     """x bf16/fp16/fp32 [M, K] (not quantized), wq fp8 [N, K] with block scales -> x.dtype."""
     if wq.dtype != torch.float8_e4m3fn:
         raise TypeError(f"fp8_block_a16_gemm takes float8_e4m3fn weights, got {wq.dtype}")
-    return _launch(_rows(x), None, _rows(wq), sw, x.dtype, block, config)
+    return _launch(row_major(x), None, row_major(wq), sw, x.dtype, block, config)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import capability, fits_gpu, interpreting
+from .dispatch import capability, fits_gpu, interpreting, launch
 from .gemm_w4a16 import WNA16Weight, unpack_wna16
 from .gemm_w8a8 import grouped_tile
 from .primitives import tune_bench
@@ -132,8 +132,5 @@ def w4a8_gemm(xq: torch.Tensor, sx: torch.Tensor, w: WNA16Weight,
                   A_FP8=xq.dtype == torch.float8_e4m3fn)
     if config is None and interpreting() and not xq.is_cuda:
         config = dict(INTERPRET_CONFIG, BLOCK_K=64 if gs == k else min(gs & -gs, 64))
-    if config is not None:
-        _w4a8_kernel[grid](*args, **consts, **config)
-    else:
-        _tuned[grid](*args, **consts)
+    launch(_w4a8_kernel, _tuned, grid, args, consts, config)
     return y

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import capability, fits_gpu, interpreting
+from .dispatch import capability, fits_gpu, interpreting, launch, row_major
 from .primitives import e4m3_byte_to_f32, tune_bench
 
 
@@ -158,16 +158,9 @@ def _launch(a, b, sa, sb, out_dtype, int_acc, b_fp8_bits, config):
                   UPCAST=not a.is_cuda and a.dtype in (torch.bfloat16, torch.float16))
     if config is None and interpreting() and not a.is_cuda:
         config = INTERPRET_CONFIG
-    if config is not None:
-        _scaled_mm_kernel[grid](*args, **consts, **config)
-    else:
-        _tuned[grid](*args, **consts)
+    launch(_scaled_mm_kernel, _tuned, grid, args, consts, config)
     return y
 
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def int8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -175,7 +168,7 @@ def int8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tens
     """a int8 [M, K] with per-token sa, b int8 [N, K] with per-channel sb -> [M, N]."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_gemm takes int8 operands, got {a.dtype} and {b.dtype}")
-    return _launch(_rows(a), _rows(b), sa, sb, out_dtype, True, False, config)
+    return _launch(row_major(a), row_major(b), sa, sb, out_dtype, True, False, config)
 
 
 def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -183,7 +176,7 @@ def fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tenso
     """a, b float8_e4m3fn with per-token sa and per-channel sb -> [M, N] (needs sm89+)."""
     if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
         raise TypeError(f"fp8_gemm takes float8_e4m3fn operands, got {a.dtype} and {b.dtype}")
-    return _launch(_rows(a), _rows(b), sa, sb, out_dtype, False, False, config)
+    return _launch(row_major(a), row_major(b), sa, sb, out_dtype, False, False, config)
 
 
 def w8a16_gemm(x: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, config: dict | None = None):
@@ -194,4 +187,4 @@ def w8a16_gemm(x: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, config: dict 
         bits = False
     else:
         raise TypeError(f"w8a16_gemm takes float8_e4m3fn or int8 weights, got {b.dtype}")
-    return _launch(_rows(x), _rows(b), None, sb, x.dtype, False, bits, config)
+    return _launch(row_major(x), row_major(b), None, sb, x.dtype, False, bits, config)
