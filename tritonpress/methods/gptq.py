@@ -104,10 +104,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
     gidx = group_index(cols, args, partial_last_group, W.device)
     info = {"method": "gptq", "actorder": actorder}
 
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    info["dead_columns"] = int(dead.sum())
+    zero_dead_columns(W, H, info)
 
     dynamic = group_scales == "dynamic" and args.strategy == "group" and not args.is_fp4
     gparts = None
@@ -117,12 +114,8 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
         stored, gparts, scale = _fp4_scales(weights, W, H, args, global_scales, clip, info)
         zp = None
     else:
-        scale, zp = group_qparams(W, args, scale_dtype, gidx)
-        if clip and args.strategy == "group" and not dynamic and cols % args.group_size == 0:
-            lo, hi, f = clip_search(W, hessian_blocks(H, args.group_size), args, scale_dtype,
-                                    clip_shrinks(clip_min), damp=clip_damp)
-            scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
-            info["clipped_groups"] = float((f < 1).float().mean())
+        scale, zp = int_scales(W, H, args, scale_dtype, gidx, clip and not dynamic,
+                               clip_shrinks(clip_min), clip_damp, info)
 
     perm = torch.argsort(H.diagonal(), descending=True) if actorder else \
         torch.arange(cols, device=W.device)
@@ -161,6 +154,27 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], H: torch.Tensor, args: Qu
                              args)
     info.update(fallback=None)
     return _split(weight, qw, Q, Losses, H0, splits, info, t0, gparts)
+
+
+def zero_dead_columns(W: torch.Tensor, H: torch.Tensor, info: dict) -> None:
+    """Inputs that never fired (H_ii = 0): their weights to zero and H_ii to 1, in place, as
+    the reference GPTQ does (nothing to compensate with, and H stays invertible)."""
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    info["dead_columns"] = int(dead.sum())
+
+
+def int_scales(W, H, args, scale_dtype, gidx, clip, shrinks, clip_damp, info):
+    """The integer grids' group qparams of W fixed before the sweep: each group's min/max,
+    shrunk by the clipping search under H's blocks where `clip` and the groups are whole."""
+    scale, zp = group_qparams(W, args, scale_dtype, gidx)
+    if clip and args.strategy == "group" and W.shape[1] % args.group_size == 0:
+        lo, hi, f = clip_search(W, hessian_blocks(H, args.group_size), args, scale_dtype,
+                                shrinks, damp=clip_damp)
+        scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
+        info["clipped_groups"] = float((f < 1).float().mean())
+    return scale, zp
 
 
 def clip_shrinks(clip_min: float) -> tuple:

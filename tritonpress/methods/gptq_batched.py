@@ -19,14 +19,13 @@ import time
 import torch
 
 from ..checkpoint.qweight import QuantizedWeight
-from ..kernels.quant import qparams_from_minmax, quantize_ref
+from ..kernels.quant import quantize_ref
 from ..recipe import check_actorder
 from ..report import step
 from ..schemes import QuantArgs
-from .gptq import DEFAULT_GROUP_SCALES, _split, clip_shrinks
+from .gptq import DEFAULT_GROUP_SCALES, _split, clip_shrinks, int_scales, zero_dead_columns
 from .gptq_solve import gptq_sweep_batched, inverse_cholesky_batched
-from .rtn import (CLIP_SHRINKS, clip_search, column_qparams, group_index, group_qparams,
-                  hessian_blocks, rtn_quantize)
+from .rtn import CLIP_SHRINKS, column_qparams, group_index, rtn_quantize
 
 # Experts per batched solve at most this many bytes of fp32 Hessians and weights (a 128-expert
 # layer is solved in several batches).
@@ -86,16 +85,9 @@ def _solve(weights, Hs, args, scale_dtype, block_size, damp, max_damp, actorder,
     infos, scales, zps, perms = [], [], [], []
     for e in range(E):
         info = {"method": "gptq", "actorder": actorder, "batch": E}
-        dead = H[e].diagonal() == 0
-        H[e, dead, dead] = 1
-        W[e][:, dead] = 0
-        info["dead_columns"] = int(dead.sum())
-        scale, zp = group_qparams(W[e], args, scale_dtype, gidx)
-        if clip and args.strategy == "group" and not dynamic and cols % args.group_size == 0:
-            lo, hi, f = clip_search(W[e], hessian_blocks(H[e], args.group_size), args,
-                                    scale_dtype, shrinks, damp=clip_damp)
-            scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
-            info["clipped_groups"] = float((f < 1).float().mean())
+        zero_dead_columns(W[e], H[e], info)
+        scale, zp = int_scales(W[e], H[e], args, scale_dtype, gidx, clip and not dynamic,
+                               shrinks, clip_damp, info)
         perm = torch.argsort(H[e].diagonal(), descending=True) if actorder else \
             torch.arange(cols, device=W.device)
         W[e], H[e] = W[e][:, perm], H[e][perm][:, perm]
