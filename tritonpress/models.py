@@ -186,18 +186,29 @@ def convert_gguf(gguf: Path):
     transformers' own GGUF path keeps a quantization_config (save_pretrained refuses it) and
     wants `accelerate`; we build the model from the config and load the dequantized tensors.
     """
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
+    model = gguf_model(gguf, "llama")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.clean_up_tokenization_spaces = False  # byte-level BPE: decode must be lossless
+    return model.eval(), tokenizer
+
+
+def gguf_model(gguf: Path, model_type: str, config=None):
+    """The GGUF's weights dequantized into a plain bf16 model of `model_type` (its config, or
+    `config` made from it): the model built from the config, transformers' dequantized tensors
+    loaded into it, every parameter accounted for."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if config.model_type != "llama":
-        raise ValueError(f"{gguf} holds a {config.model_type} model; only llama GGUFs are converted")
+    config = config or AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if config.model_type != model_type:
+        raise ValueError(f"{gguf} holds a {config.model_type} model, not {model_type}")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     missing, unexpected = model.load_state_dict(
         {k: v.to(torch.bfloat16) for k, v in tensors.items()}, strict=False)
     # lm_head is tied to embed_tokens (no output.weight in the GGUF); anything else is a bug
@@ -205,11 +216,10 @@ def convert_gguf(gguf: Path):
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf.name}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    if config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+    if config.tie_word_embeddings and \
+            model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         raise RuntimeError("lm_head lost its tie to embed_tokens during conversion")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.clean_up_tokenization_spaces = False  # byte-level BPE: decode must be lossless
-    return model.eval(), tokenizer
+    return model
 
 
 # ----------------------------------------------------------------------------- random models
