@@ -44,6 +44,18 @@ def test_e2m1_rounding_ties_and_signs_are_compressed_tensors():
     assert torch.equal(fp4.round_e2m1_ref(y), cast_to_fp4(y.clone()))
 
 
+def test_e2m1_rounding_is_the_same_for_small_and_large_tensors():
+    """Up to 16K values round by bucketize, beyond by comparisons: the same values and signs,
+    every float within 50 ulps of each threshold included."""
+    bits = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0]).view(torch.int32)
+    near = (bits[:, None] + torch.arange(-50, 51, dtype=torch.int32)).view(torch.float32).flatten()
+    x = torch.cat([near, -near, torch.randn(4000) * 4, torch.tensor([0.0, -0.0, 1e30, -1e-30])])
+    small, large = fp4.round_e2m1_ref(x), fp4.round_e2m1_ref(x.repeat(3))[:len(x)]
+    assert len(x) <= 16384 < 3 * len(x)
+    assert torch.equal(small, large) and torch.equal(small.signbit(), large.signbit())
+    assert torch.equal(small, cast_to_fp4(x.clone()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["NVFP4A16", "MXFP4A16"])
 def test_fp4_quantize_matches_compressed_tensors_bit_for_bit(name, dtype):

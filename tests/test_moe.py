@@ -105,6 +105,26 @@ def test_linear_experts_compute_what_the_fused_ones_did(family):
     assert routed == len(found) * ids.numel() * 2          # top-2 of each token, per block
 
 
+def test_only_statistics_passes_send_every_token_and_they_skip_the_down_matmuls():
+    model = tiny_moe("qwen3_moe")
+    experts.linearize_experts(model)
+    block = next(iter(experts.moe_blocks(model).values()))
+    rows, matmuls = {}, []
+    for e, ex in enumerate(block):
+        down = ex.projections()[2]
+        down.register_forward_pre_hook(
+            lambda m, a, e=e: rows.__setitem__(e, rows.get(e, 0) + a[0].shape[0]))
+        down.register_forward_hook(lambda m, a, y, e=e: matmuls.append(e))
+    ids = torch.randint(3, 250, (2, 16))
+    with torch.no_grad(), experts.every_token(model):
+        with experts.statistics_pass(model):
+            model(ids)
+        assert rows == {e: ids.numel() for e in range(8)} and not matmuls
+        rows.clear()
+        model(ids)          # a pass whose output is read: the routed tokens alone
+    assert sum(rows.values()) == ids.numel() * 2 and sorted(set(matmuls)) == sorted(rows)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("scheme", ["W4A16", "W8A8_FP8"])
 def test_every_routed_expert_is_compressed_and_named_as_the_original(tmp_path, text, family,

@@ -91,7 +91,11 @@ def output_error(E: torch.Tensor, H: torch.Tensor, dim: int | None = -1,
     """e H e^T for each row e of a weight error E [..., rows, in] (batched over leading dims;
     dim=None: summed over all, tr(E H E^T)). With H = X^T X (up to a factor) it is the squared
     output error ||X e^T||^2 on the inputs H was accumulated from, without X. bf16: the
-    product in bf16 (tensor cores on a GPU; a few digits, for what is only reported)."""
+    product's multiplies in bf16 (a few digits, for what is only reported): tensor cores on a
+    GPU, oneDNN's bf16 fpmath with fp32 sums on a CPU (256 x 1536 by 1536: 7.3 -> 3.4 ms)."""
+    if bf16 and E.device.type == "cpu":
+        with _bf16_products(True):
+            return ((E.float() @ H.float()) * E.float()).sum(dim)
     if bf16:
         return ((E.bfloat16() @ H.bfloat16()).float() * E.float()).sum(dim)
     return ((E @ H) * E).sum(dim)

@@ -12,7 +12,10 @@ expect. The forward is the fused module's own eager routing, expert by expert.
 
 Calibration (`every_token`): the statistics come from the tokens routed to each expert, or
 from every token through every expert (llm-compressor's default) while the layer's output
-stays the routed one. The routers and the other leaf modules beside the experts (shared-expert
+stays the routed one. Only statistics passes (`statistics_pass`, whose outputs nothing reads)
+send every token everywhere, and they skip the experts' down projections' matmuls (their
+inputs are what is wanted); the passes whose outputs are used (propagation, evaluation) run
+the routed tokens alone. The routers and the other leaf modules beside the experts (shared-expert
 gates) stay unquantized and are listed in the checkpoint's ignore (`router_names`).
 """
 from __future__ import annotations
@@ -94,6 +97,7 @@ class LinearExperts(nn.ModuleList):
         super().__init__(experts)
         self.concatenated = bool(fused.is_concatenated)
         self.every_token = False        # calibration: every token through every expert
+        self.statistics_only = False    # in a statistics pass: nothing reads the output
         self.routed = torch.zeros(E, dtype=torch.long)   # tokens routed to each expert
         self.tokens = 0                                   # tokens through the block
         object.__setattr__(self, "_apply_gate", fused._apply_gate)  # the activation, not a child
@@ -106,19 +110,30 @@ class LinearExperts(nn.ModuleList):
             mask = nn.functional.one_hot(top_k_index, num_classes=len(self)).permute(2, 1, 0)
             self.routed += mask.sum(dim=(1, 2)).to(self.routed.device)
             self.tokens += hidden_states.shape[0]
+        stats = self.statistics_only
+        everyone = self.every_token and stats
         for e, expert in enumerate(self):
             pos, tok = torch.where(mask[e])
-            if not len(tok) and not self.every_token:
+            if not len(tok) and not everyone:
                 continue
             gate, up, down = expert.projections()
-            x = hidden_states if self.every_token else hidden_states[tok]
+            x = hidden_states if everyone else hidden_states[tok]
             g, u = gate(x), up(x)
             gu = torch.cat([g, u], -1) if self.concatenated else torch.stack([g, u], -1).flatten(-2)
-            y = down(self._apply_gate(gu))
-            if self.every_token:
-                y = y[tok]
+            h = self._apply_gate(gu)
+            if stats:       # the statistics hooks see down's input; its matmul is not needed
+                _pre_hooks_only(down, h)
+                continue
+            y = down(h)
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
+
+
+def _pre_hooks_only(module: nn.Module, x: torch.Tensor) -> None:
+    """Call `module` as far as its forward pre-hooks (what statistics hooks are), not its
+    forward."""
+    for hook in module._forward_pre_hooks.values():
+        hook(module, (x,))
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
@@ -177,6 +192,22 @@ def every_token(model: nn.Module, on: bool = True):
     finally:
         for m in experts:
             m.every_token = False
+
+
+@contextmanager
+def statistics_pass(module: nn.Module):
+    """Within, the MoE blocks in `module` compute statistics only: every token through every
+    expert when every_token is on, no down-projection matmuls, a zero output. Only for passes
+    that read nothing after the MoE block (loop.hooks.run_with_linear_inputs: the block is the
+    last thing in a decoder layer with Linears to compress)."""
+    blocks = [m for m in module.modules() if isinstance(m, LinearExperts)]
+    for m in blocks:
+        m.statistics_only = True
+    try:
+        yield
+    finally:
+        for m in blocks:
+            m.statistics_only = False
 
 
 def checkpoint_names(model: nn.Module):

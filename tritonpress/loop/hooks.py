@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .activations import LayerInputs, StopLayer
+from .experts import statistics_pass
 from ..report import step
 
 
@@ -107,7 +108,7 @@ def run_with_linear_inputs(layer: nn.Module, linears: dict[str, nn.Module], inpu
     """Replay the batches through `layer`, calling fn(leader, x, mask) once per distinct Linear
     input per batch (see LinearInputHooks); returns the groups (leader -> members)."""
     hooks = LinearInputHooks(linears, fn)
-    with hooks:
+    with hooks, statistics_pass(layer):     # nothing reads the outputs: MoE blocks skip work
         inputs.run(layer, keep=False, before_batch=hooks.new_batch)
     return hooks.groups
 

@@ -240,14 +240,15 @@ def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, max_rows: int = 2
     """Output error on the calibration data: tr(E H E^T) and relative to tr(W H W^T), for the
     report. Rows are independent, so beyond max_rows it is estimated from max_rows evenly
     spaced rows (scaled to all): two [rows, cols] x H products per weight cost more than
-    GPTQ's own sweep on an MoE layer's experts."""
+    GPTQ's own sweep on an MoE layer's experts. The products' multiplies in bf16 (a few
+    digits)."""
     rows = W.shape[0]
     idx = None if rows <= max_rows else \
         torch.linspace(0, rows - 1, max_rows, device=W.device).round().long()
     w = (W if idx is None else W[idx]).float()
     e = w - (Q if idx is None else Q[idx])
-    err = float(output_error(e, H, dim=None)) * rows / w.shape[0]
-    ref = float(output_error(w, H, dim=None)) * rows / w.shape[0]
+    err = float(output_error(e, H, dim=None, bf16=True)) * rows / w.shape[0]
+    ref = float(output_error(w, H, dim=None, bf16=True)) * rows / w.shape[0]
     return {"output_err": err, "output_rel_err": err / ref if ref > 0 else float("nan")}
 
 

@@ -193,9 +193,9 @@ def _solve_group(names, hessians, ctx, mode, scale_from, headroom, block_size, d
     deq = qw.dequantize(torch.float32)
     err = output_error(W.float() - deq, st.H.float()) if losses is None else \
         undampened_loss_rows(losses, W, deq, hinv)
-    # the scale errors are reported against; in bf16 on a GPU (a few digits suffice, and fp32
+    # the scale errors are reported against; bf16 products (a few digits suffice, and fp32
     # would cost as much as the sweep)
-    ref = output_error(W.float(), st.H.float(), bf16=W.is_cuda)
+    ref = output_error(W.float(), st.H.float(), bf16=True)
     seconds = time.perf_counter() - t0
     row = 0
     for name, lin in zip(names, lins):
