@@ -65,8 +65,8 @@ def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor,
     nothing is returned: Q1 and Err1 go into Q and E [rows, B] (Q may be W1) and each row's
     Losses1, summed in column order, is added to L [rows]."""
     _check_block(W1, Hinv1, scale, zp, col0, gdiv)
-    # Column-major copies, so that each step reads and writes contiguous rows; ten torch ops a
-    # column (the Python loop is the CPU cost), the same roundings as the kernel.
+    # Column-major copies, so that each step reads and writes contiguous rows; seven torch ops
+    # a column (the Python loop is the CPU cost), the same roundings as the kernel.
     Wt = W1.float().t().contiguous()
     St = scale.float().t().contiguous()
     Zt = None if zp is None else zp.float().t()
@@ -74,6 +74,8 @@ def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor,
     qmin, qmax = float(args.qmin), float(args.qmax)
     Qt, Dt = torch.empty_like(Wt), torch.empty_like(Wt)
     d = Hinv1.diagonal().float()
+    dl = d.tolist()                         # Python floats: no tensor indexing per column
+    Hc = Hinv1.float().unsqueeze(-1)        # row i's later entries as a column: Hc[i, i + 1:]
     for i in range(Wt.shape[0]):
         g = (col0 + i) // gdiv
         if dynamic and ((col0 + i) % gdiv == 0 or i == 0):
@@ -83,19 +85,19 @@ def sweep_block_ref(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor,
             if zp is not None:
                 zp[:, g] = z
                 Zt = zp.float().t()
-        w = Wt[i]
-        y = w / St[g]
+        w, s = Wt[i], St[g]
+        y = w / s
         if args.is_fp4:
             q = round_e2m1_ref(y)
         elif fp8:
             q = fp8_round_ref(y)
-        else:   # clamping y to [qmin - zp, qmax - zp] before rounding: integer bounds commute
-            lo, hi = ((torch.full_like(y, qmin), torch.full_like(y, qmax)) if Zt is None
-                      else (qmin - Zt[g], qmax - Zt[g]))
-            q = torch.round(torch.clamp(y, lo, hi))
-        Qt[i] = q.mul_(St[g])
-        diff = torch.sub(w, Qt[i], out=Dt[i])
-        Wt[i + 1:].sub_(Hinv1[i, i + 1:, None] * (diff / d[i]))
+        elif Zt is None:    # clamp, then round: integer bounds commute with rounding
+            q = y.clamp_(qmin, qmax).round_()
+        else:               # y clamped to [qmin - zp, qmax - zp]
+            q = torch.clamp(y, qmin - Zt[g], qmax - Zt[g]).round_()
+        qd = torch.mul(q, s, out=Qt[i])
+        diff = torch.sub(w, qd, out=Dt[i])
+        Wt[i + 1:].sub_(Hc[i, i + 1:] * (diff / dl[i]))
     Q1, Diff1 = Qt.t(), Dt.t()
     Err1, Losses1 = Diff1 / d, (Diff1 * Diff1) / (d * d)
     if out is None:

@@ -222,12 +222,12 @@ def sweep_block_batched(W1, Hinv1, scale, zp, args):
         y = w / St[:, i]
         if fp8:
             q = fp8_round_ref(y)
+        elif Zt is None:
+            q = y.clamp_(qmin, qmax).round_()
         else:
-            lo, hi = ((torch.full_like(y, qmin), torch.full_like(y, qmax)) if Zt is None
-                      else (qmin - Zt[:, i], qmax - Zt[:, i]))
-            q = torch.round(torch.clamp(y, lo, hi))
-        Qt[:, i] = q.mul_(St[:, i])
-        diff = torch.sub(w, Qt[:, i], out=Dt[:, i])
+            q = torch.clamp(y, qmin - Zt[:, i], qmax - Zt[:, i]).round_()
+        qd = torch.mul(q, St[:, i], out=Qt[:, i])
+        diff = torch.sub(w, qd, out=Dt[:, i])
         Wt[:, i + 1:].sub_(Hinv1[:, i, i + 1:, None] * (diff / d[:, i, None])[:, None])
     Q1, Diff1 = Qt.transpose(1, 2), Dt.transpose(1, 2)
     dd = d[:, None, :]
