@@ -338,6 +338,7 @@ def _plan_memory(model, calibration, src, run, report) -> None:
     if src is not None and plan["available"] is not None and \
             plan["available"] < report["original_bytes"]:
         map_large_allocations()
+        src.return_memory = True
         report["notes"].append(
             "the model is larger than the memory available: large blocks are mapped and "
             "returned when freed, so the peak stays flat in depth (solves 1.2-1.5x slower)")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..models import all_finite
 from ..report import step
 from .targets import find_decoder_layers
 
@@ -119,8 +120,7 @@ class StopLayer(Exception):
 
 
 def _check_finite(y: torch.Tensor, i: int) -> None:
-    lo, hi = y.aminmax()           # NaN propagates; one pass over y, no boolean temporary
-    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+    if not all_finite(y):
         raise FloatingPointError(f"NaN or Inf in the layer's output on calibration batch {i}")
 
 

@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..models import all_finite
 from ..schemes import Scheme
 from .activations import DiskTensors, LayerInputs, capture_layer_inputs
 from ..checkpoint.qweight import QuantizedWeight
@@ -171,7 +172,7 @@ def _layer0_inputs(model, batches, device, storage, spill_dir):
         raise ValueError("no calibration batches")
     hidden, kwargs, masks = capture_layer_inputs(model, batches, device, storage)
     for j, h in enumerate(hidden):
-        if not torch.isfinite(h).all():
+        if not all_finite(h):
             raise FloatingPointError(f"NaN or Inf in the embeddings' output on calibration batch "
                                      f"{j}: check the embedding weights and the token ids")
     if spill_dir is not None:

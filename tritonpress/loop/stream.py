@@ -76,6 +76,9 @@ class Stream:
             from transformers import GenerationConfig
             model.generation_config = GenerationConfig.from_pretrained(path)
         self.layers, self.prefix = find_decoder_layers(model)
+        # after each layer, the heap glibc keeps goes back to the system (26 ms a layer: set by
+        # compress() when the model is larger than the memory available)
+        self.return_memory = False
         self.aliases = tied_aliases(model)               # a tied lm_head is read as the embeddings
         want = [k for k in model.state_dict() if k not in self.aliases]
         missing = [k for k in want if k not in self.reader.file_of]
@@ -132,7 +135,8 @@ class Stream:
             with step("write"):
                 self.writer.add(layer, prefix, qweights, skip=self.aliases)
         layer.to("meta")
-        _return_freed_memory()
+        if self.return_memory:
+            _return_freed_memory()
 
     def write_rest(self, tokenizer) -> Path:
         """After the last layer: the non-layer tensors (from the modules where loaded, else

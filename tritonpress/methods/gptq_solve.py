@@ -33,6 +33,7 @@ from ..kernels.gptq_sweep import (SCALE_DTYPES, TRAILING_PRECISION, fp8_round_re
                                   sweep_block_ref, sweep_block_triton, trailing_update_ref,
                                   trailing_update_triton)
 from ..kernels.quant import qparams_from_minmax
+from ..models import all_finite
 from ..schemes import QuantArgs
 from .rtn import expand
 
@@ -45,7 +46,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_damp: float = 10.0
 
     Returns (U or None, frac used or None, fractions that failed)."""
     diag_mean = H.diagonal().abs().mean()
-    if not torch.isfinite(diag_mean) or not torch.isfinite(H).all():
+    if not torch.isfinite(diag_mean) or not all_finite(H):
         return None, None, []
     if diag_mean == 0:
         diag_mean = torch.ones_like(diag_mean)
@@ -58,7 +59,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_damp: float = 10.0
         # time at 1536
         U, info = inverse_hessian_factor(damped)
         del damped
-        if info == 0 and torch.isfinite(U).all():
+        if info == 0 and all_finite(U):
             return U, frac, failed
         failed.append(frac)
         frac = frac * 10 if frac > 0 else 1e-4

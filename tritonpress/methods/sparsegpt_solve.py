@@ -36,6 +36,7 @@ import torch
 from ..checkpoint.qweight import QuantizedWeight
 from ..kernels.quant import quantize_ref, quantize_weight, weight_qparams_ref
 from ..kernels.sparse24 import keep_2_of_4, prune24_block
+from ..models import all_finite
 from ..recipe import check_actorder
 from ..schemes import QuantArgs
 from .gptq_solve import inverse_cholesky
@@ -239,7 +240,7 @@ def _check(W, H, args, block_size):
     if not (args.type == "float" and args.num_bits == 8 and args.strategy == "channel"):
         raise ValueError("SparseGPT 2:4 here stores fp8 e4m3 per-channel weights "
                          f"(scheme W8A8_FP8_24), got {args}")
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise ValueError("NaN or Inf in the weight: the model is broken before compression")
 
 
