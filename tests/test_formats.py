@@ -153,6 +153,34 @@ def test_fp4_scales_without_a_search_are_the_formats_own():
         assert torch.equal(got.view(torch.uint8), stored.view(torch.uint8)) and moved == 0
 
 
+def test_fp4_scale_search_picks_the_least_output_error_of_its_candidates():
+    """Each group's stored scale is a candidate whose plain dequantized error e_g H_g e_g^T is
+    the least (to fp32 rounding: the errors are computed here the obvious way)."""
+    from tritonpress.methods.rtn import fp4_scale_candidates, fp4_scale_search, hessian_blocks
+    torch.manual_seed(3)
+    w = torch.randn(37, 64) * torch.rand(37, 1)
+    X = torch.randn(200, 64) * torch.rand(64) * 3
+    for args in (NV, MX):
+        g = args.group_size
+        hb = hessian_blocks(X.T @ X, g)
+        gs = fp4.quantize_fp4(w, args)[2]
+        shrinks, steps = (1.0, 0.9, 0.8, 0.7), (-1, 0, 1)
+        got, moved = fp4_scale_search(w, hb, args, gs, shrinks, steps)
+        wg = w.reshape(37, -1, g)
+        cands = fp4_scale_candidates(wg.abs().amax(-1), args, gs, shrinks, steps)
+        errs = []
+        for c in cands:
+            s = fp4.effective_scale(c, gs, args).unsqueeze(-1)
+            e = fp4.round_e2m1_ref((wg / s).clamp(-6, 6)) * s - wg            # [rows, ng, g]
+            errs.append(torch.einsum("rni,nij,rnj->rn", e, hb, e))
+        errs = torch.stack(errs)                                              # [cands, rows, ng]
+        chosen = torch.stack([c.view(torch.uint8) for c in cands]) == got.view(torch.uint8)
+        err_got = torch.where(chosen, errs, torch.inf).amin(0)    # a candidate with its scale
+        assert torch.isfinite(err_got).all()
+        assert (err_got <= errs.amin(0) * (1 + 1e-5) + 1e-12).all()
+        assert moved > 0                            # the search moved some groups
+
+
 def test_fp4_sweep_kernel_matches_its_reference_in_the_interpreter():
     from tritonpress.kernels.gptq_sweep import sweep_block_ref, sweep_block_triton
     torch.manual_seed(1)

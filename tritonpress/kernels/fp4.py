@@ -56,14 +56,18 @@ def _e2m1_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def round_e2m1_ref(x: torch.Tensor) -> torch.Tensor:
     """Values rounded to the e2m1 grid (saturating at +-6), fp32, same shape; a negative value
-    rounding to zero gives -0.0, as compressed-tensors' cast_to_fp4. Up to 16K values (GPTQ's
-    sweep rounds one column at a time) one bucketize instead of seven comparisons: 50 -> 14 us
-    a 960-row column; beyond that the comparisons are faster (2 CPU threads)."""
+    rounding to zero gives -0.0, as compressed-tensors' cast_to_fp4."""
     x = x.float()
-    table, bounds = _e2m1_tables(x.device)
-    idx = torch.bucketize(x.abs(), bounds) if x.numel() <= 16384 else _e2m1_index(x.abs()).long()
-    mag = table[idx]
+    mag = e2m1_magnitude(x.abs())
     return torch.where(x < 0, -mag, mag)
+
+
+def e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """Magnitudes a >= 0 (fp32) rounded to the e2m1 grid's. Up to 16K values (GPTQ's sweep
+    rounds one column at a time) one bucketize instead of seven comparisons: 50 -> 14 us a
+    960-row column; beyond that the comparisons are faster (2 CPU threads)."""
+    table, bounds = _e2m1_tables(a.device)
+    return table[torch.bucketize(a, bounds) if a.numel() <= 16384 else _e2m1_index(a).long()]
 
 
 def e2m1_codes_ref(x: torch.Tensor) -> torch.Tensor:

@@ -125,10 +125,13 @@ def fp4_scale_search(w: torch.Tensor, hb: torch.Tensor | None, args: QuantArgs,
             out.append(cands[0].view(torch.uint8))
             continue
         wf = wg.float()
+        aw, sw = wf.abs(), torch.sign(wf)
         best, pick = None, torch.zeros(wg.shape[:2], dtype=torch.long, device=w.device)
         for i, c in enumerate(cands):
             sc = fp4.effective_scale(c, global_scale, args).unsqueeze(-1)
-            d = fp4.round_e2m1_ref((wf / sc).clamp(-6, 6)) * sc - wf
+            # Q(w) - w as sign(w) (e2m1(|w| / s) s - |w|): the same numbers in half the passes
+            a = (aw / sc).clamp_(max=fp4.E2M1_MAX)
+            d = fp4.e2m1_magnitude(a).mul_(sc).sub_(aw).mul_(sw)
             err = output_error(d.transpose(0, 1), hb).T            # [rows, ng]
             if best is None:
                 best = err
