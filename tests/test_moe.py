@@ -162,6 +162,32 @@ def test_every_routed_expert_is_compressed_and_named_as_the_original(tmp_path, t
     assert len(routers) >= len(layers)
 
 
+@pytest.mark.parametrize("scheme,recipe", [
+    ("W8A8_INT8", None), ("W8A8_INT8", "sq"), ("W4A16_ASYM", "awq"), ("W8A8_FP8_24", None),
+    ("NVFP4A16", None), ("NVFP4", None), ("MXFP4A16", None), ("W4A8", None), ("W4AFP8", None)])
+def test_every_scheme_and_method_compresses_every_routed_expert(tmp_path, text, scheme, recipe):
+    """The schemes and methods beyond the two above, on one family: each routed expert's three
+    matrices are written compressed, the report counts them, the routers stay 16-bit."""
+    model = tiny_moe("qwen3_moe")
+    model.tokenizer = TOK
+    sch = tp.get_scheme(scheme, group_size=16) if scheme in ("W4A16_ASYM", "W4A8", "W4AFP8") \
+        else scheme
+    rec = {None: None, "sq": [tp.SmoothQuant(0.8), tp.GPTQ()], "awq": [tp.AWQ()]}[recipe]
+    r = tp.compress(model, sch, tmp_path / "ckpt", rec, calibration=tp.Calibration(text, 4, 32),
+                    evaluation=None, run=tp.Run(device="cpu", progress=False))
+    layers = r["experts"]["layers"]
+    assert layers and all(v["compressed"] == 8 and v["fell_back"] == 0 for v in layers.values())
+    t = _tensors(tmp_path / "ckpt")
+    # every routed expert's three matrices carry a weight scale (compressed in some form)
+    quantized = {n.removesuffix(".weight_scale") for n in t if n.endswith(".weight_scale")}
+    assert len({n for n in quantized if ".experts." in n}) == 8 * 3 * len(layers)
+    assert all(t[f"{n}.weight"].get_dtype() != "F32" for n in quantized if f"{n}.weight" in t)
+    for name in json.loads((tmp_path / "ckpt" / "config.json").read_text())[
+            "quantization_config"]["ignore"]:
+        if name != "lm_head":       # the model's own dtype (fp32 here)
+            assert t[f"{name}.weight"].get_dtype() == "F32", name
+
+
 def test_runtime_runs_the_moe_checkpoint_as_it_was_computed(tmp_path, text):
     model = tiny_moe("mixtral")
     model.tokenizer = TOK
