@@ -90,6 +90,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
         writer = src.writer = checkpoint.CheckpointWriter(
             out, scheme, overwrite=run.overwrite, sparse_format=run.sparse_format,
             actorder=checkpoint_actorder(recipe), max_shard_bytes=run.max_shard_bytes)
+        src.writer.names_of(model)      # MoE: the experts' stored names from the first layer
     with writer:
         # ---- the original on held-out text: one set of windows per source ("a+b" -> two)
         evals = {}
@@ -309,7 +310,7 @@ def _load(model, run: Run, report: dict):
 
 def _open_stream(path, torch_dtype, stream: str, report: dict):
     """A stream.Stream over the model directory, or None (the whole model is loaded)."""
-    from .loop import distributed, experts
+    from .loop import distributed
     from .loop.stream import NotStreamable, Stream
 
     if stream == "off":
@@ -319,11 +320,7 @@ def _open_stream(path, torch_dtype, stream: str, report: dict):
             raise ValueError("stream=on is not supported under torchrun: pass stream=off")
         return None
     try:
-        src = Stream(path, torch_dtype)
-        if any(experts.is_fused_experts(m) for m in src.model.modules()):
-            raise NotStreamable("Mixture-of-Experts models are loaded whole for now (their "
-                                "experts are split into Linears in memory)")
-        return src
+        return Stream(path, torch_dtype)
     except NotStreamable as e:
         if stream == "on":
             raise

@@ -148,15 +148,15 @@ def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
 
 
 def linearize_experts(model: nn.Module) -> dict[str, int]:
-    """Replace every fused-experts module by LinearExperts, in place; {module name: experts}."""
+    """Replace every fused-experts module by LinearExperts, in place (parameters on the meta
+    device stay there: a streamed skeleton); {module name: experts} of every LinearExperts in
+    the model, those made before included."""
     names = expert_names(model)
     found = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
-    counts = {}
     for name, fused in found:
         parent_name, _, child = name.rpartition(".")
-        counts[name] = fused.down_proj.shape[0]
         setattr(model.get_submodule(parent_name), child, LinearExperts(fused, names))
-    return counts
+    return {n: len(m) for n, m in moe_blocks(model).items()}
 
 
 def moe_blocks(model: nn.Module) -> dict[str, LinearExperts]:

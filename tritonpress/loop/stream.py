@@ -24,6 +24,7 @@ from torch import nn
 
 from ..models import check_finite
 from ..checkpoint import ShardReader, tied_aliases
+from . import experts
 from .targets import find_decoder_layers
 from ..report import step
 
@@ -68,6 +69,7 @@ class Stream:
                                 "safetensors checkpoints stream; re-save the model with "
                                 "save_pretrained (safetensors) or pass stream=False")
         self.reader = ShardReader(path)
+        self.dtype = dtype
         config = AutoConfig.from_pretrained(path)
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -75,13 +77,17 @@ class Stream:
         if (Path(path) / "generation_config.json").is_file():   # as from_pretrained reads it
             from transformers import GenerationConfig
             model.generation_config = GenerationConfig.from_pretrained(path)
+        # Mixture-of-Experts: one Linear per expert matrix, read under the names the original
+        # checkpoints (and save_pretrained) give them (Mixtral's mlp. -> block_sparse_moe.)
+        self.stored = (experts.checkpoint_names(model) if experts.linearize_experts(model)
+                       else None) or (lambda name: name)
         self.layers, self.prefix = find_decoder_layers(model)
         # after each layer, the heap glibc keeps goes back to the system (26 ms a layer: set by
         # compress() when the model is larger than the memory available)
         self.return_memory = False
         self.aliases = tied_aliases(model)               # a tied lm_head is read as the embeddings
         want = [k for k in model.state_dict() if k not in self.aliases]
-        missing = [k for k in want if k not in self.reader.file_of]
+        missing = [k for k in want if self.stored(k) not in self.reader.file_of]
         if missing:
             raise NotStreamable(
                 f"{path}: the checkpoint's tensor names do not match the model's "
@@ -90,18 +96,36 @@ class Stream:
         self.writer = None
         self.evaluation = None
 
+    def _keep_fp32(self, name: str) -> bool:
+        """from_pretrained keeps these in fp32 (the model's _keep_in_fp32_modules_strict under
+        fp16/bf16, _keep_in_fp32_modules under fp16)."""
+        m, dtype = self.model, self.dtype
+        keep = list(getattr(m, "_keep_in_fp32_modules_strict", None) or ()) \
+            if dtype in (torch.float16, torch.bfloat16) else []
+        if dtype == torch.float16:
+            keep += list(getattr(m, "_keep_in_fp32_modules", None) or ())
+        return any(k in name for k in keep)
+
+    def _read(self, names) -> dict[str, torch.Tensor]:
+        """{in-memory name: tensor}, each read under its stored name."""
+        names = list(names)
+        got = self.reader.read(self.stored(n) for n in names)
+        return {n: got[self.stored(n)] for n in names}
+
     def _materialise(self, module: nn.Module, prefix: str, skip: tuple = ()) -> None:
+        """Read the module's parameters (on meta) and the persistent buffers the checkpoint
+        holds (the skeleton made them with initial values: DeepSeek-V3's routing bias)."""
         pre = f"{prefix}." if prefix else ""
         local = {k: v for k, v in module.state_dict().items()
-                 if v.device.type == "meta" and pre + k not in self.aliases
-                 and not (pre + k).startswith(skip)}
-        tensors = self.reader.read(pre + k for k in local)
+                 if (v.device.type == "meta" or self.stored(pre + k) in self.reader.file_of)
+                 and pre + k not in self.aliases and not (pre + k).startswith(skip)}
+        tensors = self._read(pre + k for k in local)
         check_finite(tensors.items())
         with torch.no_grad():
             for k, meta in local.items():
                 t = tensors[pre + k]
-                if t.is_floating_point():
-                    t = t.to(meta.dtype)    # what from_pretrained(dtype=...) does
+                if t.is_floating_point():   # what from_pretrained(dtype=...) does
+                    t = t.to(torch.float32 if self._keep_fp32(pre + k) else meta.dtype)
                 owner, _, attr = k.rpartition(".")
                 m = module.get_submodule(owner) if owner else module
                 if attr in m._parameters:
@@ -146,7 +170,7 @@ class Stream:
         try:
             sd = {k: t for k, t in self.model.state_dict().items()
                   if k not in self.aliases and k not in self.writer.written}
-            read = self.reader.read(k for k, t in sd.items() if t.device.type == "meta")
+            read = self._read(k for k, t in sd.items() if t.device.type == "meta")
             for k, t in read.items():
                 sd[k] = t.to(sd[k].dtype) if t.is_floating_point() else t
             self.writer.add(_Tensors(sd), "", {})
