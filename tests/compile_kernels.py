@@ -114,6 +114,11 @@ def launches():
             lambda wa=wa: gptq_sweep.sweep_block_triton(
                 torch.randn(256, 128), hinv(128), torch.rand(256, 128),
                 None if wa.symmetric else torch.zeros(256, 128), wa))
+    for wa in (w4s, w4a, i8c, f8c):     # an MoE layer's 8 experts in one launch
+        add(f"sweep_block batched {wa.type}{wa.num_bits} {sym(wa)} [8,256,128]",
+            lambda wa=wa: gptq_sweep.sweep_block_triton_batched(
+                torch.randn(8, 256, 128), hinv(128).expand(8, -1, -1), torch.rand(8, 256, 128),
+                None if wa.symmetric else torch.zeros(8, 256, 128), wa))
 
     for dt, gs, s in ((bf16, 128, True), (bf16, 128, False), (bf16, 64, True), (bf16, 32, True),
                       (f16, 128, True), (f32, 128, True)):

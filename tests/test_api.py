@@ -173,7 +173,13 @@ def test_recipes_and_options_are_checked_before_any_work(tmp_path):
 
     assert len(inspect.signature(tritonpress.compress).parameters) <= 8
     w4, fp8, s24 = get_scheme("W4A16"), get_scheme("W8A8_FP8"), get_scheme("W8A8_FP8_24")
-    assert default_recipe(w4) == [tritonpress.GPTQ()]
+    assert default_recipe(w4) == [tritonpress.GPTQ(damp=0.01)]
+    # defaults that depend on the scheme are filled in when the recipe meets it
+    nv = get_scheme("NVFP4A16")
+    assert default_recipe(nv) == [tritonpress.GPTQ(damp=0.1)]
+    assert resolve_recipe([tritonpress.GPTQ()], nv) == [tritonpress.GPTQ(damp=0.1)]
+    assert resolve_recipe([tritonpress.GPTQ(damp=0.03)], nv)[0].damp == 0.03
+    assert resolve_recipe([tritonpress.AWQ(), tritonpress.GPTQ()], w4)[1].damp == 0.01
     assert default_recipe(fp8) == [tritonpress.RTN()]
     assert default_recipe(s24) == [tritonpress.SparseGPT()]
     assert tritonpress.SparseGPT().permute is True

@@ -85,11 +85,13 @@ def test_batched_solve_equals_each_expert_solved_alone(scheme, group, options, e
     assert got[2][0][2]["dead_columns"] == 1
 
 
-@pytest.mark.parametrize("options", [dict(actorder="static", clip=True),
-                                     dict(actorder=None, group_scales="dynamic")])
-def test_gpu_path_equals_each_expert_solved_alone(monkeypatch, options):
-    """On a GPU the batched solve sweeps each expert with the fused kernels (here the Triton
-    interpreter): the same as each expert's solve there."""
+@pytest.mark.parametrize("options,exact", [(dict(actorder="static", clip=True), True),
+                                           (dict(actorder=None, group_scales="dynamic"), False)])
+def test_gpu_path_equals_each_expert_solved_alone(monkeypatch, options, exact):
+    """On a GPU the batched solve sweeps all experts' blocks in one launch of the fused kernel
+    (here the Triton interpreter), the trailing updates one batched matmul: what each expert's
+    own solve there gives (dynamic scales: the whole-layer solve computes them in the kernel
+    and updates with its own GEMM, equal to fp32 rounding)."""
     monkeypatch.setenv("TRITONPRESS_BACKEND", "triton")
     args = get_scheme("W4A16_ASYM", group_size=16).weights
     weights, Hs = _experts(3, 5, 48)
@@ -100,7 +102,7 @@ def test_gpu_path_equals_each_expert_solved_alone(monkeypatch, options):
                 for ws, H in zip(weights, Hs)]
     for g, w in zip(got, want):
         for (qg, dg, _), (qw, dw, _) in zip(g, w):
-            _same((qg, dg), (qw, dw), exact=True)
+            _same((qg, dg), (qw, dw), exact=exact)
 
 
 def test_an_expert_that_never_factorises_falls_back_alone():

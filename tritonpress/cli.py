@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     # each method's own options: unset means the method's default (methods/*.py)
     c.add_argument("--damp", type=float, default=None,
                    help="GPTQ's and SparseGPT's dampening, a fraction of the Hessian's mean "
-                        "diagonal (default 0.01)")
+                        "diagonal (default 0.01; GPTQ on the fp4 grids 0.1)")
     c.add_argument("--block-size", type=int, default=None, help="GPTQ/SparseGPT column block")
     c.add_argument("--actorder", default=None, choices=["static", "none"],
                    help="activation order of GPTQ and SparseGPT: static (default; GPTQ as "

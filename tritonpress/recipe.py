@@ -101,6 +101,10 @@ class Method:
     def check_model(self, model, linears: dict) -> None:
         pass
 
+    def for_scheme(self, scheme: Scheme) -> "Method":
+        """The method with the defaults that depend on the scheme filled in (GPTQ's damp)."""
+        return self
+
     def as_dict(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
 
@@ -114,7 +118,7 @@ def default_recipe(scheme: Scheme) -> list[Method]:
         return [SparseGPT()]
     if scheme.weights.type == "float" and scheme.weights.num_bits == 8:
         return [RTN()]             # fp8 (per channel or per block): data-free
-    return [GPTQ()]                # 4-bit grids: int4, and the fp4 formats
+    return [GPTQ().for_scheme(scheme)]     # 4-bit grids: int4, and the fp4 formats
 
 
 def resolve_recipe(recipe, scheme: Scheme) -> list[Method]:
@@ -145,7 +149,7 @@ def resolve_recipe(recipe, scheme: Scheme) -> list[Method]:
         raise ValueError(f"recipe {recipe}: each method at most once")
     for m in recipe:
         m.check(scheme)
-    return list(recipe)
+    return [m.for_scheme(scheme) for m in recipe]
 
 
 def recipe_label(recipe: list[Method]) -> str:

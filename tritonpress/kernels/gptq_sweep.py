@@ -158,17 +158,28 @@ def round_tf32(x: torch.Tensor) -> torch.Tensor:
 def _sweep_kernel(W, Hinv, S, Z, Q, E, L, rows, n, col0,
                   stride_w, stride_h, stride_sr, stride_sc, stride_q, stride_e, stride_l,
                   qmin, qmax, half_range, eps,
+                  ex_w, ex_h, ex_s, ex_q, ex_e, ex_l,
                   GDIV: tl.constexpr, FP8: tl.constexpr, FP4: tl.constexpr,
                   HAS_ZP: tl.constexpr,
                   DYNAMIC: tl.constexpr, SCALE_DTYPE: tl.constexpr, LOSS_COLS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: rows [pid*BLOCK_M, +BLOCK_M) of a block of n columns.
+    """One program: rows [pid*BLOCK_M, +BLOCK_M) of a block of n columns of problem
+    program_id(1) (the experts of an MoE layer, each its own weights and Hinv: ex_* are the
+    tensors' expert strides, 0 for one problem).
 
     Scale of column c: S[r, (col0 + c) // GDIV] (GDIV = 1: one scale per column, the
     expanded contract; GDIV = group size: per group; stride_sc = 0: per channel). DYNAMIC
     computes it at each group start from the current weights and stores it there.
     Outputs: Q (dequantized, may alias W), E (errors), L (per-column losses when LOSS_COLS,
     else added to a per-row sum)."""
+    ex = tl.program_id(1).to(tl.int64)
+    W += ex * ex_w
+    Hinv += ex * ex_h
+    S += ex * ex_s
+    Z += ex * ex_s
+    Q += ex * ex_q
+    E += ex * ex_e
+    L += ex * ex_l
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask = r < rows
@@ -281,7 +292,7 @@ def sweep_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tenso
     argv = (W1, Hinv1, S, Z if Z is not None else S, Q, E, L, rows, n, col0,
             W1.stride(0), Hinv1.stride(0), S.stride(0), stride_sc, Q.stride(0), E.stride(0),
             L.stride(0), float(args.qmin), float(args.qmax), (args.qmax - args.qmin) / 2,
-            torch.finfo(scale_dtype).eps)
+            torch.finfo(scale_dtype).eps, 0, 0, 0, 0, 0, 0)
     if dynamic and args.is_fp4:
         raise ValueError("fp4 group scales are fixed before the sweep (dynamic=False)")
     kw = dict(GDIV=gdiv, FP8=args.type == "float" and not args.is_fp4, FP4=args.is_fp4,
@@ -298,6 +309,40 @@ def sweep_block_triton(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tenso
                                                       enable_fp_fusion=False)
     if out is None:
         return Q, E, L
+
+
+def sweep_block_triton_batched(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor,
+                               zp: torch.Tensor | None, args: QuantArgs,
+                               block_m: int | None = None):
+    """methods.gptq_solve.sweep_block_batched's contract (E problems, expanded qparams: W1,
+    scale, zp [E, rows, B], Hinv1 [E, B, B] -> (Q1, Err1, Losses1) [E, rows, B]) in one launch,
+    the expert index a grid dimension; each problem's result is sweep_block_triton's."""
+    Ex, rows, n = W1.shape
+    if Hinv1.shape != (Ex, n, n) or scale.shape != W1.shape or \
+            (zp is not None and zp.shape != W1.shape):
+        raise ValueError(f"batched sweep: W1 {list(W1.shape)} needs Hinv1 [{Ex}, {n}, {n}] "
+                         f"and scale/zp {list(W1.shape)}, got {list(Hinv1.shape)}, "
+                         f"{list(scale.shape)}" + ("" if zp is None else f", {list(zp.shape)}"))
+    W1, Hinv1 = W1.float().contiguous(), Hinv1.float().contiguous()
+    S = scale.float().contiguous()
+    Z = S if zp is None else zp.float().contiguous()
+    Q = torch.empty_like(W1)
+    E, L = torch.empty_like(Q), torch.empty_like(Q)
+    argv = (W1, Hinv1, S, Z, Q, E, L, rows, n, 0,
+            n, n, n, 1, n, n, n, float(args.qmin), float(args.qmax),
+            (args.qmax - args.qmin) / 2, torch.finfo(torch.float32).eps,
+            rows * n, n * n, rows * n, rows * n, rows * n, rows * n)
+    kw = dict(GDIV=1, FP8=args.type == "float" and not args.is_fp4, FP4=args.is_fp4,
+              HAS_ZP=zp is not None, DYNAMIC=False, SCALE_DTYPE=SCALE_DTYPES[torch.float32],
+              LOSS_COLS=True, BLOCK_N=max(triton.next_power_of_2(n), 16))
+    if block_m is None and not interpreting():
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), Ex)  # noqa: E731
+        _sweep_tuned[grid](*argv, **kw, enable_fp_fusion=False)
+    else:
+        block_m = block_m or 64
+        _sweep_kernel[(triton.cdiv(rows, block_m), Ex)](*argv, **kw, BLOCK_M=block_m,
+                                                         enable_fp_fusion=False)
+    return Q, E, L
 
 
 def _trailing_configs():

@@ -48,6 +48,11 @@ DEFAULT_ACTORDER = "static"
 # error). W4A16 g64 mean KL canterbury/code, 2026-12-07 (docs/results.md): Gemma 3 270M
 # 0.122/0.324 undampened -> 0.094/0.308; SmolLM2-135M 0.128/0.241 -> 0.132/0.225.
 DEFAULT_CLIP_DAMP = 1.0
+# GPTQ's dampening (a fraction of mean(diag H)): 0.01 as the paper and llm-compressor, 0.1 on
+# the fp4 grids. Measured 2026-12-07 (docs/formats.md), KL canterbury / code at 0.01 -> 0.1:
+# SmolLM2 MXFP4A16 0.1561/0.2870 -> 0.1592/0.2647, NVFP4A16 0.0789/0.1156 -> 0.0792/0.1057;
+# Gemma 3 270M MXFP4A16 0.1038/0.2947 -> 0.1032/0.2438, NVFP4A16 0.0552/0.1420 -> 0.0544/0.1222.
+DEFAULT_DAMP, FP4_DAMP = 0.01, 0.1
 
 
 @torch.no_grad()
@@ -316,8 +321,10 @@ class GPTQ(Method):
     search of 4-bit group scales (SmolLM2 W4A16 g64: mean KL 0.217 -> 0.128, docs/results.md);
     clip_damp: the search's Hessian blocks dampened by this fraction of mean(diag H) (0: as
     GPTQ's Hessian before dampening; DEFAULT_CLIP_DAMP); clip_min: the smallest range shrink
-    it tries (steps of 0.05 from 1.0); both for the integer grids (fp4 keeps the raw blocks)."""
-    damp: float = 0.01
+    it tries (steps of 0.05 from 1.0); both for the integer grids (fp4 keeps the raw blocks).
+    damp=None: the scheme's default, DEFAULT_DAMP or FP4_DAMP on the fp4 grids (a recipe
+    resolved against its scheme holds the number: for_scheme)."""
+    damp: float | None = None
     block_size: int = 128
     actorder: str | None = DEFAULT_ACTORDER
     clip: bool = True
@@ -330,8 +337,10 @@ class GPTQ(Method):
                                 # batch (gptq_batched.py); False: one after another
 
     def __post_init__(self):
-        check_number("damp", self.damp, 0, None,
-                     "the dampening is a fraction >= 0 of the Hessian's mean diagonal (e.g. 0.01)")
+        if self.damp is not None:
+            check_number("damp", self.damp, 0, None,
+                         "the dampening is a fraction >= 0 of the Hessian's mean diagonal "
+                         "(e.g. 0.01)")
         check_int("block_size", self.block_size, 1, "pass a positive number of columns (e.g. 128)")
         object.__setattr__(self, "actorder", check_actorder(self.actorder))
         check_type("clip", self.clip, bool, "pass True or False")
@@ -357,7 +366,14 @@ class GPTQ(Method):
                              "grids only (fp4 scales are searched by rtn.fp4_scale_search): "
                              "leave them at their defaults")
 
+    def for_scheme(self, scheme):
+        if self.damp is not None:
+            return self
+        return dataclasses.replace(self, damp=FP4_DAMP if scheme.weights.is_fp4 else DEFAULT_DAMP)
+
     def __call__(self, layer_idx, layer, prefix, inputs, ctx):
+        if self.damp is None:
+            return self.for_scheme(ctx.scheme)(layer_idx, layer, prefix, inputs, ctx)
         hessians = ctx.hessians(layer, ctx.linears, inputs)
         qweights, infos = rtn_fallback(ctx, hessians, self.min_tokens)
         solve = {n: lin for n, lin in ctx.linears.items() if n not in infos}

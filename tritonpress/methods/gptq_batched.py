@@ -6,8 +6,9 @@ Per expert, the cheap row-wise preparation of gptq_quantize_stacked (dead column
 scales, clipping search, activation order); then the two expensive steps once for all experts
 (gptq_solve.py): the dampened Cholesky factor of each H^-1 as one batched factorisation
 (experts that fail retried with more dampening), and the column sweep with a leading expert
-dimension (each column step and each block's trailing update one batched op; on a GPU, for
-now, each expert's fused sweep in turn: gptq_sweep_batched). Each expert's result is the one
+dimension (each block's column steps one batched op: torch ops on CPU, one launch of the
+fused sweep kernel with the expert index as a grid dimension on a GPU; each block's trailing
+update one batched matmul: gptq_sweep_batched). Each expert's result is the one
 gptq_quantize_stacked gives it alone, bit for bit on CPU, except dynamic group scales under
 activation order (equal to fp32 rounding; see sweep_blocks_batched). An expert whose Hessian
 stays singular is rounded to nearest, as alone.

@@ -30,7 +30,8 @@ import torch
 
 from ..kernels.dispatch import use_triton
 from ..kernels.gptq_sweep import (SCALE_DTYPES, TRAILING_PRECISION, fp8_round_ref,
-                                  sweep_block_ref, sweep_block_triton, trailing_update_ref,
+                                  sweep_block_ref, sweep_block_triton,
+                                  sweep_block_triton_batched, trailing_update_ref,
                                   trailing_update_triton)
 from ..kernels.quant import qparams_from_minmax
 from ..models import all_finite
@@ -153,21 +154,17 @@ def _inverse_cholesky_batch(H, damp, max_damp):
 
 def gptq_sweep_batched(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, block_size):
     """gptq_sweep of E problems (sweep_blocks_batched's arguments), the one place the batched
-    sweep's implementation is chosen: in torch, sweep_blocks_batched; on a GPU each expert's
-    fused solve (gptq_sweep) one after another -- a batched torch sweep there would launch ten
-    small kernels per column, and the fused kernels have no expert grid dimension yet."""
-    if not use_triton(W, Hinv):
-        return sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, dynamic=dynamic,
-                                    scale_dtype=scale_dtype, block_size=block_size)
-    got = [gptq_sweep(W[e], Hinv[e], args, scale[e], None if zp is None else zp[e], gcol[e],
-                      dynamic=dynamic, scale_dtype=scale_dtype, block_size=block_size)
-           for e in range(W.shape[0])]
-    Q, scale, zp, losses = zip(*got)
-    return (torch.stack(Q), torch.stack(scale), None if zp[0] is None else torch.stack(zp),
-            torch.stack(losses))
+    sweep's implementation is chosen: each block's column sweep for all experts one launch of
+    the fused kernel on a GPU (the expert index a grid dimension), sweep_block_batched's torch
+    ops elsewhere; the trailing updates one batched matmul either way."""
+    sweep = sweep_block_triton_batched if use_triton(W, Hinv) else sweep_block_batched
+    return sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, dynamic=dynamic,
+                                scale_dtype=scale_dtype, block_size=block_size,
+                                sweep_block=sweep)
 
 
-def sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, block_size):
+def sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, block_size,
+                         sweep_block=None):
     """sweep_blocks for E problems at once: W [E, rows, cols] fp32 (overwritten), Hinv
     [E, cols, cols], scale/zp [E, rows, ngroups], gcol [E, cols] (each expert's own column
     order). Per block: each column's quantize and error step on all experts' rows together
@@ -198,7 +195,7 @@ def sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype
                     if zp is not None:
                         zp[e, :, g:g + 1] = z
         g = gcol[:, None, i1:i2].expand(E, rows, -1)
-        Q1, Err1, L1 = sweep_block_batched(
+        Q1, Err1, L1 = (sweep_block or sweep_block_batched)(
             W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2], scale.gather(2, g),
             None if zp is None else zp.gather(2, g), args)
         Q[:, :, i1:i2] = Q1
