@@ -173,17 +173,17 @@ def test_fused_solve_under_static_actorder_matches_the_torch_loop(args, monkeypa
 
 
 @pytest.mark.parametrize("args", ALL, ids=["int4sym", "int4asym", "int8chan", "fp8chan"])
-def test_batched_sweep_kernel_is_each_experts_sweep_bit_for_bit(args):
+def test_batched_sweep_kernel_is_each_experts_sweep_bit_for_bit(args, device):
     """The expert index as a grid dimension: one launch for E problems, each with its own
     weights, Hinv and expanded qparams, gives what the batched torch step (and so each
     problem's own sweep_block_ref) gives, bit for bit."""
     from tritonpress.kernels.gptq_sweep import sweep_block_triton_batched
     torch.manual_seed(5)
     E, rows, B = 3, 37, 40
-    W = torch.randn(E, rows, B)
-    U = torch.stack([_factor(_hessian(B)) for _ in range(E)])
-    S = torch.rand(E, rows, B) * 0.2 + 0.05
-    Z = None if args.symmetric else torch.randint(-3, 4, (E, rows, B)).float()
+    W = torch.randn(E, rows, B, device=device)
+    U = torch.stack([_factor(_hessian(B)) for _ in range(E)]).to(device)
+    S = torch.rand(E, rows, B, device=device) * 0.2 + 0.05
+    Z = None if args.symmetric else torch.randint(-3, 4, (E, rows, B), device=device).float()
     want = gptq_solve.sweep_block_batched(W.clone(), U, S, Z, args)
     got = sweep_block_triton_batched(W.clone(), U, S, Z, args, block_m=16)
     for a, b in zip(got, want):

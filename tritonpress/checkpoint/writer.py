@@ -239,8 +239,8 @@ class CheckpointWriter:
 
     def names_of(self, model) -> None:
         """Mixture-of-Experts: per-expert tensors named as the model's original checkpoints
-        name them (loop/experts.checkpoint_names); called before the first add (MoE models
-        are never streamed)."""
+        name them (loop/experts.checkpoint_names); called before the first add (a streamed
+        run: when the writer is made)."""
         from ..loop import experts
         if experts.moe_blocks(model):
             self.rename = experts.checkpoint_names(model)
