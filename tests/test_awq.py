@@ -177,3 +177,36 @@ def test_bad_group_size_is_named():
     with pytest.raises(ValueError, match="group size"):
         compress_sequential(model, _batches(1), get_scheme("W4A16_ASYM", group_size=48), AWQ(),
                             progress=False)
+
+
+@pytest.mark.parametrize("name", ["NVFP4A16", "MXFP4A16"])
+def test_awq_on_the_fp4_grids_beats_rtn_and_writes_the_format(name):
+    """AWQ's search on the weight-only fp4 formats (the candidates fake-quantized by
+    kernels.fp4), then the fp4 scale search under the scaled inputs' X^T X blocks: lower
+    output error than RTN, codes and scales as the format stores them, NVFP4's global scale
+    shared by q/k/v; before GPTQ it only scales."""
+    scheme = get_scheme(name)
+    model = _model()
+    ids = torch.cat(_batches(2, seed=9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    results = {}
+    for label, fn in [("rtn", RTN()), ("awq", AWQ()), ("awq_gptq", recipe_fn([AWQ(), GPTQ()]))]:
+        m = copy.deepcopy(model)
+        res = compress_sequential(m, _batches(), scheme, fn, progress=False)
+        results[label] = _logit_mse(m, ref, ids)
+        assert len(res.qweights) == 14
+        for full, qw in res.qweights.items():
+            assert qw.q.dtype == torch.uint8 and int(qw.q.max()) <= 15
+            assert qw.scale.shape == (qw.q.shape[0], qw.q.shape[1] // scheme.weights.group_size)
+            torch.testing.assert_close(m.get_submodule(full).weight.float(),
+                                       qw.dequantize(torch.float32))
+        if label != "rtn":
+            assert res.infos["model.layers.0.self_attn.q_proj"]["ratio"] is not None
+    if name == "NVFP4A16":
+        q, k = (res.qweights[f"model.layers.0.self_attn.{p}_proj"] for p in "qk")
+        assert torch.equal(q.global_scale, k.global_scale)
+    assert results["awq"] < results["rtn"], results
+    assert results["awq_gptq"] < results["rtn"], results
+    with pytest.raises(ValueError, match="NVFP4A16, MXFP4A16"):
+        AWQ().check(get_scheme("NVFP4"))

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..schemes import QuantArgs
+from . import fp4
 from .dispatch import use_triton, interpreting
 from .hessian import output_error
 from .primitives import qparams, rne
@@ -42,8 +43,9 @@ def _check(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantAr
     if not (x.shape[1] == w.shape[1] == scales.shape[1]):
         raise ValueError(f"in-features disagree: x {x.shape[1]}, w {w.shape[1]}, "
                          f"scales {scales.shape[1]}")
-    if args.type != "int" or args.strategy != "group" or not args.group_size:
-        raise ValueError(f"AWQ search needs group-wise int weights, got {args}")
+    if not args.is_fp4 and (args.type != "int" or args.strategy != "group"
+                            or not args.group_size):
+        raise ValueError(f"AWQ search needs group-wise int or fp4 weights, got {args}")
     if w.shape[1] % args.group_size:
         raise ValueError(f"in-features {w.shape[1]} not a multiple of group size "
                          f"{args.group_size}: pick a group size dividing it")
@@ -52,7 +54,10 @@ def _check(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantAr
 # ----------------------------------------------------------------------------- reference
 
 def fake_quant_ref(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Round-to-nearest quantize-dequantize of w [N, K] (fp32 out), by `kernels.quant`."""
+    """Round-to-nearest quantize-dequantize of w [N, K] (fp32 out), by `kernels.quant` (fp4:
+    `kernels.fp4`, NVFP4's global scale from w itself, as the scaled weights would get it)."""
+    if args.is_fp4:
+        return fp4.dequantize_fp4_ref(*fp4.quantize_fp4_ref(w, args), args)
     scale, zp = weight_qparams_ref(w, args, scale_dtype)
     return dequantize_ref(quantize_ref(w, scale, zp, args), scale, zp)
 
@@ -190,8 +195,9 @@ def awq_grid_errors_triton(x: torch.Tensor, w: torch.Tensor, scales: torch.Tenso
 
 def awq_grid_errors(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, args: QuantArgs,
                     scale_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """err [C] fp32 per candidate scale row of `scales` [C, K]; Triton on CUDA, torch on CPU."""
+    """err [C] fp32 per candidate scale row of `scales` [C, K]; Triton on CUDA, torch on CPU
+    (and for the fp4 grids, which the kernel does not quantize to)."""
     g = args.group_size or 0
-    if use_triton(x, w, scales) and g >= 16 and not g & (g - 1):
+    if use_triton(x, w, scales) and g >= 16 and not g & (g - 1) and not args.is_fp4:
         return awq_grid_errors_triton(x, w, scales, args, scale_dtype)
     return awq_grid_errors_ref(x, w, scales, args, scale_dtype)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kernels import fp4
 from ..kernels.awq_search import awq_grid_errors
 from ..kernels.quant import dequantize_ref, qparams_from_minmax, quantize_ref
 from ..schemes import QuantArgs, matches
@@ -37,7 +38,7 @@ from .fold import divide_norm_output
 from ..checkpoint.qweight import QuantizedWeight
 from ..recipe import Method, check_int, check_type
 from ..report import step
-from .rtn import clip_search, group_gram
+from .rtn import clip_search, fp4_scale_search, group_gram, nvfp4_global_scales
 
 # Llama-family mappings as (smoothing layer, balance layers) attribute names; resolved per layer
 DEFAULT_MAPPINGS = (
@@ -282,9 +283,11 @@ class AWQ(Method):
 
     def check(self, scheme):
         w = scheme.weights
+        if w.is_fp4 and scheme.input_activations is None:
+            return                  # NVFP4A16, MXFP4A16
         if w.type != "int" or w.strategy != "group" or w.num_bits != 4:
-            raise ValueError(f"AWQ is for the 4-bit group schemes (W4A16_ASYM, W4A16), not "
-                             f"{scheme.name}")
+            raise ValueError(f"AWQ is for the 4-bit group schemes (W4A16_ASYM, W4A16, W4A8, "
+                             f"NVFP4A16, MXFP4A16), not {scheme.name}")
 
     def check_model(self, model, linears):
         """AWQ's (smoothing layer -> Linears) mappings are Llama-style module names
@@ -363,17 +366,10 @@ def awq(layer_idx, layer, prefix, inputs, ctx, *, mappings=None, n_grid: int = 2
                              search_tokens=search_tokens, seed=seed)
     t_search = time.perf_counter() - t0
     args = ctx.scheme.weights
-    qweights = {}
-    storage = inputs.storage
-    clipped = _clip_ranges([n for n in ctx.linears if clip and not matches(n, CLIP_SKIP)],
-                           ctx.linears, stats, args, ctx.scale_dtype)
-    for name, lin in ctx.linears.items():
-        lo, hi, f = clipped.get(name, (None, None, None))
-        info = infos.setdefault(name, {})
-        if f is not None:
-            info["clip_mean_shrink"] = float(f.mean())
-        qweights[name] = quantize_linear(lin, args, ctx.scale_dtype, lo, hi, storage)
-        info["method"] = "awq"
+    quantize = _quantize_fp4 if args.is_fp4 else _quantize_int
+    qweights, qinfos = quantize(ctx.linears, stats, args, clip, ctx.scale_dtype, inputs.storage)
+    for name in ctx.linears:
+        infos.setdefault(name, {}).update(qinfos[name], method="awq")
     secs = round(time.perf_counter() - t0, 4)
     for name in ctx.linears:
         infos[name].update(search_seconds=round(t_search, 4), layer_seconds=secs)
@@ -397,3 +393,38 @@ def _clip_ranges(names, linears, stats, args, scale_dtype) -> dict[str, tuple]:
             row = r.stop
             out[n] = (lo[r], hi[r], f[r])
     return out
+
+
+def _quantize_int(linears, stats, args, clip, scale_dtype, storage) -> tuple[dict, dict]:
+    """The integer grids: each group's range shrunk by the clipping search (_clip_ranges),
+    then quantize_linear."""
+    clipped = _clip_ranges([n for n in linears if clip and not matches(n, CLIP_SKIP)],
+                           linears, stats, args, scale_dtype)
+    qweights, infos = {}, {}
+    for name, lin in linears.items():
+        lo, hi, f = clipped.get(name, (None, None, None))
+        infos[name] = {} if f is None else {"clip_mean_shrink": float(f.mean())}
+        qweights[name] = quantize_linear(lin, args, scale_dtype, lo, hi, storage)
+    return qweights, infos
+
+
+def _quantize_fp4(linears, stats, args, clip, scale_dtype, storage) -> tuple[dict, dict]:
+    """The fp4 grids: each group's stored scale by rtn.fp4_scale_search under the X^T X blocks
+    of the scaled inputs (the format's own scale without clip, or where no candidate beats it),
+    NVFP4's global scale shared by the fused Linears; the dequantized weights written back."""
+    gscales = nvfp4_global_scales({n: lin.weight for n, lin in linears.items()}) \
+        if args.strategy == "tensor_group" else {}
+    g, qweights, infos = args.group_size, {}, {}
+    for name, lin in linears.items():
+        w = lin.weight
+        gs = gscales.get(name)
+        hb = group_gram(stats[name].x, g) if clip and not matches(name, CLIP_SKIP) else None
+        stored, moved = fp4_scale_search(w, hb, args, gs)
+        eff = fp4.effective_scale(stored, gs, args).unsqueeze(-1)
+        codes = fp4.e2m1_codes_ref((w.float().view(w.shape[0], -1, g) / eff)
+                                   .clamp(-fp4.E2M1_MAX, fp4.E2M1_MAX)).view(w.shape)
+        qw = QuantizedWeight(codes, stored, None, args, gs)
+        lin.weight.copy_(qw.dequantize().to(w.dtype))
+        qweights[name] = qw.cpu() if torch.device(storage).type == "cpu" else qw
+        infos[name] = {"clipped_groups": moved}
+    return qweights, infos
