@@ -48,12 +48,12 @@ def build(model_name):
     return model_name
 
 
-def run_compress(model_name, out, text, **kw):
+def run_compress(model_name, out, text, scheme="W4A16", **kw):
     torch.set_num_threads(1)      # the same BLAS threading in every process
     opts = dict(method="gptq", dataset=text, evaluate_quality=False, progress=False,
-                device="cpu", group_size=32)
+                device="cpu", group_size=32 if scheme == "W4A16" else None)
     opts.update(kw)
-    return compress(build(model_name), "W4A16", str(out), **opts)
+    return compress(build(model_name), scheme, str(out), **opts)
 
 
 def _worker(r, world, port, model_name, out, text, kw):
@@ -140,6 +140,19 @@ def test_two_gloo_processes_match_one_process_tiny(tmp_path):
     # the plain path (no process group): same scales, a few integers apart
     run_compress("tiny", tmp_path / "plain", text, **kw)
     assert_close_checkpoint(tmp_path / "plain", tmp_path / "two")
+
+
+def test_nvfp4_activation_scales_come_from_every_ranks_tokens(tmp_path):
+    """NVFP4's static activation global scale is 448 * 6 / amax over all calibration tokens:
+    two ranks (each seeing half the batches) write the single process's scales."""
+    text = write_text(tmp_path / "calib.txt")
+    kw = dict(num_samples=24, seq_len=32, scheme="NVFP4")
+    run_compress("tiny", tmp_path / "plain", text, **kw)
+    run_distributed("tiny", tmp_path / "two", text, **kw)
+    a, b = all_tensors(tmp_path / "plain"), all_tensors(tmp_path / "two")
+    scales = [k for k in a if k.endswith("input_global_scale")]
+    assert scales and all(torch.equal(a[k], b[k]) for k in scales)
+    assert len({float(a[k]) for k in scales}) > 1     # per Linear, not a fallback of 1
 
 
 @pytest.mark.skipif(os.environ.get("TRITONPRESS_SLOW_TESTS") != "1",

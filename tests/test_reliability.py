@@ -32,11 +32,11 @@ def text(tmp_path_factory):
     return write_text(tmp_path_factory.mktemp("calib") / "calib.txt")
 
 
-def run(model, out, text, **kw):
+def run(model, out, text, scheme="W4A16", **kw):
     opts = dict(method="gptq", dataset=text, num_samples=16, seq_len=32, evaluate_quality=False,
-                progress=False, device="cpu", group_size=32)
+                progress=False, device="cpu", group_size=32 if scheme == "W4A16" else None)
     opts.update(kw)
-    return compress(model, "W4A16", None if out is None else str(out), **opts)
+    return compress(model, scheme, None if out is None else str(out), **opts)
 
 
 def batches(n=2, seq=24, vocab=256, seed=0):
@@ -158,6 +158,19 @@ def test_interrupt_leaves_no_checkpoint_and_resume_gives_the_same_one(tmp_path, 
     run(tiny(layers=3), tmp_path / "out", text, resume_dir=resume)
     assert calls == [2]                                              # finished layers restored
     ta, tb = all_tensors(tmp_path / "ref"), all_tensors(tmp_path / "out")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_resumed_nvfp4_run_restores_the_activation_scales(tmp_path, text):
+    """NVFP4's calibrated input_global_scale goes back onto each restored Linear (the
+    evaluation's activation simulation reads it there), not only into the checkpoint."""
+    first, again = tiny(layers=2), tiny(layers=2)
+    run(first, tmp_path / "a", text, scheme="NVFP4", resume_dir=tmp_path / "state")
+    run(again, tmp_path / "b", text, scheme="NVFP4", resume_dir=tmp_path / "state")
+    for (name, a), b in zip(first.named_modules(), again.modules()):
+        if isinstance(a, torch.nn.Linear) and name.startswith("model.layers"):
+            assert torch.equal(a.input_global_scale, b.input_global_scale), name
+    ta, tb = all_tensors(tmp_path / "a"), all_tensors(tmp_path / "b")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 

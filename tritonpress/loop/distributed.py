@@ -22,7 +22,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .hooks import HessianStats, run_with_linear_inputs, tokens_of
+from .hooks import HessianStats, amax_abs, run_with_linear_inputs, tokens_of
 
 
 def active() -> bool:
@@ -88,23 +88,31 @@ def collect_hessians_allreduced(layer, linears, inputs) -> dict[str, HessianStat
     sums: dict[str, list] = {}
 
     def add(lead, x, mask):
-        t = tokens_of(x, mask).double()
+        t = tokens_of(x, mask)
+        a = amax_abs(t) if t.numel() else torch.zeros((), dtype=t.dtype, device=t.device)
+        t = t.double()
         if lead not in sums:
             sums[lead] = [torch.zeros(t.shape[-1], t.shape[-1], dtype=torch.float64,
-                                      device=t.device), 0]
+                                      device=t.device), 0, a]
         sums[lead][0].addmm_(t.t(), t)
         sums[lead][1] += t.shape[0]
+        sums[lead][2] = torch.maximum(sums[lead][2], a)
 
     groups = run_with_linear_inputs(layer, linears, inputs, add)
     out = {}
     for lead in sorted(groups):                   # same order on every rank
-        S, n = sums[lead]
+        S, n, amax = sums[lead]
         if active():
             counts = torch.tensor([n], dtype=torch.float64, device=S.device)
             dist.all_reduce(S)
             dist.all_reduce(counts)
             n = int(counts.item())
-        st = HessianStats((S * (2.0 / n)).float() if n else S.float(), n, groups[lead])
+            # NVFP4's activation global scale: the max over every rank's tokens (exact: the
+            # inputs' values, reduced as fp32)
+            a = amax.float().reshape(1)
+            dist.all_reduce(a, op=dist.ReduceOp.MAX)
+            amax = a[0].to(amax.dtype)
+        st = HessianStats((S * (2.0 / n)).float() if n else S.float(), n, groups[lead], amax)
         for m in groups[lead]:
             out[m] = st
     return out

@@ -164,7 +164,7 @@ class HessianStats:
                                         # (NVFP4's static activation global scale)
 
 
-def _amax_abs(x: torch.Tensor) -> torch.Tensor:
+def amax_abs(x: torch.Tensor) -> torch.Tensor:
     """max |x| in one read of x (no |x| copy)."""
     lo, hi = torch.aminmax(x)
     return torch.maximum(-lo, hi)
@@ -181,7 +181,7 @@ def collect_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs: La
                                                    dtype=torch.float32, device=x.device))
         s = stats[lead]
         s.n = accumulate_hessian(s.H, x, s.n, mask)
-        a = _amax_abs(tokens_of(x, mask)) if x.numel() else None
+        a = amax_abs(tokens_of(x, mask)) if x.numel() else None
         if a is not None:
             s.amax = a if s.amax is None else torch.maximum(s.amax, a)
 

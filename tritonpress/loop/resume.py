@@ -104,6 +104,9 @@ def resumable(method_fn, state: ResumeState):
             with torch.no_grad():
                 for k, v in s["changed"].items():
                     sd[k].copy_(v)
+            for name, qw in s["qweights"].items():     # NVFP4's calibrated activation scale,
+                if qw.input_global_scale is not None:  # which the evaluation simulates with
+                    ctx.linears[name].input_global_scale = qw.input_global_scale
             state.resumed.append(layer_idx)
             return s["qweights"], s["infos"]
         before = {k: v.detach().clone() for k, v in sd.items()}
