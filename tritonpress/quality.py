@@ -148,8 +148,11 @@ def describe_act_sim(act_args: QuantArgs | None, act_sim: str) -> str | None:
     if act_args.is_fp4:
         how = ("e4m3 group scales under the calibrated static global scale"
                if act_args.dynamic == "local" else "dynamic e8m0 (power-of-two) group scales")
+        # vLLM's kernel multiplies by approximate reciprocals (rcp.approx) where
+        # compressed-tensors divides: the same values but where a quotient lands within an ulp
+        # of a rounding threshold, which no CPU rounding reproduces
         return (f"fp4 e2m1 in groups of {act_args.group_size}, {how}, as compressed-tensors "
-                "and vLLM compute them")
+                "computes them (vLLM's kernel: to an ulp)")
     if act_args.strategy == "group":
         div = "max(absmax, 1e-10) / 448" if act_sim == "vllm" else "absmax / 448"
         return (f"{act_sim}: fp8 per token and group of {act_args.group_size} features "
