@@ -32,6 +32,7 @@ Interface:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -41,6 +42,7 @@ from torch import nn
 from ..models import all_finite
 from ..schemes import Scheme
 from .activations import DiskTensors, LayerInputs, capture_layer_inputs
+from .attention import faster_cpu_attention
 from ..checkpoint.qweight import QuantizedWeight
 from .hooks import collect_hessians
 from .targets import check_group_sizes, find_decoder_layers, target_linears
@@ -116,6 +118,8 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
     check_group_sizes(model, scheme, targets, ignore, partial_last_group)
 
     data_free = batches is None
+    # the calibration passes' attention (not the streamed evaluation's): loop/attention.py
+    fast_attention = faster_cpu_attention if device.type == "cpu" else contextlib.nullcontext
     inputs, kwargs = (None, None) if data_free else \
         _layer0_inputs(model, list(batches), device, storage, spill_dir)
 
@@ -137,7 +141,8 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
             next(layer.parameters()).dtype
         ctx = LayerContext(scheme, device, i, lp, linears, scale_dtype, partial_last_group,
                            hessians or collect_hessians)
-        qw, info = method_fn(i, layer, lp, inputs, ctx)
+        with fast_attention():
+            qw, info = method_fn(i, layer, lp, inputs, ctx)
         if stream is None:
             qweights.update(qw)
         for k, v in info.items():
@@ -145,7 +150,8 @@ def compress_sequential(model: nn.Module, batches: Iterable, scheme: Scheme, met
         prev = None if data_free else inputs.hidden
         if not data_free and (i + 1 < len(layers) or keep_final):
             try:
-                out = inputs.run(layer)
+                with fast_attention():
+                    out = inputs.run(layer)
             except FloatingPointError as e:
                 raise FloatingPointError(
                     f"decoder layer {lp} after compression: {e}. The activations overflow: "
