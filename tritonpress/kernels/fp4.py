@@ -63,11 +63,17 @@ def round_e2m1_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
-    """Magnitudes a >= 0 (fp32) rounded to the e2m1 grid's. Up to 16K values (GPTQ's sweep
-    rounds one column at a time) one bucketize instead of seven comparisons: 50 -> 14 us a
-    960-row column; beyond that the comparisons are faster (2 CPU threads)."""
-    table, bounds = _e2m1_tables(a.device)
-    return table[torch.bucketize(a, bounds) if a.numel() <= 16384 else _e2m1_index(a).long()]
+    """Magnitudes a >= 0 (fp32) rounded to the e2m1 grid's, saturating at 6. Up to 16K values
+    (GPTQ's sweep rounds one column at a time) one bucketize into _e2m1_index's thresholds: 50
+    -> 14 us a 960-row column. Beyond, round(a / step) * step with the grid's step (0.5 below
+    2, 1 below 4, 2 above: exact powers of two, and round's ties to even are the grid's):
+    1.3 -> 0.65 ms for 590K values against the seven comparisons (2 CPU threads)."""
+    if a.numel() <= 16384:
+        table, bounds = _e2m1_tables(a.device)
+        return table[torch.bucketize(a, bounds)]
+    a = a.clamp(max=E2M1_MAX)
+    inv = torch.exp2(1.0 - (a >= 2).float().add_((a >= 4).float()))     # 1 / step
+    return (a * inv).round_().div_(inv)
 
 
 def e2m1_codes_ref(x: torch.Tensor) -> torch.Tensor:
