@@ -53,14 +53,14 @@ def xtx_accumulate_ref(H: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
     x2 = x2.float()
     n = H.shape[0]
     step = max(64, -(-n // 4))
-    with _bf16_products(exact_in_bf16 and x2.device.type == "cpu"):
+    with bf16_products(exact_in_bf16 and x2.device.type == "cpu"):
         for i in range(0, n, step):
             H[i:i + step, i:].addmm_(x2[:, i:i + step].t(), x2[:, i:], beta=beta, alpha=alpha)
     return _mirror_upper(H, step)
 
 
 @contextlib.contextmanager
-def _bf16_products(on: bool):
+def bf16_products(on: bool):
     """fp32 CPU matmuls inside take their inputs as bf16 (exact when they came from bf16),
     summing and writing fp32; where oneDNN cannot (no bf16 units, older torch) they stay fp32."""
     flag = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
@@ -94,7 +94,7 @@ def output_error(E: torch.Tensor, H: torch.Tensor, dim: int | None = -1,
     product's multiplies in bf16 (a few digits, for what is only reported): tensor cores on a
     GPU, oneDNN's bf16 fpmath with fp32 sums on a CPU (256 x 1536 by 1536: 7.3 -> 3.4 ms)."""
     if bf16 and E.device.type == "cpu":
-        with _bf16_products(True):
+        with bf16_products(True):
             return ((E.float() @ H.float()) * E.float()).sum(dim)
     if bf16:
         return ((E.bfloat16() @ H.bfloat16()).float() * E.float()).sum(dim)

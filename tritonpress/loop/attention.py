@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..kernels.hessian import _bf16_products
+from ..kernels.hessian import bf16_products
 
 BLOCK = 64      # query rows a step (16: 24 ms, 32: 19, 48: 16, 64: 15, 128: 36 on SmolLM2)
 _UNPLAIN = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
@@ -35,7 +35,7 @@ def blocked_causal_attention(query, key, value, scaling: float, block: int = BLO
     out = torch.empty(b, hk, g, L, value.shape[-1], dtype=query.dtype, device=query.device)
     qg = query.reshape(b, hk, g, L, d)
     kf = key.float()
-    with _bf16_products(query.dtype == torch.bfloat16):
+    with bf16_products(query.dtype == torch.bfloat16):
         for r0 in range(0, L, block):
             r1 = min(r0 + block, L)
             n = r1 - r0

@@ -69,7 +69,6 @@ class Stream:
                                 "safetensors checkpoints stream; re-save the model with "
                                 "save_pretrained (safetensors) or pass stream=False")
         self.reader = ShardReader(path)
-        self.dtype = dtype
         config = AutoConfig.from_pretrained(path)
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -81,6 +80,12 @@ class Stream:
         # checkpoints (and save_pretrained) give them (Mixtral's mlp. -> block_sparse_moe.)
         self.stored = (experts.checkpoint_names(model) if experts.linearize_experts(model)
                        else None) or (lambda name: name)
+        # what from_pretrained keeps in fp32: _keep_in_fp32_modules_strict under fp16/bf16,
+        # _keep_in_fp32_modules under fp16
+        self.fp32_modules = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) \
+            if dtype in (torch.float16, torch.bfloat16) else ()
+        if dtype == torch.float16:
+            self.fp32_modules += tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
         self.layers, self.prefix = find_decoder_layers(model)
         # after each layer, the heap glibc keeps goes back to the system (26 ms a layer: set by
         # compress() when the model is larger than the memory available)
@@ -95,16 +100,6 @@ class Stream:
                 "transformers' conversion on load; pass stream=False (--stream off)")
         self.writer = None
         self.evaluation = None
-
-    def _keep_fp32(self, name: str) -> bool:
-        """from_pretrained keeps these in fp32 (the model's _keep_in_fp32_modules_strict under
-        fp16/bf16, _keep_in_fp32_modules under fp16)."""
-        m, dtype = self.model, self.dtype
-        keep = list(getattr(m, "_keep_in_fp32_modules_strict", None) or ()) \
-            if dtype in (torch.float16, torch.bfloat16) else []
-        if dtype == torch.float16:
-            keep += list(getattr(m, "_keep_in_fp32_modules", None) or ())
-        return any(k in name for k in keep)
 
     def _read(self, names) -> dict[str, torch.Tensor]:
         """{in-memory name: tensor}, each read under its stored name."""
@@ -125,7 +120,8 @@ class Stream:
             for k, meta in local.items():
                 t = tensors[pre + k]
                 if t.is_floating_point():   # what from_pretrained(dtype=...) does
-                    t = t.to(torch.float32 if self._keep_fp32(pre + k) else meta.dtype)
+                    keep = any(m in pre + k for m in self.fp32_modules)
+                    t = t.to(torch.float32 if keep else meta.dtype)
                 owner, _, attr = k.rpartition(".")
                 m = module.get_submodule(owner) if owner else module
                 if attr in m._parameters:

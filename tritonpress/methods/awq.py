@@ -414,16 +414,15 @@ def _quantize_fp4(linears, stats, args, clip, scale_dtype, storage) -> tuple[dic
     NVFP4's global scale shared by the fused Linears; the dequantized weights written back."""
     gscales = nvfp4_global_scales({n: lin.weight for n, lin in linears.items()}) \
         if args.strategy == "tensor_group" else {}
-    g, qweights, infos = args.group_size, {}, {}
+    qweights, infos = {}, {}
     for name, lin in linears.items():
         w = lin.weight
         gs = gscales.get(name)
-        hb = group_gram(stats[name].x, g) if clip and not matches(name, CLIP_SKIP) else None
+        hb = (group_gram(stats[name].x, args.group_size)
+              if clip and not matches(name, CLIP_SKIP) else None)
         stored, moved = fp4_scale_search(w, hb, args, gs)
-        eff = fp4.effective_scale(stored, gs, args).unsqueeze(-1)
-        codes = fp4.e2m1_codes_ref((w.float().view(w.shape[0], -1, g) / eff)
-                                   .clamp(-fp4.E2M1_MAX, fp4.E2M1_MAX)).view(w.shape)
-        qw = QuantizedWeight(codes, stored, None, args, gs)
+        qw = QuantizedWeight(fp4.quantize_fp4_values_ref(w, stored, gs, args), stored, None,
+                             args, gs)
         lin.weight.copy_(qw.dequantize().to(w.dtype))
         qweights[name] = qw.cpu() if torch.device(storage).type == "cpu" else qw
         infos[name] = {"clipped_groups": moved}
