@@ -136,6 +136,9 @@ def test_dtype_auto_keeps_an_fp32_model_fp32(tmp_path, text, capsys):
         r["quality"]["act_sim"]
     text_out = format_report(r)
     assert "dtype: float32 (auto" in text_out and "activations: vllm" in text_out
+    # what stayed unquantized is named, never silent: lm_head by the default ignore list
+    assert r["not_quantized"] == {"lm_head": "ignore"}
+    assert "not quantized (float32): 1 Linear(s), lm_head (ignore)" in text_out
 
     r = compress(str(base), "W8A8_INT8", str(tmp_path / "bf16"), dtype="bfloat16",
                  act_sim="compressed-tensors", **common)

@@ -160,6 +160,11 @@ def test_every_routed_expert_is_compressed_and_named_as_the_original(tmp_path, t
         assert t[f"{name}.weight"].get_dtype() in ("BF16", "F16", "F32"), name
     routers = [n for n in qc["ignore"] if n.endswith((".gate", ".router", "shared_expert_gate"))]
     assert len(routers) >= len(layers)
+    # the report names what stayed unquantized: each router (in-memory names) and lm_head
+    kept = r["not_quantized"]
+    assert kept["lm_head"] == "ignore"
+    assert sum(n.endswith((".gate", ".router", "shared_expert_gate")) and why == "ignore"
+               for n, why in kept.items()) == len(routers)
 
 
 @pytest.mark.parametrize("scheme,recipe", [

@@ -18,7 +18,7 @@ from torch import nn
 from .recipe import (Calibration, Evaluation, Run, check_type, checkpoint_actorder,
                      recipe_label, resolve_recipe)
 from .report import dir_size, format_report, peak_memory, profile_table, profiling, save_json, timed
-from .schemes import Scheme, get_scheme
+from .schemes import Scheme, get_scheme, matches
 
 
 def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
@@ -74,6 +74,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
             report["experts"] = {"blocks": len(moe), "per_block": sorted(set(moe.values())),
                                  "calibration": None if data_free else calibration.experts}
         linears = all_target_linears(model, scheme)
+        report["not_quantized"] = not_quantized(model, linears, scheme)
         for m in recipe:
             m.check_model(model, linears)
         from .loop.targets import check_group_sizes
@@ -349,6 +350,16 @@ def _resumable(layer_fn, model, scheme, batches, report, run):
                             {"recipe": report["recipe"], **report["options"]})
     state = resume.ResumeState(run.resume_dir, fp, write=distributed.is_main())
     return resume.resumable(layer_fn, state), state
+
+
+def not_quantized(model: nn.Module, linears: dict, scheme: Scheme) -> dict[str, str]:
+    """Every Linear (and MoE router, which the ignore list names) the run leaves in the model's
+    dtype, and why: the report names them."""
+    mods = dict(model.named_modules())
+    names = {n for n, m in mods.items() if isinstance(m, nn.Linear)} | \
+        {n for n in scheme.ignore if n in mods}
+    return {n: "ignore" if matches(n, scheme.ignore, mods[n]) else "outside the decoder layers"
+            for n in sorted(names) if n not in linears}
 
 
 def all_target_linears(model: nn.Module, scheme: Scheme) -> dict[str, nn.Linear]:

@@ -137,6 +137,12 @@ def format_report(r: dict) -> str:
                      f"{100 * min(v['least_routed_share'] for v in rows):.2f}% of a block's "
                      "tokens")
         lines.append(line)
+    kept = r.get("not_quantized")
+    if kept:
+        names = sorted(kept)
+        lines.append(f"  not quantized ({dtype}): {len(names)} Linear(s), "
+                     f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} "
+                     f"({', '.join(sorted(set(kept.values())))})")
     if r.get("out"):
         lines.append(f"  checkpoint: {r['out']}")
     for note in r.get("notes", []):
