@@ -38,6 +38,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
     from . import checkpoint, data, models, quality
     from .loop import distributed, experts
     from .loop.sequential import compress_sequential, recipe_fn
+    from .loop.stream import return_freed_memory
 
     t_start = time.perf_counter()
     # ---- every argument checked before anything is loaded
@@ -181,6 +182,7 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
     distributed.barrier()
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     report["memory"] = peak_memory(device)
+    return_freed_memory()               # what keep_large_allocations kept
     if distributed.is_main() and (run.report_path or out is not None):
         save_json(report, run.report_path or Path(out).parent / (Path(out).name + ".report.json"))
     if run.print_report:
@@ -330,7 +332,7 @@ def _open_stream(path, torch_dtype, stream: str, report: dict):
 
 
 def _plan_memory(model, calibration, src, run, report) -> None:
-    from .loop.stream import check_memory, map_large_allocations
+    from .loop.stream import check_memory, keep_large_allocations, map_large_allocations
     plan = report["memory_plan"] = check_memory(
         model, calibration.num_samples * calibration.seq_len, src is not None, run.spill_dir)
     if src is not None and plan["available"] is not None and \
@@ -340,6 +342,8 @@ def _plan_memory(model, calibration, src, run, report) -> None:
         report["notes"].append(
             "the model is larger than the memory available: large blocks are mapped and "
             "returned when freed, so the peak stays flat in depth (solves 1.2-1.5x slower)")
+    else:
+        keep_large_allocations()
 
 
 def _resumable(layer_fn, model, scheme, batches, report, run):

@@ -195,9 +195,10 @@ def sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype
                     if zp is not None:
                         zp[e, :, g:g + 1] = z
         g = gcol[:, None, i1:i2].expand(E, rows, -1)
-        Q1, Err1, L1 = (sweep_block or sweep_block_batched)(
-            W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2], scale.gather(2, g),
-            None if zp is None else zp.gather(2, g), args)
+        Q1, Err1, L1 = sweep_in_sub_blocks(
+            sweep_block or sweep_block_batched, W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2],
+            scale.gather(2, g), None if zp is None else zp.gather(2, g), args,
+            block_size if sweep_block is sweep_block_triton_batched else SUB_BLOCK)
         Q[:, :, i1:i2] = Q1
         losses += L1.sum(2) / 2
         W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
@@ -293,13 +294,41 @@ def sweep_blocks(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, block_
             if zp is not None:
                 zp[:, g:g + 1] = z
             seen[g] = True
-        Q1, Err1, L1 = sweep_block(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2],
-                                   expand(scale, gcol[i1:i2], rows),
-                                   expand(zp, gcol[i1:i2], rows), args)
+        Q1, Err1, L1 = sweep_in_sub_blocks(
+            sweep_block, W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], expand(scale, gcol[i1:i2], rows),
+            expand(zp, gcol[i1:i2], rows), args,
+            block_size if sweep_block is sweep_block_triton else SUB_BLOCK)
         Q[:, i1:i2] = Q1
         losses += L1.sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q, scale, zp, losses
+
+
+# The torch sweeps' blocks go column by column in sub-blocks of this many columns, each
+# sub-block's errors reaching the rest of its block in one matmul (the lazy-batch idea one
+# level down): a column's rank-1 update then touches 16 columns, not up to 127, and stays in
+# cache. The same sums grouped differently (equal to fp32 rounding). An MoE layer's experts,
+# SmolLM2 shapes, 2 threads: the column steps 0.27 -> 0.13 s (8: 0.16, 32: 0.15).
+SUB_BLOCK = 16
+
+
+def sweep_in_sub_blocks(sweep_block, W1, Hinv1, scale, zp, args, sub: int):
+    """sweep_block (a block step: (W1 [..., rows, B], Hinv1 [..., B, B], scale/zp one per
+    column [..., rows, B], args) -> (Q1, Err1, Losses1)) over sub-blocks of `sub` columns,
+    each sub-block's errors applied to the block's later columns in one matmul. W1 is
+    overwritten; returns what sweep_block returns for the whole block."""
+    B = W1.shape[-1]
+    if sub >= B:
+        return sweep_block(W1, Hinv1, scale, zp, args)
+    Q1, Err1, L1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
+    for k1 in range(0, B, sub):
+        k2 = min(k1 + sub, B)
+        q, e, l = sweep_block(W1[..., k1:k2], Hinv1[..., k1:k2, k1:k2], scale[..., k1:k2],
+                              None if zp is None else zp[..., k1:k2], args)
+        Q1[..., k1:k2], Err1[..., k1:k2], L1[..., k1:k2] = q, e, l
+        if k2 < B:
+            W1[..., k2:] -= e @ Hinv1[..., k1:k2, k2:]
+    return Q1, Err1, L1
 
 
 def solve_in_order(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs,

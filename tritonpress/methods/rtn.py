@@ -61,23 +61,40 @@ def clip_search(w: torch.Tensor, hb: torch.Tensor, args: QuantArgs, scale_dtype:
         hb = hb + damp * hb.diagonal(dim1=1, dim2=2).mean() * eye
     lo_all, hi_all, f_all = [], [], []
     for r0 in range(0, n, chunk_rows):
-        wc = w[r0:r0 + chunk_rows].float()
-        wg = wc.view(-1, ng, g)
-        lo0, hi0 = wg.amin(-1), wg.amax(-1)
+        # group-major [ng, rows, g]: the error products need no transposed copy per candidate
+        wt = w[r0:r0 + chunk_rows].float().view(-1, ng, g).transpose(0, 1).contiguous()
+        lo0, hi0 = wt.amin(-1), wt.amax(-1)                   # [ng, rows]
         best = torch.full_like(lo0, math.inf)
         best_f = torch.ones_like(lo0)
+        d = torch.empty_like(wt)
         for f in shrinks:
             scale, zp = qparams_from_minmax(lo0 * f, hi0 * f, args, scale_dtype)
-            d = dequantize_ref(quantize_ref(wc, scale, zp, args), scale, zp) - wc
-            d = d.view(-1, ng, g).transpose(0, 1)              # [ng, rows, g]
-            err = output_error(d, hb).T                        # [rows, ng]
+            # bf16 multiplies, fp32 sums: 24576 x 576 g64, 10 shrinks: 180 -> 117 ms, the same
+            # picks on random weights (it ranks candidates; the sweep's arithmetic stays fp32)
+            err = output_error(_rounding_error(wt, scale, zp, args, out=d), hb, bf16=True)
             better = err < best
             best = torch.where(better, err, best)
             best_f = torch.where(better, torch.full_like(best_f, f), best_f)
-        lo_all.append(lo0 * best_f)
-        hi_all.append(hi0 * best_f)
-        f_all.append(best_f)
+        lo_all.append((lo0 * best_f).T)
+        hi_all.append((hi0 * best_f).T)
+        f_all.append(best_f.T)
     return torch.cat(lo_all), torch.cat(hi_all), torch.cat(f_all)
+
+
+def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
+                    args: QuantArgs, out: torch.Tensor) -> torch.Tensor:
+    """Q(w) - w for w [..., g] with one scale/zp [...] per last-axis group, written into out:
+    quantize_ref then dequantize_ref's arithmetic, in place (integer grids; fp8 through them)."""
+    s = scale.unsqueeze(-1)
+    if args.type == "float":
+        w2, s2 = w.reshape(-1, w.shape[-1]), scale.reshape(-1, 1)
+        return torch.sub(dequantize_ref(quantize_ref(w2, s2, None, args), s2, None).view_as(w),
+                         w, out=out)
+    y = torch.div(w, s, out=out).round_()
+    if zp is None:
+        return y.clamp_(args.qmin, args.qmax).mul_(s).sub_(w)
+    z = zp.unsqueeze(-1)
+    return y.add_(z).clamp_(args.qmin, args.qmax).sub_(z).mul_(s).sub_(w)
 
 
 # MXFP4 clip search: the exponent steps from the format's own exponent e a group may choose
