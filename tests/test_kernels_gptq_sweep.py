@@ -7,8 +7,8 @@ from tritonpress.kernels.gptq_sweep import sweep_block_ref as _sweep_block_ref
 from tritonpress.methods import gptq_solve
 from tritonpress.kernels.gptq_sweep import (sweep_block_ref, sweep_block_triton,
                                             trailing_update_ref, trailing_update_triton)
-from tritonpress.methods.gptq_solve import (gptq_sweep, inverse_hessian_factor,
-                                            lower_triangular_inverse, solve_in_order)
+from tritonpress.methods.gptq_solve import (gptq_sweep, inverse_cholesky_factor,
+                                            inverse_hessian_factor, solve_in_order)
 from tritonpress.kernels.quant import quantize_ref, weight_qparams_ref
 from tritonpress.schemes import QuantArgs
 
@@ -114,11 +114,15 @@ def test_inverse_factor_matches_three_step_route():
                                torch.eye(n, dtype=torch.float64), atol=1e-3, rtol=0)
     bad = -torch.eye(4)
     assert inverse_hessian_factor(bad)[0] is None
-    # the blocked triangular inverse (recursing down to 32-column leaves)
+    # the inverse factor by halves (recursing down to 32-column leaves), batched, one of the
+    # batch not positive definite: only its info is nonzero
     L = torch.linalg.cholesky(H)
-    Linv = lower_triangular_inverse(L, leaf=32)
-    assert torch.equal(Linv, Linv.tril())
-    torch.testing.assert_close(Linv @ L, torch.eye(n), atol=1e-4, rtol=0)
+    Hs = torch.stack([H, H - 2 * torch.eye(n) * H.diagonal().max(), 2 * H])
+    Linv, info = inverse_cholesky_factor(Hs, leaf=32)
+    assert info.tolist()[0] == 0 and info.tolist()[1] != 0 and info.tolist()[2] == 0
+    assert torch.equal(Linv[0], Linv[0].tril())
+    torch.testing.assert_close(Linv[0] @ L, torch.eye(n), atol=1e-4, rtol=0)
+    torch.testing.assert_close(Linv[2] @ (L * 2 ** 0.5), torch.eye(n), atol=1e-4, rtol=0)
 
 
 def test_trailing_update_kernel_and_precision_emulation():
