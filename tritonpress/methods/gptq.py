@@ -173,13 +173,12 @@ def zero_dead_columns(W: torch.Tensor, H: torch.Tensor, info: dict) -> None:
 def int_scales(W, H, args, scale_dtype, gidx, clip, shrinks, clip_damp, info):
     """The integer grids' group qparams of W fixed before the sweep: each group's min/max,
     shrunk by the clipping search under H's blocks where `clip` and the groups are whole."""
-    scale, zp = group_qparams(W, args, scale_dtype, gidx)
     if clip and args.strategy == "group" and W.shape[1] % args.group_size == 0:
         lo, hi, f = clip_search(W, hessian_blocks(H, args.group_size), args, scale_dtype,
                                 shrinks, damp=clip_damp)
-        scale, zp = qparams_from_minmax(lo, hi, args, scale_dtype)
         info["clipped_groups"] = float((f < 1).float().mean())
-    return scale, zp
+        return qparams_from_minmax(lo, hi, args, scale_dtype)
+    return group_qparams(W, args, scale_dtype, gidx)
 
 
 def clip_shrinks(clip_min: float) -> tuple:
