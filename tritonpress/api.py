@@ -84,8 +84,8 @@ def compress(model="smollm2-135m", scheme="W8A8_FP8", out=None, recipe=None, *,
             # embeddings for the capture; lm_head only for the evaluation's logits
             src.load_rest(lm_head=evaluation is not None)
     report["original_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not data_free and not distributed.active():
-        _plan_memory(model, calibration, src, run, report)
+    if not distributed.active():
+        _plan_memory(model, None if data_free else calibration, src, run, report)
 
     writer = contextlib.nullcontext()
     if src is not None and out is not None:     # layers are written as they finish
@@ -332,11 +332,18 @@ def _open_stream(path, torch_dtype, stream: str, report: dict):
 
 
 def _plan_memory(model, calibration, src, run, report) -> None:
-    from .loop.stream import check_memory, keep_large_allocations, map_large_allocations
-    plan = report["memory_plan"] = check_memory(
-        model, calibration.num_samples * calibration.seq_len, src is not None, run.spill_dir)
-    if src is not None and plan["available"] is not None and \
-            plan["available"] < report["original_bytes"]:
+    """Fail early where a calibrated run cannot fit (check_memory); choose glibc's policy for
+    large blocks: mapped and returned when the model is larger than the memory available,
+    else kept for reuse (data-free runs too: FP8's copies of each weight)."""
+    from .loop.stream import (available_memory, check_memory, keep_large_allocations,
+                              map_large_allocations)
+    if calibration is not None:
+        plan = report["memory_plan"] = check_memory(
+            model, calibration.num_samples * calibration.seq_len, src is not None, run.spill_dir)
+        available = plan["available"]
+    else:
+        available = available_memory()
+    if src is not None and available is not None and available < report["original_bytes"]:
         map_large_allocations()
         src.return_memory = True
         report["notes"].append(

@@ -293,7 +293,8 @@ def quantize_linears_rtn(linears: dict[str, nn.Linear], scheme: Scheme, device=N
         dev = device if device is not None else w.device
         qw, deq = rtn_quantize(w.to(dev), scheme.weights, w.dtype, partial_last_group,
                                gscales.get(name))
-        err = (deq - w.to(dev).float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-30)
+        wf = w.to(dev, torch.float32)   # w itself when fp32: not written to
+        err = (deq - wf).square_().sum() / torch.linalg.vector_norm(wf).square().clamp_min(1e-30)
         lin.weight.data = deq.to(w.dtype).to(w.device)
         qweights[name] = qw.cpu()
         infos[name] = {"method": "rtn", "weight_rel_err": float(err),
