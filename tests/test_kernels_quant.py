@@ -289,3 +289,16 @@ def test_benchmark_script_runs_reduced_on_cpu(triton_backend, monkeypatch, capsy
     assert "no CUDA GPU" in out and "unpack int4" in out
     rows = [line for line in out.splitlines() if "16x256" in line]
     assert len(rows) == 10 and all(line.split()[-1] == "yes" for line in rows)
+
+
+def test_fp8_to_float_is_torchs_conversion_for_every_code():
+    from tritonpress.kernels.quant import fp8_to_float
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    got, want = fp8_to_float(codes), codes.float()
+    assert got.dtype == torch.float32
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite], want[finite])
+    assert torch.equal(got[finite].signbit(), want[finite].signbit())     # -0.0 stays -0.0
+    q = (torch.randn(37, 53) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).t()  # strided
+    assert torch.equal(fp8_to_float(q), q.float())

@@ -15,6 +15,7 @@ functions without _ref run the Triton kernels of quant_triton.py on CUDA tensors
 """
 from __future__ import annotations
 
+
 import torch
 
 from ..schemes import ACT_SIMS, QuantArgs
@@ -29,7 +30,21 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 def fp8_round_ref(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 values to the e4m3 grid (RNE, saturating at +-448); fp32 out."""
-    return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
+    return fp8_to_float(x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+
+
+def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> a new fp32 tensor, exactly. On a CPU through fp16, whose conversion is
+    vectorised (torch's from e4m3 is scalar there: a 576 x 1536 weight 1.26 -> 0.77 ms on 2 Zen
+    cores, 0.25 ms when in cache): an e4m3 code's exponent and mantissa bits moved into
+    fp16's places (sign to bit 15) are 2^-8 of its value, subnormals included; codes 0x7F and
+    0xFF are NaN."""
+    if q.device.type != "cpu":
+        return q.float()
+    v = q.view(torch.uint8).to(torch.int16)
+    h = ((v & 0x7F) << 7) | ((v & 0x80) << 8)
+    out = h.view(torch.float16).float().mul_(256.0)
+    return out.masked_fill_((v & 0x7F) == 0x7F, float("nan"))
 
 
 def group_view(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -94,7 +109,8 @@ def quantize_ref(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
 def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     rows, cols = q.shape
-    y, s = _by_group(q.to(torch.float32, copy=True), scale)
+    y, s = _by_group(fp8_to_float(q) if q.dtype == FP8_DTYPE else
+                     q.to(torch.float32, copy=True), scale)
     if zp is not None:
         y.sub_(zp.float().unsqueeze(-1))
     return y.mul_(s).to(dtype).reshape(rows, cols)
