@@ -32,8 +32,9 @@ from ..schemes import QuantArgs
 from ..recipe import Method, check_actorder, check_int, check_number, check_type
 from ..checkpoint.qweight import QuantizedWeight
 from ..report import step
-from .rtn import (CLIP_SHRINKS, clip_search, column_qparams, fp4_scale_search, group_index, group_qparams,
-                  hessian_blocks, nvfp4_global_scales, quantize_linears_rtn, rtn_quantize)
+from .rtn import (CLIP_SHRINKS, clip_search, column_qparams, fp4_scale_search, group_index,
+                  group_qparams, hessian_blocks, nvfp4_global_scales, quantize_linears_rtn,
+                  row_sample, rtn_quantize)
 # Steps 3-5 (the inverse factor and the column sweep, which picks the fused kernels on a GPU)
 from .gptq_solve import gptq_sweep, inverse_cholesky
 
@@ -243,12 +244,11 @@ def _rows(t, r, own):
 def _losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, max_rows: int = 256) -> dict:
     """Output error on the calibration data: tr(E H E^T) and relative to tr(W H W^T), for the
     report. Rows are independent, so beyond max_rows it is estimated from max_rows evenly
-    spaced rows (scaled to all): two [rows, cols] x H products per weight cost more than
-    GPTQ's own sweep on an MoE layer's experts. The products' multiplies in bf16 (a few
-    digits)."""
+    spaced rows (row_sample; scaled to all): two [rows, cols] x H products per weight cost
+    more than GPTQ's own sweep on an MoE layer's experts. The products' multiplies in bf16 (a
+    few digits)."""
     rows = W.shape[0]
-    idx = None if rows <= max_rows else \
-        torch.linspace(0, rows - 1, max_rows, device=W.device).round().long()
+    idx = row_sample(rows, max_rows, W.device)
     w = (W if idx is None else W[idx]).float()
     e = w - (Q if idx is None else Q[idx])
     err = float(output_error(e, H, dim=None, bf16=True)) * rows / w.shape[0]
