@@ -16,7 +16,8 @@ the same input_ids. gemma3-270m's bf16 references take 2.1 GB per 8 x 512 window
 Times: "compress" is each tool's own compression time (llm-compressor's `oneshot` call,
 tritonpress' report["seconds"]["compress"], both including calibration forwards); "process"
 is the whole subprocess (imports, load, save) in wall and CPU seconds (CPU seconds are less
-sensitive to a machine shared with other work). speedup = llm-compressor's compress seconds
+sensitive to a machine shared with other work); "save" writes the checkpoint (llm-compressor
+quantizes the weights there: its FP8 oneshot only computes scales). speedup = llm-compressor's compress seconds
 / this row's. Results accumulate in OUT_DIR/results.json (rows replaced by scheme/tool/method),
 so schemes can be run one at a time. After the table, where each tritonpress run's compress
 seconds went (the report's profile: capture, statistics passes, Hessians, solves, propagation),
@@ -104,8 +105,8 @@ def run_llmc(llmc_python: str, model_dir: Path, calib: Path, recipe: str, group_
            *common.llmc_oneshot_args(model_dir, calib, recipe, group_size=group_size, out=out)]
     text, wall, cpu, load = _run_logged(cmd, logs / f"{out.name}.log")
     res = _last_json(text, '"seconds"')
-    return {"compress_s": res["seconds"], "process_s": wall, "process_cpu_s": cpu,
-            "load_avg_start": load}
+    return {"compress_s": res["seconds"], "save_s": res.get("save_seconds"), "process_s": wall,
+            "process_cpu_s": cpu, "load_avg_start": load}
 
 
 def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: Path) -> dict:
@@ -115,8 +116,9 @@ def run_ours(model: str, scheme: str, method: str, out: Path, opts: dict, logs: 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     text, wall, cpu, load = _run_logged(cmd, logs / f"{out.name}.log")
     res = _last_json(text, '"worker"')
-    return {"compress_s": res["seconds"]["compress"], "process_s": wall, "process_cpu_s": cpu,
-            "load_avg_start": load, "seconds": res["seconds"], "profile": res.get("profile")}
+    return {"compress_s": res["seconds"]["compress"], "save_s": res["seconds"].get("save"),
+            "process_s": wall, "process_cpu_s": cpu, "load_avg_start": load,
+            "seconds": res["seconds"], "profile": res.get("profile")}
 
 
 def worker(job: dict) -> None:
@@ -174,8 +176,8 @@ class Scorer:
 
 # ----------------------------------------------------------------------------- table
 
-COLUMNS = ("scheme", "tool", "method", "compress s", "speedup", "process s", "process cpu s",
-           "zeros", *(f"ppl {s}" for s in SOURCES), *(f"KL {s}" for s in SOURCES))
+COLUMNS = ("scheme", "tool", "method", "compress s", "speedup", "save s", "process s",
+           "process cpu s", "zeros", *(f"ppl {s}" for s in SOURCES), *(f"KL {s}" for s in SOURCES))
 
 
 def _f(x, nd):
@@ -197,7 +199,7 @@ def table(rows: list[dict]) -> str:
         q = r.get("quality") or {}
         lines.append((r["scheme"], r["tool"], r["method"], _f(r.get("compress_s"), 1),
                       _f(r.get("speedup"), 2) + ("x" if r.get("speedup") else ""),
-                      _f(r.get("process_s"), 1), _f(r.get("process_cpu_s"), 1),
+                      _f(r.get("save_s"), 1), _f(r.get("process_s"), 1), _f(r.get("process_cpu_s"), 1),
                       _f(r.get("zero_fraction"), 3),
                       *(_f(q.get(s, {}).get("ppl"), 3) for s in SOURCES),
                       *(_f(q.get(s, {}).get("kl"), 5) for s in SOURCES)))
