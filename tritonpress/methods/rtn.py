@@ -69,10 +69,11 @@ def clip_search(w: torch.Tensor, hb: torch.Tensor, args: QuantArgs, scale_dtype:
         d = torch.empty_like(wt)
         for f in shrinks:
             scale, zp = qparams_from_minmax(lo0 * f, hi0 * f, args, scale_dtype)
-            # output_error's bf16 route (oneDNN; bf16 multiplies with fp32 sums where it takes
-            # them, on this Zen CPU bit-equal to fp32 at these shapes): 24576 x 576 g64, 10
-            # shrinks 180 -> 117 ms, the same picks (it only ranks candidates)
-            err = output_error(_rounding_error(wt, scale, zp, args, out=d), hb, bf16=True)
+            # on a CPU output_error's bf16 route (oneDNN; bf16 multiplies with fp32 sums where
+            # it takes them, on this Zen CPU bit-equal to fp32 at these shapes): 24576 x 576
+            # g64, 10 shrinks 180 -> 117 ms, the same picks. A GPU keeps fp32 (cheap there).
+            err = output_error(_rounding_error(wt, scale, zp, args, out=d), hb,
+                               bf16=wt.device.type == "cpu")
             better = err < best
             best = torch.where(better, err, best)
             best_f = torch.where(better, torch.full_like(best_f, f), best_f)
