@@ -194,3 +194,35 @@ def test_batched_sweep_kernel_is_each_experts_sweep_bit_for_bit(args, device):
         assert torch.equal(a, b)
     one = _sweep_block_ref(W[1].clone(), U[1], S[1], None if Z is None else Z[1], args)
     assert torch.equal(got[0][1], one[0]) and torch.equal(got[1][1], one[1])
+
+
+@pytest.mark.parametrize("args", ALL, ids=["int4sym", "int4asym", "int8chan", "fp8chan"])
+def test_torch_sweep_sub_blocks_are_the_whole_blocks_sums_regrouped(args, monkeypatch):
+    # gptq_solve.SUB_BLOCK columns at a time inside each block, the rest of the block updated
+    # by one matmul per sub-block: the same sums as the column-by-column block, to fp32
+    # rounding (a value may land on the other side of a rounding boundary, rarely)
+    rows, n = 45, 256
+    W, H = torch.randn(rows, n), _hessian(n)
+    U = _factor(H)
+    s, z = weight_qparams_ref(W, args, torch.bfloat16)
+    gcol = torch.arange(n) // (args.group_size if args.strategy == "group" else n)
+    out = {}
+    for sub in (16, 7, 128):                      # 7: sub-blocks that do not divide the block
+        monkeypatch.setattr(gptq_solve, "SUB_BLOCK", sub)
+        out[sub] = gptq_sweep(W.clone(), U, args, s.clone(), None if z is None else z.clone(),
+                              gcol, block_size=64)
+    for sub in (16, 7):
+        Q, _, _, losses = out[sub]
+        assert (Q != out[128][0]).float().mean() < 0.01
+        torch.testing.assert_close(losses, out[128][3], rtol=0.02, atol=1e-6)
+    # batched (experts) the same way: each expert's result is its own sweep's
+    Ws, Us = torch.stack([W, W.flip(0)]), torch.stack([U, U])
+    Ss = torch.stack([s, s.flip(0)])
+    Zs = None if z is None else torch.stack([z, z.flip(0)])
+    monkeypatch.setattr(gptq_solve, "SUB_BLOCK", 16)
+    Qb = gptq_solve.gptq_sweep_batched(Ws.clone(), Us, args, Ss.clone(),
+                                       None if Zs is None else Zs.clone(), gcol.expand(2, -1),
+                                       dynamic=False, scale_dtype=torch.bfloat16,
+                                       block_size=64)[0]
+    assert torch.equal(Qb[0], out[16][0])
+    assert (Qb[1].flip(0) != out[16][0]).float().mean() < 0.01

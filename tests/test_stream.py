@@ -175,18 +175,23 @@ def test_too_little_memory_is_refused_before_any_work(tmp_path, text, monkeypatc
 
 def test_model_larger_than_memory_bounds_the_allocator(tmp_path, text, monkeypatch):
     # only then is the slower, flat-peak allocation chosen (it is process-wide), and said
+    # (otherwise large blocks are kept for reuse: keep_large_allocations, data-free runs too)
     base = _save(tmp_path)
-    calls = []
+    calls, kept = [], []
     monkeypatch.setattr(stream, "map_large_allocations", lambda: calls.append(1))
+    monkeypatch.setattr(stream, "keep_large_allocations", lambda: kept.append(1))
     monkeypatch.setattr(stream, "check_memory", lambda *a: {"need": 1, "available": 1 << 40})
     r = _run(base, tmp_path / "a", "W4A16", "gptq", {"group_size": 32}, text, stream="on",
              evaluate_quality=False)
-    assert not calls and not any("larger than the memory" in n for n in r["notes"])
+    assert not calls and kept == [1] and not any("larger than the memory" in n for n in r["notes"])
     monkeypatch.setattr(stream, "check_memory", lambda *a: {"need": 1, "available": 1000})
     r = _run(base, tmp_path / "b", "W4A16", "gptq", {"group_size": 32}, text, stream="on",
              evaluate_quality=False)
-    assert calls == [1] and any("larger than the memory" in n for n in r["notes"])
+    assert calls == [1] and kept == [1] and any("larger than the memory" in n for n in r["notes"])
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    monkeypatch.setattr(stream, "available_memory", lambda: 1 << 40)     # data-free: no plan
+    _run(base, tmp_path / "c", "W8A8_FP8", "rtn", {}, text, stream="on", evaluate_quality=False)
+    assert calls == [1] and kept == [1, 1]
 
 
 SLOW = pytest.mark.skipif(__import__("os").environ.get("TRITONPRESS_SLOW_TESTS") != "1",
