@@ -15,7 +15,6 @@ functions without _ref run the Triton kernels of quant_triton.py on CUDA tensors
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..schemes import ACT_SIMS, QuantArgs
