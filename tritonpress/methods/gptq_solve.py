@@ -165,18 +165,21 @@ def gptq_sweep_batched(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, 
     sweep's implementation is chosen: each block's column sweep for all experts one launch of
     the fused kernel on a GPU (the expert index a grid dimension), sweep_block_batched's torch
     ops elsewhere; the trailing updates one batched matmul either way."""
-    sweep = sweep_block_triton_batched if use_triton(W, Hinv) else sweep_block_batched
-    return sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, dynamic=dynamic,
-                                scale_dtype=scale_dtype, block_size=block_size,
-                                sweep_block=sweep)
+    triton = use_triton(W, Hinv)
+    return sweep_blocks_batched(
+        W, Hinv, args, scale, zp, gcol, dynamic=dynamic, scale_dtype=scale_dtype,
+        block_size=block_size,
+        sweep_block=sweep_block_triton_batched if triton else sweep_block_batched,
+        sub_block=block_size if triton else SUB_BLOCK)
 
 
 def sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, block_size,
-                         sweep_block=None):
+                         sweep_block, sub_block):
     """sweep_blocks for E problems at once: W [E, rows, cols] fp32 (overwritten), Hinv
     [E, cols, cols], scale/zp [E, rows, ngroups], gcol [E, cols] (each expert's own column
     order). Per block: each column's quantize and error step on all experts' rows together
-    (sweep_block_batched), then the block's errors to the later columns in one batched matmul.
+    (sweep_block, sub_block columns at a time), then the block's errors to the later columns
+    in one batched matmul.
     Bit for bit the single sweeps' arithmetic, except with dynamic scales under activation
     order: the blocks are then also cut where any expert first meets a group (the same sums,
     grouped differently: equal to fp32 rounding). Returns (Q, scale, zp, losses [E, rows])."""
@@ -204,9 +207,8 @@ def sweep_blocks_batched(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype
                         zp[e, :, g:g + 1] = z
         g = gcol[:, None, i1:i2].expand(E, rows, -1)
         Q1, Err1, L1 = sweep_in_sub_blocks(
-            sweep_block or sweep_block_batched, W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2],
-            scale.gather(2, g), None if zp is None else zp.gather(2, g), args,
-            block_size if sweep_block is sweep_block_triton_batched else SUB_BLOCK)
+            sweep_block, W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2], scale.gather(2, g),
+            None if zp is None else zp.gather(2, g), args, sub_block)
         Q[:, :, i1:i2] = Q1
         losses += L1.sum(2) / 2
         W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
@@ -272,14 +274,15 @@ def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, args: QuantArgs, scale: torc
             return Q, scale, zp, losses
     return sweep_blocks(W, Hinv, args, scale, zp, gcol, dynamic=dynamic, scale_dtype=scale_dtype,
                         block_size=block_size,
-                        sweep_block=sweep_block_triton if triton else sweep_block_ref)
+                        sweep_block=sweep_block_triton if triton else sweep_block_ref,
+                        sub_block=block_size if triton else SUB_BLOCK)
 
 
 def sweep_blocks(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, block_size,
-                 sweep_block=sweep_block_ref):
+                 sweep_block, sub_block):
     """The paper's loop (gptq_sweep's arguments): per block of block_size columns,
-    sweep_block with each column's group qparams, then the block's errors to every later
-    column in one matmul."""
+    sweep_block with each column's group qparams (sub_block columns at a time:
+    sweep_in_sub_blocks), then the block's errors to every later column in one matmul."""
     rows, cols = W.shape
     # Block boundaries; in dynamic mode also wherever the sweep first meets a group, so that
     # its scale is computed from weights carrying all earlier updates.
@@ -304,8 +307,7 @@ def sweep_blocks(W, Hinv, args, scale, zp, gcol, *, dynamic, scale_dtype, block_
             seen[g] = True
         Q1, Err1, L1 = sweep_in_sub_blocks(
             sweep_block, W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], expand(scale, gcol[i1:i2], rows),
-            expand(zp, gcol[i1:i2], rows), args,
-            block_size if sweep_block is sweep_block_triton else SUB_BLOCK)
+            expand(zp, gcol[i1:i2], rows), args, sub_block)
         Q[:, i1:i2] = Q1
         losses += L1.sum(1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
