@@ -302,10 +302,11 @@ def quantize_linears_rtn(linears: dict[str, nn.Linear], scheme: Scheme, device=N
         t0 = time.perf_counter()
         w = lin.weight.data
         dev = device if device is not None else w.device
-        qw, deq = rtn_quantize(w.to(dev), scheme.weights, w.dtype, partial_last_group,
+        wd = w.to(dev)
+        qw, deq = rtn_quantize(wd, scheme.weights, w.dtype, partial_last_group,
                                gscales.get(name))
         rows = row_sample(w.shape[0], device=dev)    # the report's error: a few hundred rows
-        wf = (w.to(dev) if rows is None else w.to(dev)[rows]).float()
+        wf = (wd if rows is None else wd[rows]).float()
         d = deq if rows is None else deq[rows]
         err = (d - wf).square_().sum() / torch.linalg.vector_norm(wf).square().clamp_min(1e-30)
         lin.weight.data = deq.to(w.dtype).to(w.device)
