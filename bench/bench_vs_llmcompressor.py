@@ -17,8 +17,8 @@ Times: "compress" is each tool's own compression time (llm-compressor's `oneshot
 tritonpress' report["seconds"]["compress"], both including calibration forwards); "process"
 is the whole subprocess (imports, load, save) in wall and CPU seconds (CPU seconds are less
 sensitive to a machine shared with other work); "save" writes the checkpoint (llm-compressor
-quantizes the weights there: its FP8 oneshot only computes scales). speedup = llm-compressor's compress seconds
-/ this row's. Results accumulate in OUT_DIR/results.json (rows replaced by scheme/tool/method),
+quantizes the weights there: its FP8 oneshot only computes scales). speedup =
+llm-compressor's compress seconds / this row's. Results accumulate in OUT_DIR/results.json (rows replaced by scheme/tool/method),
 so schemes can be run one at a time. After the table, where each tritonpress run's compress
 seconds went (the report's profile: capture, statistics passes, Hessians, solves, propagation),
 beside llm-compressor's total for the scheme.
@@ -199,7 +199,8 @@ def table(rows: list[dict]) -> str:
         q = r.get("quality") or {}
         lines.append((r["scheme"], r["tool"], r["method"], _f(r.get("compress_s"), 1),
                       _f(r.get("speedup"), 2) + ("x" if r.get("speedup") else ""),
-                      _f(r.get("save_s"), 1), _f(r.get("process_s"), 1), _f(r.get("process_cpu_s"), 1),
+                      _f(r.get("save_s"), 1), _f(r.get("process_s"), 1),
+                      _f(r.get("process_cpu_s"), 1),
                       _f(r.get("zero_fraction"), 3),
                       *(_f(q.get(s, {}).get("ppl"), 3) for s in SOURCES),
                       *(_f(q.get(s, {}).get("kl"), 5) for s in SOURCES)))

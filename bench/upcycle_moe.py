@@ -38,7 +38,8 @@ def upcycle(dense, experts: int, top_k: int, noise: float, router_std: float, se
     common = dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        num_key_value_heads=c.num_key_value_heads,
+        max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
         num_experts_per_tok=top_k, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id, hidden_act=c.hidden_act)
