@@ -18,8 +18,8 @@ tritonpress' report["seconds"]["compress"], both including calibration forwards)
 is the whole subprocess (imports, load, save) in wall and CPU seconds (CPU seconds are less
 sensitive to a machine shared with other work); "save" writes the checkpoint (llm-compressor
 quantizes the weights there: its FP8 oneshot only computes scales). speedup =
-llm-compressor's compress seconds / this row's. Results accumulate in OUT_DIR/results.json (rows replaced by scheme/tool/method),
-so schemes can be run one at a time. After the table, where each tritonpress run's compress
+llm-compressor's compress seconds / this row's. Results accumulate in OUT_DIR/results.json
+(rows replaced by scheme/tool/method), so schemes can be run one at a time. After the table, where each tritonpress run's compress
 seconds went (the report's profile: capture, statistics passes, Hessians, solves, propagation),
 beside llm-compressor's total for the scheme.
 """
